@@ -9,4 +9,5 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod bitmap;
+pub mod sink;
 pub mod spec;
