@@ -1,0 +1,214 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Sources of dirty pages: what the guest wrote since the previous bitmap sync.
+//!
+//! [`MigrationBitmap::sync`](super::MigrationBitmap::sync) asks a [`DirtyLog`] for each guest
+//! memory region in turn. Two sources are covered:
+//!
+//! * **KVM** (`KVM_GET_DIRTY_LOG`): any closure
+//!   `FnMut(&RegionInfo) -> Result<Vec<u64>, DirtyLogError>` is a [`DirtyLog`] with 4 KiB
+//!   pages, so a VMM passes `|r| vm_fd.get_dirty_log(slot_of(r), r.len as usize)` (with its
+//!   error boxed) and needs no wrapper type.
+//! * **vm-memory's write tracking** (`GuestMemoryMmap<AtomicBitmap>`, feature
+//!   `backend-bitmap`): [`GuestMemoryDirtyLog`] harvests the bitmap that every write through
+//!   vm-memory marks, which is what a VMM's own device emulation writes with.
+//!
+//! A VMM with both sources syncs from both: a page is dirty when either says so.
+
+use std::error::Error as StdError;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::spec::PAGE_SIZE;
+
+/// The error a [`DirtyLog`] returns: whatever the source's own error is, boxed.
+pub type DirtyLogError = Box<dyn StdError + Send + Sync>;
+
+/// One guest memory region as the migration bitmap tracks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Position of the region among the bitmap's regions, in ascending address order (the
+    /// order of `GuestMemoryMmap::iter`).
+    pub index: usize,
+    /// First guest physical address of the region.
+    pub start: GuestAddress,
+    /// Length of the region in bytes.
+    pub len: u64,
+}
+
+/// The dirty pages of one region, harvested from a [`DirtyLog`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HarvestedLog {
+    /// Bytes per bit; a power of two. Bit `i` covers region bytes
+    /// `[i * page_size, (i + 1) * page_size)`.
+    pub page_size: u64,
+    /// The bits, least significant first: bit `i` is bit `i % 64` of word `i / 64`.
+    pub words: Vec<u64>,
+}
+
+/// A source of dirty pages that can be harvested region by region.
+///
+/// Harvesting must be atomic per page with respect to the guest's writes: a write that
+/// races the harvest is either in the words returned, or stays in the log for the next
+/// call. `KVM_GET_DIRTY_LOG` and vm-memory's `AtomicBitmap::get_and_reset` both work this
+/// way.
+pub trait DirtyLog {
+    /// Returns the pages of `region` written since the previous call for it, and resets them
+    /// in the log.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the source fails with; the sync stops and reports the region.
+    fn take_dirty_log(&mut self, region: &RegionInfo) -> Result<HarvestedLog, DirtyLogError>;
+}
+
+impl<F> DirtyLog for F
+where
+    F: FnMut(&RegionInfo) -> Result<Vec<u64>, DirtyLogError>,
+{
+    /// A closure returning bitmap words with one bit per 4 KiB page, the shape of
+    /// `KVM_GET_DIRTY_LOG` on a 4 KiB-page host.
+    fn take_dirty_log(&mut self, region: &RegionInfo) -> Result<HarvestedLog, DirtyLogError> {
+        Ok(HarvestedLog {
+            page_size: PAGE_SIZE,
+            words: self(region)?,
+        })
+    }
+}
+
+/// Error of [`GuestMemoryDirtyLog`]: the guest memory no longer has the region the migration
+/// bitmap was built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionMismatch {
+    /// The region the bitmap asked for.
+    pub region: RegionInfo,
+}
+
+impl std::fmt::Display for RegionMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "guest memory has no region {} at {:#x} of {:#x} bytes",
+            self.region.index, self.region.start.0, self.region.len
+        )
+    }
+}
+
+impl StdError for RegionMismatch {}
+
+/// The write-tracking bitmaps of a `GuestMemoryMmap<AtomicBitmap>` as a [`DirtyLog`].
+///
+/// Every write through vm-memory (`Bytes`, volatile slices) marks its pages in the region's
+/// `AtomicBitmap`; harvesting takes those bits and resets them atomically
+/// (`AtomicBitmap::get_and_reset`). The bitmap's page size is worked out from its length in
+/// bits and in bytes, so a host with 64 KiB pages works too.
+///
+/// # Example
+///
+/// ```
+/// use virtio_balloon::migration::{GuestMemoryDirtyLog, MigrationBitmap};
+/// use vm_memory::bitmap::AtomicBitmap;
+/// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+///
+/// let mem =
+///     GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+/// let bitmap = MigrationBitmap::new(&mem).unwrap();
+/// mem.write_obj(1u64, GuestAddress(0x5000)).unwrap();
+/// assert_eq!(bitmap.sync(&mut GuestMemoryDirtyLog::new(&mem)).unwrap(), 1);
+/// assert!(bitmap.is_dirty(GuestAddress(0x5000)));
+/// ```
+#[derive(Debug)]
+pub struct GuestMemoryDirtyLog<'a> {
+    mem: &'a GuestMemoryMmap<AtomicBitmap>,
+}
+
+impl<'a> GuestMemoryDirtyLog<'a> {
+    /// Harvests the write bitmaps of `mem`.
+    pub fn new(mem: &'a GuestMemoryMmap<AtomicBitmap>) -> Self {
+        GuestMemoryDirtyLog { mem }
+    }
+}
+
+impl DirtyLog for GuestMemoryDirtyLog<'_> {
+    fn take_dirty_log(&mut self, region: &RegionInfo) -> Result<HarvestedLog, DirtyLogError> {
+        let mismatch = || Box::new(RegionMismatch { region: *region });
+        let mmap_region = self
+            .mem
+            .iter()
+            .nth(region.index)
+            .filter(|r| r.start_addr() == region.start && r.len() == region.len)
+            .ok_or_else(mismatch)?;
+        // `MmapRegion::bitmap` (through deref) is the concrete `AtomicBitmap`; the
+        // `GuestMemoryRegion::bitmap` method would give a slice without reset.
+        let bitmap: &AtomicBitmap = vm_memory::MmapRegion::bitmap(mmap_region);
+        Ok(HarvestedLog {
+            page_size: bitmap_page_size(bitmap.byte_size(), bitmap.len()),
+            words: bitmap.get_and_reset(),
+        })
+    }
+}
+
+/// The page size of an `AtomicBitmap` of `bits` bits over `bytes` bytes.
+///
+/// For a power-of-two page size `ps` and `bits = ceil(bytes / ps) >= 2`, `bytes / bits` lies
+/// in `(ps / 2, ps]`, so the next power of two of its ceiling is `ps`. With one bit, the bit
+/// covers the whole region and any power of two at least `bytes` describes it.
+fn bitmap_page_size(bytes: usize, bits: usize) -> u64 {
+    if bits == 0 {
+        return PAGE_SIZE;
+    }
+    (bytes.div_ceil(bits) as u64).next_power_of_two()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+
+    #[test]
+    fn page_size_is_recovered_from_the_bitmap_shape() {
+        for ps in [0x400usize, 0x1000, 0x4000, 0x10000, 0x20_0000] {
+            for bytes in [1usize, ps - 1, ps, ps + 1, 7 * ps - 3, 512 * ps, 1 << 30] {
+                let bitmap = AtomicBitmap::new(bytes, NonZeroUsize::new(ps).unwrap());
+                let got = bitmap_page_size(bitmap.byte_size(), bitmap.len()) as usize;
+                if bitmap.len() >= 2 {
+                    assert_eq!(got, ps, "bytes {bytes} page size {ps}");
+                } else {
+                    assert!(got >= bytes && got <= ps, "bytes {bytes} page size {ps}");
+                }
+            }
+        }
+        assert_eq!(bitmap_page_size(0, 0), PAGE_SIZE);
+    }
+
+    #[test]
+    fn mismatched_region_is_an_error() {
+        let mem =
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut log = GuestMemoryDirtyLog::new(&mem);
+        let wrong = RegionInfo {
+            index: 0,
+            start: GuestAddress(0x1000),
+            len: 0x10000,
+        };
+        let err = log.take_dirty_log(&wrong).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "guest memory has no region 0 at 0x1000 of 0x10000 bytes"
+        );
+        let missing = RegionInfo {
+            index: 1,
+            start: GuestAddress(0),
+            len: 0x10000,
+        };
+        assert!(log.take_dirty_log(&missing).is_err());
+        let right = RegionInfo {
+            index: 0,
+            start: GuestAddress(0),
+            len: 0x10000,
+        };
+        assert_eq!(log.take_dirty_log(&right).unwrap().words, vec![0]);
+    }
+}
