@@ -111,3 +111,55 @@ impl std::error::Error for Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_say_what_and_where() {
+        let cases = [
+            (
+                Error::EmptyRegion {
+                    start: GuestAddress(0x1000),
+                },
+                "guest memory region at 0x1000 is empty",
+            ),
+            (
+                Error::RegionOverflow {
+                    start: GuestAddress(u64::MAX),
+                    len: 2,
+                },
+                "guest memory region at 0xffffffffffffffff of 0x2 bytes overflows",
+            ),
+            (
+                Error::OverlappingRegions {
+                    first: GuestAddress(0),
+                    second: GuestAddress(0x800),
+                },
+                "guest memory regions at 0x0 and 0x800 overlap",
+            ),
+            (
+                Error::DirtyLogPageSize {
+                    region: 3,
+                    page_size: 3000,
+                },
+                "dirty log of region 3 has page size 3000, not a power of two",
+            ),
+        ];
+        for (err, text) in cases {
+            assert_eq!(err.to_string(), text);
+            assert!(err.source().is_none());
+        }
+        let err = Error::DirtyLog {
+            region: 1,
+            source: "ioctl failed".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "dirty log of region 1 failed: ioctl failed"
+        );
+        assert_eq!(err.source().unwrap().to_string(), "ioctl failed");
+    }
+}
