@@ -67,3 +67,8 @@ pub mod bitmap;
 pub mod migration;
 pub mod sink;
 pub mod spec;
+
+/// The README's code blocks, compiled and run as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
