@@ -21,7 +21,8 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use virtio_balloon::bitmap::{count_one, count_one_with_offset, DirtyBitmap};
 use virtio_balloon::migration::MigrationBitmap;
 use vm_memory::GuestAddress;
@@ -88,33 +89,43 @@ fn timed_after_refill(
     total
 }
 
-fn store_zeros(words: &[AtomicU64]) -> usize {
-    for w in words {
-        w.store(0, Ordering::Relaxed);
-    }
-    words.len()
-}
-
-fn bench_clear(c: &mut Criterion) {
-    let bitmap = DirtyBitmap::new(NBITS);
-    let floor_words: Vec<AtomicU64> = (0..NWORDS).map(|_| AtomicU64::new(u64::MAX)).collect();
-    let mut group = c.benchmark_group("clear");
-    group.throughput(Throughput::Bytes((NWORDS * 8) as u64));
-    group.sample_size(20);
-    group.measurement_time(Duration::from_secs(4));
-    group.bench_function("floor_store_zeros", |b| {
+/// The floor of a clear: refill every word (untimed), then store zeros into them,
+/// `chunk_words` words per call, as one clear of that size would.
+fn bench_floor_store_zeros(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    chunk_words: usize,
+) {
+    let words: Vec<AtomicU64> = (0..NWORDS).map(|_| AtomicU64::new(u64::MAX)).collect();
+    group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             timed_after_refill(
                 iters,
                 || {
-                    floor_words
+                    words
                         .iter()
                         .for_each(|w| w.store(u64::MAX, Ordering::Relaxed))
                 },
-                || store_zeros(black_box(&floor_words)),
+                || {
+                    for chunk in black_box(&words).chunks(chunk_words) {
+                        for w in chunk {
+                            w.store(0, Ordering::Relaxed);
+                        }
+                    }
+                    words.len()
+                },
             )
         })
     });
+}
+
+fn bench_clear(c: &mut Criterion) {
+    let bitmap = DirtyBitmap::new(NBITS);
+    let mut group = c.benchmark_group("clear");
+    group.throughput(Throughput::Bytes((NWORDS * 8) as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(4));
+    bench_floor_store_zeros(&mut group, "floor_store_zeros", NWORDS);
     group.bench_function("clear_range_full", |b| {
         b.iter_custom(|iters| {
             timed_after_refill(
@@ -136,30 +147,11 @@ fn bench_clear(c: &mut Criterion) {
 fn bench_hint_clear(c: &mut Criterion) {
     let len = (NBITS as u64) << 12;
     let bitmap = MigrationBitmap::from_ranges(&[(GuestAddress(0), len)]).unwrap();
-    let floor_words: Vec<AtomicU64> = (0..NWORDS).map(|_| AtomicU64::new(u64::MAX)).collect();
-    let block_words = BLOCK_BITS / 64;
     let mut group = c.benchmark_group("hint_clear");
     group.throughput(Throughput::Elements((NBITS / BLOCK_BITS) as u64));
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(4));
-    group.bench_function("floor_store_zeros_per_block", |b| {
-        b.iter_custom(|iters| {
-            timed_after_refill(
-                iters,
-                || {
-                    floor_words
-                        .iter()
-                        .for_each(|w| w.store(u64::MAX, Ordering::Relaxed))
-                },
-                || {
-                    floor_words
-                        .chunks(block_words)
-                        .map(|block| store_zeros(black_box(block)))
-                        .sum()
-                },
-            )
-        })
-    });
+    bench_floor_store_zeros(&mut group, "floor_store_zeros_per_block", BLOCK_BITS / 64);
     group.bench_function("clear_free_range_per_block", |b| {
         b.iter_custom(|iters| {
             timed_after_refill(
