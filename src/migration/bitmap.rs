@@ -185,23 +185,23 @@ impl MigrationBitmap {
         Some((region, page as usize))
     }
 
-    /// Calls `f(region, first_byte, end_byte)` for every region intersecting
-    /// `[start, end)`, with the intersection as region-relative byte offsets
-    /// (`end_byte` exclusive; at most the region's length).
+    /// Calls `f(region, first_byte, end_byte)` for every region intersecting the bytes
+    /// `[start, last]` (`last` inclusive, so a range may end at the top of the address
+    /// space), with the intersection as region-relative byte offsets (`end_byte` exclusive;
+    /// at most the region's length, which fits a `u64`).
     fn for_each_intersection(
         &self,
         start: u64,
-        end: u64,
+        last: u64,
         mut f: impl FnMut(&RegionBitmap, u64, u64),
     ) {
         let first = self.regions.partition_point(|r| r.last < start);
         for region in self.regions[first..].iter() {
-            if region.start >= end {
+            if region.start > last {
                 break;
             }
             let lo = start.max(region.start) - region.start;
-            // `end - 1` cannot underflow: `end > region.start >= 0`.
-            let hi = (end - 1).min(region.last) - region.start + 1;
+            let hi = last.min(region.last) - region.start + 1;
             f(region, lo, hi);
         }
     }
@@ -222,12 +222,12 @@ impl MigrationBitmap {
     /// ignoring what is not RAM. A range that overflows the address space is clipped at its
     /// top. Returns how many pages became dirty.
     pub fn mark_dirty(&self, gpa: GuestAddress, len: u64) -> u64 {
-        if len == 0 {
+        let Some(span) = len.checked_sub(1) else {
             return 0;
-        }
-        let end = gpa.0.saturating_add(len);
+        };
+        let last = gpa.0.saturating_add(span);
         let mut newly = 0u64;
-        self.for_each_intersection(gpa.0, end, |region, lo, hi| {
+        self.for_each_intersection(gpa.0, last, |region, lo, hi| {
             let first = lo >> PAGE_SHIFT;
             let end_page = hi.div_ceil(PAGE_SIZE);
             let n = region
@@ -244,14 +244,15 @@ impl MigrationBitmap {
     ///
     /// Only whole pages are cleared: within each region the start is rounded up and the end
     /// rounded down to 4 KiB, so a page the range covers only in part stays dirty. The range
-    /// is split at region boundaries and whatever lies outside RAM is ignored. A range whose
-    /// end overflows the address space is malformed and clears nothing.
+    /// is split at region boundaries and whatever lies outside RAM is ignored. A range may
+    /// end exactly at the top of the address space; one that would run past it is malformed
+    /// and clears nothing.
     pub fn clear_free_range(&self, gpa: GuestAddress, len: u64) -> u64 {
-        let Some(end) = gpa.0.checked_add(len) else {
+        let Some(last) = len.checked_sub(1).and_then(|span| gpa.0.checked_add(span)) else {
             return 0;
         };
         let mut cleared = 0u64;
-        self.for_each_intersection(gpa.0, end, |region, lo, hi| {
+        self.for_each_intersection(gpa.0, last, |region, lo, hi| {
             let first = lo.div_ceil(PAGE_SIZE);
             let end_page = hi >> PAGE_SHIFT;
             if end_page > first {
@@ -315,8 +316,10 @@ impl MigrationBitmap {
     /// # Errors
     ///
     /// [`Error::DirtyLog`] when the log fails for a region (the regions before it are already
-    /// merged), [`Error::DirtyLogPageSize`] when it reports a page size that is not a power of
-    /// two.
+    /// merged, the ones after it keep their logs for the next sync).
+    /// [`Error::DirtyLogPageSize`] when it reports a page size of zero: the words it
+    /// returned cannot be placed, so the whole region is marked dirty before the error is
+    /// returned and no write is lost.
     pub fn sync<L: DirtyLog + ?Sized>(&self, log: &mut L) -> Result<u64, Error> {
         let mut newly = 0u64;
         for (index, region) in self.regions.iter().enumerate() {
@@ -327,12 +330,15 @@ impl MigrationBitmap {
                     region: index,
                     source,
                 })?;
-            let n = merge_log(&region.bitmap, harvest.page_size, &harvest.words).ok_or(
-                Error::DirtyLogPageSize {
+            let Some(n) = merge_log(&region.bitmap, harvest.page_size, &harvest.words) else {
+                // The log is already taken: rather than lose what it held, treat the whole
+                // region as written.
+                self.add_dirty(region.bitmap.set_all());
+                return Err(Error::DirtyLogPageSize {
                     region: index,
                     page_size: harvest.page_size,
-                },
-            )?;
+                });
+            };
             self.add_dirty(n);
             newly += n as u64;
         }
@@ -340,10 +346,11 @@ impl MigrationBitmap {
     }
 }
 
-/// ORs a log with `page_size`-byte pages into a 4 KiB-page bitmap. Returns the pages that
-/// became set, or `None` if `page_size` is not a power of two.
+/// ORs a log with `page_size`-byte pages into a 4 KiB-page bitmap: every 4 KiB page that a
+/// set bit's bytes touch becomes dirty. Returns the pages that became set, or `None` if
+/// `page_size` is zero.
 fn merge_log(bitmap: &DirtyBitmap, page_size: u64, words: &[u64]) -> Option<usize> {
-    if !page_size.is_power_of_two() {
+    if page_size == 0 {
         return None;
     }
     if page_size == PAGE_SIZE {
@@ -432,12 +439,17 @@ mod tests {
         let start = u64::MAX - 0x3fff;
         let b = MigrationBitmap::from_ranges(&[(GuestAddress(start), 0x4000)]).unwrap();
         assert_eq!(b.mark_all_dirty(), 4);
-        // The end overflows: malformed, nothing cleared.
-        assert_eq!(b.clear_free_range(GuestAddress(start), 0x4000), 0);
-        assert_eq!(b.clear_free_range(GuestAddress(start), 0x3000), 3);
-        assert!(b.test_and_clear(GuestAddress(u64::MAX)));
+        // One byte past the top: malformed, nothing cleared.
+        assert_eq!(b.clear_free_range(GuestAddress(start), 0x4001), 0);
+        // Ending exactly at the top is fine.
+        assert_eq!(b.clear_free_range(GuestAddress(start + 0x1000), 0x3000), 3);
+        assert!(b.test_and_clear(GuestAddress(u64::MAX - 0x3fff)));
         assert_eq!(b.dirty_pages(), 0);
+        // Marking clips at the top.
         assert_eq!(b.mark_dirty(GuestAddress(start), u64::MAX), 4);
+        assert_eq!(b.clear_free_range(GuestAddress(start), 0x4000), 4);
+        assert_eq!(b.mark_dirty(GuestAddress(u64::MAX), 1), 1);
+        assert_eq!(b.clear_free_range(GuestAddress(u64::MAX), 1), 0);
     }
 
     #[test]
@@ -470,7 +482,7 @@ mod tests {
         // Entirely in the hole, or past the end of RAM.
         assert_eq!(b.clear_free_range(GuestAddress(MIB), MIB), 0);
         assert_eq!(b.clear_free_range(GuestAddress(3 * MIB), 1 << 40), 0);
-        // Overflowing end.
+        // Nearly the whole address space, then a range that runs past its top.
         assert_eq!(b.clear_free_range(GuestAddress(0), u64::MAX), 512 - 5);
         assert_eq!(b.clear_free_range(GuestAddress(0x1000), u64::MAX), 0);
         assert_eq!(b.dirty_pages(), 0);
@@ -591,14 +603,22 @@ mod tests {
         words[63] = 1 << 63;
         assert_eq!(b.sync(&mut SizedLog(0x10000, words)).unwrap(), 0);
         assert_eq!(b.sync(&mut SizedLog(1 << 62, vec![0b110])).unwrap(), 0);
-        // Not a power of two.
+        // Not a power of two: bit 1 is bytes [3000, 6000), pages 0 and 1.
+        let b = two_regions();
+        assert_eq!(b.sync(&mut SizedLog(3000, vec![0b10])).unwrap(), 4);
+        assert!(b.is_dirty(GuestAddress(0x1000)));
+        assert!(!b.is_dirty(GuestAddress(0x2000)));
+        // Zero: the words cannot be placed, so every page of the region is dirty.
+        let b = two_regions();
         assert!(matches!(
-            b.sync(&mut SizedLog(3000, vec![1])),
+            b.sync(&mut SizedLog(0, vec![1])),
             Err(Error::DirtyLogPageSize {
                 region: 0,
-                page_size: 3000
+                page_size: 0
             })
         ));
+        assert_eq!(b.dirty_pages(), 256);
+        assert!(b.is_dirty(GuestAddress(MIB - 1)));
     }
 
     #[test]

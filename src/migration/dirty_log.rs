@@ -41,8 +41,9 @@ pub struct RegionInfo {
 /// The dirty pages of one region, harvested from a [`DirtyLog`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HarvestedLog {
-    /// Bytes per bit; a power of two. Bit `i` covers region bytes
-    /// `[i * page_size, (i + 1) * page_size)`.
+    /// Bytes per bit; not zero. Bit `i` covers region bytes
+    /// `[i * page_size, (i + 1) * page_size)`, and every 4 KiB page those bytes touch counts
+    /// as dirty.
     pub page_size: u64,
     /// The bits, least significant first: bit `i` is bit `i % 64` of word `i / 64`.
     pub words: Vec<u64>,

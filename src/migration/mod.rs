@@ -67,7 +67,8 @@ pub enum Error {
         /// What the log returned.
         source: DirtyLogError,
     },
-    /// The dirty log reported a page size that is not a power of two.
+    /// The dirty log reported a page size of zero. The region was marked wholly dirty, so
+    /// nothing it held is lost.
     DirtyLogPageSize {
         /// The region's index.
         region: usize,
@@ -97,7 +98,7 @@ impl fmt::Display for Error {
             }
             Error::DirtyLogPageSize { region, page_size } => write!(
                 f,
-                "dirty log of region {region} has page size {page_size}, not a power of two"
+                "dirty log of region {region} has page size {page_size}; region marked dirty"
             ),
         }
     }
@@ -143,9 +144,9 @@ mod tests {
             (
                 Error::DirtyLogPageSize {
                     region: 3,
-                    page_size: 3000,
+                    page_size: 0,
                 },
-                "dirty log of region 3 has page size 3000, not a power of two",
+                "dirty log of region 3 has page size 0; region marked dirty",
             ),
         ];
         for (err, text) in cases {
