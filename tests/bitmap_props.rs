@@ -4,6 +4,7 @@
 //! Property tests of the bit counting functions and of `DirtyBitmap`, against a naive
 //! bit-by-bit model.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 
 use proptest::prelude::*;
@@ -176,18 +177,24 @@ proptest! {
         let bitmap = bitmap_from(&m, nbits);
         let sets: Vec<usize> = sets.into_iter().map(|b| b % nbits).collect();
         let barrier = Barrier::new(2);
+        let setter_done = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
                 barrier.wait();
                 for &b in &sets {
                     bitmap.set(b);
                 }
+                setter_done.store(true, Ordering::Release);
             });
             s.spawn(|| {
                 barrier.wait();
-                // Several passes, so the clear overlaps the setter as often as possible.
-                for _ in 0..4 {
+                // Clear over and over for as long as the setter runs (bounded by count), so
+                // every set meets a clear of the same word in flight as often as possible.
+                for _ in 0..100_000 {
                     bitmap.clear_range(off, len);
+                    if setter_done.load(Ordering::Acquire) {
+                        break;
+                    }
                 }
             });
         });
@@ -213,7 +220,7 @@ fn set_and_clear_hammering_one_word_pair() {
     const ROUNDS: usize = 64 * 400;
     let bitmap = DirtyBitmap::new(128);
     let barrier = Barrier::new(2);
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let done = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
             barrier.wait();
@@ -226,14 +233,14 @@ fn set_and_clear_hammering_one_word_pair() {
                     bitmap.set(32 + r % 64);
                 }
             }
-            done.store(true, std::sync::atomic::Ordering::Release);
+            done.store(true, Ordering::Release);
         });
         s.spawn(|| {
             barrier.wait();
             // Bounded: at most ROUNDS passes even if the setter is slow to finish.
             for _ in 0..ROUNDS {
                 bitmap.clear_range(32, 64);
-                if done.load(std::sync::atomic::Ordering::Acquire) {
+                if done.load(Ordering::Acquire) {
                     break;
                 }
             }

@@ -16,35 +16,39 @@ const CASES: u32 = 10_000;
 const PAGE: u64 = 4096;
 
 /// Regions as `(start, len)`: up to 4, each up to 64 pages plus a possibly partial page,
-/// separated by holes, sometimes placed at the top of the address space.
+/// separated by holes. Either low in the address space, or placed so that the last region
+/// ends exactly at the top of it (its last byte is `u64::MAX`).
 fn layout() -> impl Strategy<Value = Vec<(u64, u64)>> {
     let region = (0u64..4, 1u64..64, prop_oneof![Just(0u64), 1u64..PAGE]);
-    (
-        prop::collection::vec(region, 1..=4),
-        prop_oneof![Just(0u64), Just(u64::MAX - (1 << 30))],
-    )
-        .prop_map(|(regions, base)| {
-            let mut out = Vec::new();
-            let mut at = base;
-            for (hole_pages, pages, extra) in regions {
-                at += hole_pages * PAGE;
-                let len = pages * PAGE + extra;
-                out.push((at, len));
-                // Round the next start up to a page, past this region.
-                at = (at + len).div_ceil(PAGE) * PAGE;
-            }
-            out
-        })
+    (prop::collection::vec(region, 1..=4), any::<bool>()).prop_map(|(regions, at_top)| {
+        let mut relative = Vec::new();
+        let mut at = 0u64;
+        for (hole_pages, pages, extra) in regions {
+            at += hole_pages * PAGE;
+            let len = pages * PAGE + extra;
+            relative.push((at, len));
+            at = (at + len).div_ceil(PAGE) * PAGE;
+        }
+        let (last_start, last_len) = *relative.last().unwrap();
+        let base = if at_top {
+            // 2^64 - (last_start + last_len), computed without overflow.
+            u64::MAX - (last_start + last_len) + 1
+        } else {
+            0x10_0000
+        };
+        relative.iter().map(|&(s, l)| (base + s, l)).collect()
+    })
 }
 
-/// A hint range relative to the layout: any start, any length, including ones that overflow.
+/// A hint range relative to the layout: any start, any length, including ones that run past
+/// the top of the address space.
 fn hint(base: u64) -> impl Strategy<Value = (u64, u64)> {
     let span = 300 * PAGE;
     (
         prop_oneof![
-            (0u64..300).prop_map(move |p| base + p * PAGE),
-            (0..span).prop_map(move |o| base + o),
-            Just(u64::MAX - PAGE),
+            (0u64..300).prop_map(move |p| base.saturating_add(p * PAGE)),
+            (0..span).prop_map(move |o| base.saturating_add(o)),
+            Just(u64::MAX - PAGE + 1),
         ],
         prop_oneof![
             (0u64..64).prop_map(|p| p * PAGE),
@@ -95,10 +99,14 @@ proptest! {
         let mut model: Vec<bool> = all.iter().map(|&(addr, _)| bitmap.is_dirty(GuestAddress(addr))).collect();
         for (gpa, len) in hints {
             let mut expected = 0;
-            if let Some(end) = gpa.checked_add(len) {
+            // In u128, the end of a range may be 2^64 (a range that ends at the top of the
+            // address space) or more (a malformed range, which clears nothing).
+            let end = u128::from(gpa) + u128::from(len);
+            if end <= 1 << 64 {
                 for (i, &(addr, page_len)) in all.iter().enumerate() {
                     // Only whole 4 KiB pages wholly inside the hint are cleared.
-                    if page_len == PAGE && addr >= gpa && addr + PAGE <= end && model[i] {
+                    let page_end = u128::from(addr) + u128::from(PAGE);
+                    if page_len == PAGE && addr >= gpa && page_end <= end && model[i] {
                         model[i] = false;
                         expected += 1;
                     }
@@ -121,24 +129,25 @@ proptest! {
     ) {
         let bitmap = bitmap_for(&layout);
         let base = layout[0].0;
+        let at = |page: u64| GuestAddress(base.saturating_add(page * PAGE));
         let barrier = Barrier::new(3);
         std::thread::scope(|s| {
             s.spawn(|| {
                 barrier.wait();
                 for &(page, n) in &ops {
-                    bitmap.mark_dirty(GuestAddress(base + page * PAGE), n * PAGE);
+                    bitmap.mark_dirty(at(page), n * PAGE);
                 }
             });
             s.spawn(|| {
                 barrier.wait();
                 for &(page, n) in ops.iter().rev() {
-                    bitmap.clear_free_range(GuestAddress(base + page * PAGE), n * PAGE);
+                    bitmap.clear_free_range(at(page), n * PAGE);
                 }
             });
             s.spawn(|| {
                 barrier.wait();
                 for &(page, _) in &ops {
-                    bitmap.test_and_clear(GuestAddress(base + page * PAGE));
+                    bitmap.test_and_clear(at(page));
                 }
             });
         });
