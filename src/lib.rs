@@ -9,24 +9,31 @@
 //! sends them. An idle guest that has touched most of its memory then migrates in a fraction
 //! of the time.
 //!
-//! # What is here today
+//! # The pieces
 //!
-//! The migration half of free page hinting:
-//!
-//! * [`bitmap`]: [`count_one`](bitmap::count_one) and
-//!   [`count_one_with_offset`](bitmap::count_one_with_offset) over `u64` words, and
-//!   [`DirtyBitmap`](bitmap::DirtyBitmap), a lock-free atomic bitmap whose range clear
-//!   reports how many bits it cleared.
-//! * [`migration`]: [`MigrationBitmap`](migration::MigrationBitmap), the "to send" bitmap of a
-//!   precopy migration per guest memory region with its dirty page counter, fed by a
+//! * [`Balloon`] with [`BalloonConfig`]: the device. It implements
+//!   [`transport::VirtioDevice`] (put it behind [`transport::MmioTransport`], virtio-mmio
+//!   version 2) and `event_manager::MutEventSubscriber` ([`handler`]): each queue has an
+//!   eventfd a VMM registers as an ioeventfd, and the event loop serves the queues in bounded
+//!   batches.
+//! * [`device::descriptor`]: every free page hint element is validated (direction decides
+//!   what a descriptor is, checked arithmetic, page rounding, splitting at memory regions)
+//!   before anything reaches the sink.
+//! * [`HintControl`]: the migration thread's handle on the hint state machine
+//!   ([`device::hint`]); it is also the device's
+//!   [`PrecopyNotifier`](migration::PrecopyNotifier).
+//! * [`sink`]: the [`FreePageSink`](sink::FreePageSink) trait through which the device hands
+//!   over validated free ranges.
+//! * [`migration`]: [`MigrationBitmap`](migration::MigrationBitmap), the "to send" bitmap of
+//!   a precopy migration per guest memory region with its dirty page counter, fed by a
 //!   [`DirtyLog`](migration::DirtyLog) (KVM's or vm-memory's) and trimmed by hints; the
 //!   [`PrecopyNotifierChain`](migration::PrecopyNotifierChain) that tells the device when
 //!   hint rounds start and stop.
-//! * [`sink`]: the [`FreePageSink`](sink::FreePageSink) trait through which the device hands
-//!   over validated free ranges.
+//! * The [`bitmap`] module: [`count_one`](bitmap::count_one),
+//!   [`count_one_with_offset`](bitmap::count_one_with_offset) and
+//!   [`DirtyBitmap`](bitmap::DirtyBitmap), a lock-free atomic bitmap.
 //!
-//! The balloon device itself (virtio-mmio transport, queues, event-manager subscriber, hint
-//! state machine) comes next.
+//! The README shows how a VMM wires the device in.
 //!
 //! # Example
 //!
@@ -64,9 +71,18 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod bitmap;
+pub mod device;
+pub mod handler;
 pub mod migration;
+mod ratelimit;
 pub mod sink;
 pub mod spec;
+pub mod transport;
+
+pub use device::{
+    Balloon, BalloonConfig, BalloonError, HintControl, HintMetrics, HintState, HintStatus,
+    QueueLayout, QueueRole,
+};
 
 /// The README's code blocks, compiled and run as doc tests so they stay true.
 #[cfg(doctest)]

@@ -1,0 +1,554 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The balloon device: features, queue layout, configuration space, activate and reset.
+//!
+//! [`Balloon`] implements [`VirtioDevice`] (put it behind a transport such as
+//! [`MmioTransport`](crate::transport::MmioTransport)) and
+//! [`MutEventSubscriber`](event_manager::MutEventSubscriber) (register it with an
+//! `EventManager`; see [`handler`](crate::handler)). The migration thread drives free page
+//! hinting through the [`HintControl`] from [`Balloon::hint_control`].
+
+mod config;
+pub mod descriptor;
+pub mod hint;
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::sink::FreePageSink;
+use crate::spec::{self, features as f};
+use crate::transport::{ActivateError, FeatureError, Interrupt, VirtioDevice};
+use config::ConfigSpace;
+use hint::{FreePageQueue, HintShared};
+pub use hint::{HintControl, HintMetrics, HintState, HintStatus};
+
+/// What the device offers and how it sizes its queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer `VIRTIO_BALLOON_F_MUST_TELL_HOST`.
+    pub must_tell_host: bool,
+    /// Offer `VIRTIO_BALLOON_F_STATS_VQ` (a statistics queue).
+    pub stats: bool,
+    /// Offer `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`.
+    pub deflate_on_oom: bool,
+    /// Offer `VIRTIO_BALLOON_F_FREE_PAGE_HINT` (a free page queue).
+    pub free_page_hint: bool,
+    /// Offer `VIRTIO_BALLOON_F_PAGE_POISON` (16-byte configuration space).
+    pub page_poison: bool,
+    /// Offer `VIRTIO_BALLOON_F_REPORTING` (a free page reporting queue).
+    pub reporting: bool,
+    /// The size of the inflate, deflate and statistics queues (a power of two).
+    pub queue_size: u16,
+    /// The size of the free page queue (a power of two, at least 2; QEMU uses 1024).
+    pub free_page_queue_size: u16,
+    /// The size of the reporting queue (a power of two, at least 32).
+    pub reporting_queue_size: u16,
+    /// The most chains the event loop handles per wakeup of one queue before it lets the
+    /// other queues run (it re-arms itself for the rest).
+    pub chains_per_wakeup: u16,
+    /// Accept hints into file-backed memory regions. Off by default: memory shared with other
+    /// processes may change behind the guest's back, so its dirty state must not be dropped.
+    pub hint_file_backed_memory: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            must_tell_host: false,
+            stats: true,
+            deflate_on_oom: false,
+            free_page_hint: true,
+            page_poison: true,
+            reporting: false,
+            queue_size: spec::queue::DEFAULT_SIZE,
+            free_page_queue_size: spec::queue::DEFAULT_FREE_PAGE_SIZE,
+            reporting_queue_size: spec::queue::MIN_REPORTING_SIZE,
+            chains_per_wakeup: 256,
+            hint_file_backed_memory: false,
+        }
+    }
+}
+
+impl BalloonConfig {
+    /// The balloon feature bits this configuration offers, plus `VIRTIO_F_VERSION_1`,
+    /// `VIRTIO_F_RING_EVENT_IDX` and `VIRTIO_F_RING_INDIRECT_DESC`.
+    pub fn device_features(&self) -> u64 {
+        let mut bits = f::bit(f::VIRTIO_F_VERSION_1)
+            | f::bit(f::VIRTIO_F_RING_EVENT_IDX)
+            | f::bit(f::VIRTIO_F_RING_INDIRECT_DESC);
+        for (on, bit) in [
+            (self.must_tell_host, f::VIRTIO_BALLOON_F_MUST_TELL_HOST),
+            (self.stats, f::VIRTIO_BALLOON_F_STATS_VQ),
+            (self.deflate_on_oom, f::VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+            (self.free_page_hint, f::VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+            (self.page_poison, f::VIRTIO_BALLOON_F_PAGE_POISON),
+            (self.reporting, f::VIRTIO_BALLOON_F_REPORTING),
+        ] {
+            if on {
+                bits |= f::bit(bit);
+            }
+        }
+        bits
+    }
+
+    /// The configuration space length: 16 bytes with page poison, 12 with free page hinting,
+    /// else 8 (QEMU's guest-visible sizes).
+    pub fn config_len(&self) -> usize {
+        if self.page_poison {
+            16
+        } else if self.free_page_hint {
+            12
+        } else {
+            8
+        }
+    }
+}
+
+/// The role of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueRole {
+    /// inflateq: PFNs the guest gives up.
+    Inflate,
+    /// deflateq: PFNs the guest takes back.
+    Deflate,
+    /// statsq: memory statistics.
+    Stats,
+    /// free_page_vq: free page hints.
+    FreePage,
+    /// reporting_vq: free page reporting.
+    Reporting,
+}
+
+/// Which queue index each role has. Queues are numbered by the *offered* features, with
+/// absent queues compacted away (as Linux, QEMU, Firecracker and crosvm do): inflate 0,
+/// deflate 1, then stats, free page and reporting, each only if offered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueLayout {
+    roles: Vec<QueueRole>,
+}
+
+impl QueueLayout {
+    /// The layout for a configuration.
+    pub fn new(cfg: &BalloonConfig) -> Self {
+        let mut roles = vec![QueueRole::Inflate, QueueRole::Deflate];
+        if cfg.stats {
+            roles.push(QueueRole::Stats);
+        }
+        if cfg.free_page_hint {
+            roles.push(QueueRole::FreePage);
+        }
+        if cfg.reporting {
+            roles.push(QueueRole::Reporting);
+        }
+        QueueLayout { roles }
+    }
+
+    /// The number of queues.
+    pub fn len(&self) -> usize {
+        self.roles.len()
+    }
+
+    /// Always false: inflate and deflate always exist.
+    pub fn is_empty(&self) -> bool {
+        self.roles.is_empty()
+    }
+
+    /// The role of queue `index`.
+    pub fn role(&self, index: usize) -> Option<QueueRole> {
+        self.roles.get(index).copied()
+    }
+
+    /// The index of the queue with `role`.
+    pub fn index(&self, role: QueueRole) -> Option<usize> {
+        self.roles.iter().position(|&r| r == role)
+    }
+}
+
+/// Why a balloon could not be created.
+#[derive(Debug)]
+pub enum BalloonError {
+    /// A queue size is 0, above 32768 or not a power of two.
+    InvalidQueueSize {
+        /// Which queue.
+        role: QueueRole,
+        /// The size asked for.
+        size: u16,
+    },
+    /// The free page queue needs at least 2 entries, the reporting queue at least 32.
+    QueueTooSmall {
+        /// Which queue.
+        role: QueueRole,
+        /// The size asked for.
+        size: u16,
+    },
+    /// `chains_per_wakeup` is 0.
+    ZeroBudget,
+    /// An eventfd could not be created.
+    EventFd(io::Error),
+}
+
+impl fmt::Display for BalloonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BalloonError::InvalidQueueSize { role, size } => {
+                write!(
+                    f,
+                    "{role:?} queue size {size} is not a power of two in 1..=32768"
+                )
+            }
+            BalloonError::QueueTooSmall { role, size } => {
+                write!(
+                    f,
+                    "{role:?} queue size {size} is too small for the Linux driver"
+                )
+            }
+            BalloonError::ZeroBudget => write!(f, "chains_per_wakeup must be at least 1"),
+            BalloonError::EventFd(e) => write!(f, "cannot create an eventfd: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BalloonError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BalloonError::EventFd(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The virtio balloon device.
+///
+/// `M` is how the device reaches guest memory: `Arc<GuestMemoryMmap<B>>`,
+/// `GuestMemoryAtomic<GuestMemoryMmap<B>>` (memory hotplug), or anything else implementing
+/// [`GuestAddressSpace`] over a [`GuestMemoryBackend`].
+pub struct Balloon<M> {
+    pub(crate) cfg: BalloonConfig,
+    pub(crate) layout: QueueLayout,
+    acked: u64,
+    pub(crate) queues: Vec<Queue>,
+    pub(crate) queue_evts: Vec<EventFd>,
+    irq: Arc<Interrupt>,
+    config: ConfigSpace,
+    pub(crate) hint: Arc<HintShared>,
+    pub(crate) mem: M,
+    pub(crate) activated: bool,
+    pub(crate) paused: bool,
+    /// The head of the statistics buffer the device holds, if any.
+    pub(crate) stats_held: Option<u16>,
+}
+
+impl<M> fmt::Debug for Balloon<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balloon")
+            .field("cfg", &self.cfg)
+            .field("layout", &self.layout)
+            .field("acked", &format_args!("{:#x}", self.acked))
+            .field("config", &self.config)
+            .field("activated", &self.activated)
+            .field("paused", &self.paused)
+            .field("hint", &self.hint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_size(role: QueueRole, size: u16, min: u16) -> Result<(), BalloonError> {
+    if size == 0 || !size.is_power_of_two() || size > spec::queue::MAX_SIZE {
+        return Err(BalloonError::InvalidQueueSize { role, size });
+    }
+    if size < min {
+        return Err(BalloonError::QueueTooSmall { role, size });
+    }
+    Ok(())
+}
+
+impl<M> Balloon<M>
+where
+    M: GuestAddressSpace + Send + 'static,
+    M::M: GuestMemoryBackend,
+{
+    /// Creates a balloon over guest memory `mem` that reports accepted free page hints to
+    /// `sink`.
+    pub fn new(
+        cfg: BalloonConfig,
+        mem: M,
+        sink: Arc<dyn FreePageSink>,
+    ) -> Result<Self, BalloonError> {
+        if cfg.chains_per_wakeup == 0 {
+            return Err(BalloonError::ZeroBudget);
+        }
+        let layout = QueueLayout::new(&cfg);
+        let mut queues = Vec::with_capacity(layout.len());
+        let mut queue_evts = Vec::with_capacity(layout.len());
+        for &role in &layout.roles {
+            let (size, min) = match role {
+                QueueRole::FreePage => (cfg.free_page_queue_size, spec::queue::MIN_FREE_PAGE_SIZE),
+                QueueRole::Reporting => (cfg.reporting_queue_size, spec::queue::MIN_REPORTING_SIZE),
+                _ => (cfg.queue_size, 1),
+            };
+            check_size(role, size, min)?;
+            queues
+                .push(Queue::new(size).map_err(|_| BalloonError::InvalidQueueSize { role, size })?);
+            queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(BalloonError::EventFd)?);
+        }
+        let irq = Arc::new(Interrupt::new().map_err(BalloonError::EventFd)?);
+        let hint = Arc::new(HintShared::new(
+            irq.clone(),
+            sink,
+            cfg.hint_file_backed_memory,
+        ));
+        Ok(Balloon {
+            cfg,
+            layout,
+            acked: 0,
+            queues,
+            queue_evts,
+            irq,
+            config: ConfigSpace::new(cfg.config_len()),
+            hint,
+            mem,
+            activated: false,
+            paused: false,
+            stats_held: None,
+        })
+    }
+}
+
+impl<M> Balloon<M> {
+    /// The migration thread's handle on free page hinting (also the device's precopy
+    /// notifier).
+    pub fn hint_control(&self) -> HintControl {
+        HintControl::new(self.hint.clone())
+    }
+
+    /// The configuration the device was created with.
+    pub fn config(&self) -> &BalloonConfig {
+        &self.cfg
+    }
+
+    /// The queue layout.
+    pub fn queue_layout(&self) -> &QueueLayout {
+        &self.layout
+    }
+
+    /// The shared interrupt (also reachable through [`VirtioDevice::interrupt`]).
+    pub fn interrupt_handle(&self) -> Arc<Interrupt> {
+        self.irq.clone()
+    }
+
+    /// The target size in 4 KiB pages (`num_pages`).
+    pub fn num_pages(&self) -> u32 {
+        self.config.num_pages
+    }
+
+    /// The size the driver reports in 4 KiB pages (`actual`).
+    pub fn actual(&self) -> u32 {
+        self.config.actual
+    }
+
+    /// The driver's `poison_val` (0 unless PAGE_POISON was negotiated and written).
+    pub fn poison_val(&self) -> u32 {
+        self.config.poison_val
+    }
+
+    /// Whether the driver negotiated `feature` (a bit number from [`spec::features`]).
+    pub fn has_feature(&self, feature: u32) -> bool {
+        feature < 64 && self.acked & f::bit(feature) != 0
+    }
+
+    /// Stops queue processing while the VM is paused (no element moves on any ring until
+    /// [`resume`](Self::resume)). Elements being handled finish first.
+    pub fn pause(&mut self) {
+        self.paused = true;
+        self.hint.set_paused(true);
+    }
+
+    /// Resumes queue processing and looks at every queue again.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.hint.set_paused(false);
+        for evt in &self.queue_evts {
+            // A full eventfd counter still wakes the loop, so an error here loses nothing.
+            let _ = evt.write(1);
+        }
+    }
+
+    /// Whether queue processing is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
+impl<M> VirtioDevice for Balloon<M>
+where
+    M: GuestAddressSpace + Send + 'static,
+    M::M: GuestMemoryBackend,
+{
+    fn device_type(&self) -> u32 {
+        spec::VIRTIO_ID_BALLOON
+    }
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn queue(&self, index: usize) -> Option<&Queue> {
+        self.queues.get(index)
+    }
+
+    fn queue_mut(&mut self, index: usize) -> Option<&mut Queue> {
+        if self.activated {
+            return None;
+        }
+        self.queues.get_mut(index)
+    }
+
+    fn queue_event(&self, index: usize) -> Option<&EventFd> {
+        self.queue_evts.get(index)
+    }
+
+    fn device_features(&self) -> u64 {
+        self.cfg.device_features()
+    }
+
+    fn driver_features(&self) -> u64 {
+        self.acked
+    }
+
+    fn set_driver_features(&mut self, page: u32, value: u32) {
+        match page {
+            0 => self.acked = (self.acked & !0xffff_ffff) | u64::from(value),
+            1 => self.acked = (self.acked & 0xffff_ffff) | (u64::from(value) << 32),
+            _ => {}
+        }
+    }
+
+    fn validate_features(&self) -> Result<(), FeatureError> {
+        let offered = self.device_features();
+        let extra = self.acked & !offered;
+        if extra != 0 {
+            return Err(FeatureError::NotOffered(extra));
+        }
+        if self.acked & f::bit(f::VIRTIO_F_VERSION_1) == 0 {
+            return Err(FeatureError::NoVersion1);
+        }
+        // A driver numbering queues by the features it accepted (Linux) would number them
+        // differently if it drops an optional queue that has an accepted one after it.
+        let mut missing = 0u64;
+        for bit in [
+            f::VIRTIO_BALLOON_F_STATS_VQ,
+            f::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+            f::VIRTIO_BALLOON_F_REPORTING,
+        ] {
+            let mask = f::bit(bit);
+            if offered & mask == 0 {
+                continue;
+            }
+            if self.acked & mask == 0 {
+                missing |= mask;
+            } else if missing != 0 {
+                return Err(FeatureError::QueueLayout(missing));
+            }
+        }
+        Ok(())
+    }
+
+    fn features_ok(&mut self) {
+        // A poison value written while PAGE_POISON was still acknowledged does not survive
+        // a driver that then dropped the feature.
+        if !self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON) {
+            self.config.poison_val = 0;
+        }
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.config.read(offset, data, self.hint.config_value());
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let poison_ok = self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON);
+        self.config
+            .write(offset, data, self.hint.config_value(), poison_ok);
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.irq
+    }
+
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        if self.activated {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if !self.has_feature(f::VIRTIO_F_VERSION_1) {
+            return Err(ActivateError::LegacyDriver);
+        }
+        let event_idx = self.has_feature(f::VIRTIO_F_RING_EVENT_IDX);
+        {
+            let guard = self.mem.memory();
+            let mem: &M::M = &guard;
+            for (index, q) in self.queues.iter_mut().enumerate() {
+                if q.ready() && !q.is_valid(mem) {
+                    return Err(ActivateError::InvalidQueue { index });
+                }
+                q.set_event_idx(event_idx);
+            }
+        }
+        let fph = self.has_feature(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
+        // Everything that can fail comes before the device commits to being active.
+        let mut free_page_queue = None;
+        if let Some(idx) = self.layout.index(QueueRole::FreePage) {
+            if fph && self.queues[idx].ready() {
+                let evt = self.queue_evts[idx]
+                    .try_clone()
+                    .map_err(|_| ActivateError::InvalidQueue { index: idx })?;
+                free_page_queue = Some((idx, evt));
+            }
+        }
+        self.hint.set_negotiated(fph);
+        self.irq.set_driver_ok(true);
+        self.activated = true;
+        if let Some((idx, evt)) = free_page_queue {
+            // The event loop owns the real queue from now on; the transport keeps a copy for
+            // its read-only registers.
+            let copy = Queue::try_from(self.queues[idx].state()).unwrap_or_else(|_| {
+                Queue::new(self.cfg.free_page_queue_size).expect("size checked in new")
+            });
+            let queue = std::mem::replace(&mut self.queues[idx], copy);
+            self.hint.activate(Box::new(FreePageQueue {
+                queue,
+                mem: self.mem.clone(),
+                evt,
+            }));
+        }
+        // Look at every queue once: the driver may have posted buffers before DRIVER_OK.
+        for evt in &self.queue_evts {
+            let _ = evt.write(1);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.irq.set_driver_ok(false);
+        self.hint.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.acked = 0;
+        let num_pages = self.config.num_pages;
+        self.config = ConfigSpace::new(self.cfg.config_len());
+        self.config.num_pages = num_pages;
+        self.activated = false;
+        self.paused = false;
+        self.stats_held = None;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.activated
+    }
+}

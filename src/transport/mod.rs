@@ -1,0 +1,304 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The transport-neutral device interface and the virtio-mmio transport.
+//!
+//! [`VirtioDevice`] is what a transport needs from a device: its type, its features, its
+//! queues and their eventfds, its configuration space, and activate/reset. It plays the role
+//! of rust-vmm's `virtio-device` crate, which is not published. [`MmioTransport`] turns MMIO
+//! register accesses into calls on it. A PCI transport can be written over the same trait.
+//!
+//! [`Interrupt`] is the device's side of its interrupt line: the interrupt status bits, the
+//! configuration generation and one `EventFd` that a VMM registers as an irqfd.
+
+mod mmio;
+
+pub use mmio::MmioTransport;
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::ratelimit::{warn_limited, RateLimit};
+use crate::spec::{features, interrupt};
+
+/// Why a device refused to activate.
+#[derive(Debug)]
+pub enum ActivateError {
+    /// A ready queue does not fit in guest memory or is badly laid out.
+    InvalidQueue {
+        /// The queue index.
+        index: usize,
+    },
+    /// The driver did not accept `VIRTIO_F_VERSION_1`.
+    LegacyDriver,
+    /// The device was already active.
+    AlreadyActive,
+}
+
+impl fmt::Display for ActivateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ActivateError::InvalidQueue { index } => {
+                write!(f, "queue {index} is not valid in guest memory")
+            }
+            ActivateError::LegacyDriver => {
+                write!(f, "the driver did not accept VIRTIO_F_VERSION_1")
+            }
+            ActivateError::AlreadyActive => write!(f, "the device is already active"),
+        }
+    }
+}
+
+impl std::error::Error for ActivateError {}
+
+/// Why the device refused the features a driver acknowledged (FEATURES_OK stays clear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureError {
+    /// The driver acknowledged bits the device does not offer.
+    NotOffered(u64),
+    /// The driver did not acknowledge `VIRTIO_F_VERSION_1`.
+    NoVersion1,
+    /// The acknowledged features would number the queues differently from the device.
+    QueueLayout(u64),
+}
+
+impl fmt::Display for FeatureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FeatureError::NotOffered(bits) => {
+                write!(
+                    f,
+                    "the driver acknowledged features {bits:#x} that were not offered"
+                )
+            }
+            FeatureError::NoVersion1 => write!(f, "the driver did not acknowledge VERSION_1"),
+            FeatureError::QueueLayout(bits) => write!(
+                f,
+                "without features {bits:#x} the driver would number the queues differently"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FeatureError {}
+
+/// What a transport needs from a virtio device.
+///
+/// The transport owns the registers that only exist on the bus (status, the feature and
+/// queue selectors); the device owns its features, queues, eventfds, configuration space and
+/// interrupt. Guest-controlled values reach the device only through these methods, and no
+/// method may panic on them.
+pub trait VirtioDevice: Send {
+    /// The virtio device id.
+    fn device_type(&self) -> u32;
+
+    /// The number of queues (the transport reports size 0 for any other index).
+    fn num_queues(&self) -> usize;
+
+    /// The queue at `index`, while the transport may still configure it.
+    fn queue(&self, index: usize) -> Option<&Queue>;
+
+    /// The queue at `index`, mutable, for the transport's queue registers.
+    fn queue_mut(&mut self, index: usize) -> Option<&mut Queue>;
+
+    /// The eventfd that wakes the device for the queue at `index`. A VMM registers it as an
+    /// ioeventfd on the transport's notify address (virtio-mmio: `QueueNotify` with the queue
+    /// index as datamatch).
+    fn queue_event(&self, index: usize) -> Option<&EventFd>;
+
+    /// The features the device offers.
+    fn device_features(&self) -> u64;
+
+    /// The features the driver acknowledged so far.
+    fn driver_features(&self) -> u64;
+
+    /// Stores one 32-bit page of the driver's features (page 0: bits 0-31, page 1: 32-63;
+    /// other pages are ignored). The transport calls it only during feature negotiation.
+    fn set_driver_features(&mut self, page: u32, value: u32);
+
+    /// Checks the acknowledged features before FEATURES_OK is set. The default refuses bits
+    /// that were not offered and drivers without `VIRTIO_F_VERSION_1`.
+    fn validate_features(&self) -> Result<(), FeatureError> {
+        let acked = self.driver_features();
+        let extra = acked & !self.device_features();
+        if extra != 0 {
+            return Err(FeatureError::NotOffered(extra));
+        }
+        if acked & features::bit(features::VIRTIO_F_VERSION_1) == 0 {
+            return Err(FeatureError::NoVersion1);
+        }
+        Ok(())
+    }
+
+    /// Called once the transport accepted FEATURES_OK: the negotiated features are final.
+    fn features_ok(&mut self) {}
+
+    /// One 32-bit page of the offered features.
+    fn device_features_page(&self, page: u32) -> u32 {
+        match page {
+            0 => self.device_features() as u32,
+            1 => (self.device_features() >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// Reads configuration space bytes at `offset`. Bytes past the end read as `0xff`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes configuration space bytes at `offset`. Bytes past the end are dropped.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// The device's interrupt line.
+    fn interrupt(&self) -> &Interrupt;
+
+    /// Starts the device once the driver sets DRIVER_OK.
+    fn activate(&mut self) -> Result<(), ActivateError>;
+
+    /// Returns the device to its initial state (the driver wrote 0 to the status).
+    fn reset(&mut self);
+
+    /// Whether the device is active.
+    fn is_activated(&self) -> bool;
+}
+
+static IRQ_WRITE_FAILED: RateLimit = RateLimit::new();
+
+/// The device's interrupt: status bits, configuration generation and an irqfd.
+///
+/// The `EventFd` is signalled whenever a bit is raised; a VMM registers it as an irqfd (or
+/// reads it and injects the interrupt itself). The configuration-change interrupt is only
+/// raised while the driver has DRIVER_OK set, as the virtio spec requires; the generation
+/// counter moves on every configuration change, so a driver reading the configuration in
+/// several accesses always notices a change in between.
+#[derive(Debug)]
+pub struct Interrupt {
+    evt: EventFd,
+    status: AtomicU8,
+    generation: AtomicU32,
+    driver_ok: AtomicBool,
+}
+
+impl Interrupt {
+    /// A new interrupt with a non-blocking eventfd.
+    pub fn new() -> io::Result<Self> {
+        Ok(Interrupt {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            status: AtomicU8::new(0),
+            generation: AtomicU32::new(0),
+            driver_ok: AtomicBool::new(false),
+        })
+    }
+
+    /// The eventfd to register as an irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// The interrupt status register (bit 0: used buffer, bit 1: configuration change).
+    pub fn status(&self) -> u8 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Clears the status bits the driver acknowledged.
+    pub fn ack(&self, bits: u8) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The configuration generation.
+    pub fn config_generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(interrupt::USED_BUFFER);
+    }
+
+    /// Records a device-initiated configuration change: bumps the generation and, once the
+    /// driver has set DRIVER_OK, raises the configuration-change interrupt. Returns whether
+    /// an interrupt was raised.
+    pub fn signal_config_change(&self) -> bool {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if self.driver_ok.load(Ordering::Acquire) {
+            self.raise(interrupt::CONFIG_CHANGE);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the driver has set DRIVER_OK (configuration interrupts are delivered).
+    pub fn driver_ok(&self) -> bool {
+        self.driver_ok.load(Ordering::Acquire)
+    }
+
+    /// Set by the device when it is activated, cleared on reset (which also clears the
+    /// status bits).
+    pub(crate) fn set_driver_ok(&self, ok: bool) {
+        self.driver_ok.store(ok, Ordering::Release);
+        if !ok {
+            self.status.store(0, Ordering::Release);
+        }
+    }
+
+    fn raise(&self, bit: u8) {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        if let Err(e) = self.evt.write(1) {
+            warn_limited!(
+                IRQ_WRITE_FAILED,
+                "cannot signal the interrupt eventfd: {}",
+                e
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_change_waits_for_driver_ok() {
+        let irq = Interrupt::new().unwrap();
+        assert!(!irq.signal_config_change());
+        assert_eq!(irq.status(), 0);
+        assert_eq!(irq.config_generation(), 1);
+        assert!(
+            irq.eventfd().read().is_err(),
+            "no interrupt before DRIVER_OK"
+        );
+
+        irq.set_driver_ok(true);
+        assert!(irq.signal_config_change());
+        assert_eq!(irq.status(), interrupt::CONFIG_CHANGE);
+        assert_eq!(irq.config_generation(), 2);
+        assert_eq!(irq.eventfd().read().unwrap(), 1);
+
+        irq.signal_used_queue();
+        assert_eq!(irq.status(), 3);
+        irq.ack(interrupt::CONFIG_CHANGE);
+        assert_eq!(irq.status(), interrupt::USED_BUFFER);
+
+        irq.set_driver_ok(false);
+        assert_eq!(irq.status(), 0);
+        assert!(!irq.driver_ok());
+    }
+
+    #[test]
+    fn errors_display() {
+        assert!(ActivateError::InvalidQueue { index: 3 }
+            .to_string()
+            .contains("queue 3"));
+        assert!(ActivateError::LegacyDriver
+            .to_string()
+            .contains("VERSION_1"));
+        assert!(ActivateError::AlreadyActive.to_string().contains("active"));
+        assert!(FeatureError::NotOffered(0x40).to_string().contains("0x40"));
+        assert!(FeatureError::NoVersion1.to_string().contains("VERSION_1"));
+        assert!(FeatureError::QueueLayout(2).to_string().contains("0x2"));
+    }
+}
