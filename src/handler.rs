@@ -121,7 +121,7 @@ where
                 };
                 handled += 1;
                 let head = chain.head_index();
-                let shape = check_chain(&chain);
+                let shape = check_chain(&chain, queue.size());
                 if let Err(e) = shape {
                     warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
                 }

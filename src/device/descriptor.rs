@@ -34,6 +34,9 @@ pub enum ChainError {
     Truncated,
     /// The chain has no descriptor at all (only an invalid indirect descriptor).
     Empty,
+    /// The chain has more descriptors than the queue has entries (possible only through an
+    /// indirect table, which may hold up to 65535).
+    TooLong,
     /// A device-readable descriptor follows a device-writable one.
     OrderViolation,
     /// The readable part is 1 to 3 bytes long: not a command id.
@@ -70,7 +73,10 @@ pub struct HintOutcome {
 /// First pass over an element: checks its shape and reads its command.
 ///
 /// Zero-length readable descriptors contribute no bytes. Bytes past the first 4 are ignored.
-pub fn inspect<M>(chain: &DescriptorChain<M>) -> Result<Element, ChainError>
+/// A chain of more than `max_len` descriptors (the queue size, which the virtio spec says a
+/// chain may not exceed) is refused after reading `max_len + 1` of them, so the work per
+/// element stays bounded by the queue size even through an indirect table.
+pub fn inspect<M>(chain: &DescriptorChain<M>, max_len: u16) -> Result<Element, ChainError>
 where
     M: Deref + Clone,
     M::Target: GuestMemoryBackend,
@@ -82,10 +88,13 @@ where
     let mut writable = 0u32;
     let mut seen_writable = false;
     let mut last_has_next = false;
-    let mut any = false;
+    let mut count = 0u32;
 
     for desc in chain.clone() {
-        any = true;
+        count += 1;
+        if count > u32::from(max_len) {
+            return Err(ChainError::TooLong);
+        }
         last_has_next = desc.has_next();
         if desc.is_write_only() {
             seen_writable = true;
@@ -104,7 +113,7 @@ where
             have += take;
         }
     }
-    if !any {
+    if count == 0 {
         return Err(ChainError::Empty);
     }
     if last_has_next {
@@ -118,9 +127,10 @@ where
     Ok(Element { command, writable })
 }
 
-/// Checks that a chain of any queue is well formed (not empty, not cut short by a loop, a bad
-/// index or a bad indirect table) and returns its number of descriptors.
-pub fn check_chain<M>(chain: &DescriptorChain<M>) -> Result<u32, ChainError>
+/// Checks that a chain of any queue is well formed (not empty, not longer than `max_len`, not
+/// cut short by a loop, a bad index or a bad indirect table) and returns its number of
+/// descriptors.
+pub fn check_chain<M>(chain: &DescriptorChain<M>, max_len: u16) -> Result<u32, ChainError>
 where
     M: Deref + Clone,
     M::Target: GuestMemoryBackend,
@@ -128,7 +138,10 @@ where
     let mut count = 0u32;
     let mut last_has_next = false;
     for desc in chain.clone() {
-        count = count.saturating_add(1);
+        count += 1;
+        if count > u32::from(max_len) {
+            return Err(ChainError::TooLong);
+        }
         last_has_next = desc.has_next();
     }
     match (count, last_has_next) {
@@ -141,7 +154,7 @@ where
 /// Second pass: calls `f(gpa, len)` for every page-aligned piece of guest RAM covered by the
 /// element's writable descriptors, and `outcome(HintOutcome)` once per writable descriptor.
 ///
-/// Call it only on an element [`inspect`] accepted.
+/// Call it only on an element [`inspect`] accepted (which bounds its length).
 pub fn for_each_hint<M>(
     chain: &DescriptorChain<M>,
     file_backed_ok: bool,
@@ -305,7 +318,7 @@ mod tests {
             desc(0x10_1000, 4, F_NEXT),
             desc(0x40_0000, 0x40_0000, F_WRITE),
         ]);
-        let el = inspect(&chain.unwrap()).unwrap();
+        let el = inspect(&chain.unwrap(), 16).unwrap();
         assert_eq!(
             el,
             Element {
@@ -322,7 +335,7 @@ mod tests {
         let chain = vq
             .build_desc_chain(&[desc(0x10_0000, 3, F_NEXT), desc(0x40_0000, 0x1000, F_WRITE)])
             .unwrap();
-        assert_eq!(inspect(&chain), Err(ChainError::ShortCommand));
+        assert_eq!(inspect(&chain, 16), Err(ChainError::ShortCommand));
 
         let chain = vq
             .build_desc_chain(&[
@@ -330,16 +343,30 @@ mod tests {
                 desc(0x10_0000, 4, 0),
             ])
             .unwrap();
-        assert_eq!(inspect(&chain), Err(ChainError::OrderViolation));
+        assert_eq!(inspect(&chain, 16), Err(ChainError::OrderViolation));
 
         let chain = vq.build_desc_chain(&[desc(0x900_0000, 4, 0)]).unwrap();
-        assert_eq!(inspect(&chain), Err(ChainError::UnreadableCommand));
+        assert_eq!(inspect(&chain, 16), Err(ChainError::UnreadableCommand));
 
         // A zero-length readable descriptor is "no command".
         let chain = vq
             .build_desc_chain(&[desc(0x10_0000, 0, F_NEXT), desc(0x40_0000, 0x1000, F_WRITE)])
             .unwrap();
-        assert_eq!(inspect(&chain).unwrap().command, None);
+        assert_eq!(inspect(&chain, 16).unwrap().command, None);
+    }
+
+    #[test]
+    fn chains_longer_than_the_queue_are_refused() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        let descs: Vec<_> = (0..5)
+            .map(|i| desc(0x40_0000 + i * 0x1000, 0x1000, F_WRITE))
+            .collect();
+        let chain = vq.build_desc_chain(&descs).unwrap();
+        assert_eq!(inspect(&chain, 4), Err(ChainError::TooLong));
+        assert_eq!(check_chain(&chain, 4), Err(ChainError::TooLong));
+        assert_eq!(inspect(&chain, 5).unwrap().writable, 5);
+        assert_eq!(check_chain(&chain, 5), Ok(5));
     }
 
     #[test]
@@ -358,7 +385,7 @@ mod tests {
         vq.avail().idx().store(1u16);
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.pop_descriptor_chain(&m).unwrap();
-        assert_eq!(inspect(&chain), Err(ChainError::Truncated));
+        assert_eq!(inspect(&chain, 16), Err(ChainError::Truncated));
     }
 
     #[test]

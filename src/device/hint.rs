@@ -27,6 +27,10 @@
 //! it while it handles a batch of elements and calls the sink; [`HintControl::stop_round`]
 //! takes it, so once `stop_round` returns no element is half applied and none will be applied
 //! until the next round.
+//!
+//! Ordering guarantee: an element is put on the used ring only after all its hints have
+//! reached the sink, so a guest (or a test) that sees the element used knows the sink has
+//! its ranges.
 
 use std::fmt;
 use std::num::Wrapping;
@@ -177,14 +181,15 @@ impl HintCore {
         }
     }
 
-    /// Handles one popped element. `pos` is its position in the available ring.
-    pub(crate) fn handle<M>(&mut self, chain: &DescriptorChain<M>, pos: Wrapping<u16>)
+    /// Handles one popped element. `pos` is its position in the available ring, `max_len`
+    /// the queue size (the longest chain accepted).
+    pub(crate) fn handle<M>(&mut self, chain: &DescriptorChain<M>, pos: Wrapping<u16>, max_len: u16)
     where
         M: std::ops::Deref + Clone,
         M::Target: GuestMemoryBackend,
     {
         self.metrics.elements += 1;
-        let element = match inspect(chain) {
+        let element = match inspect(chain, max_len) {
             Ok(e) => e,
             Err(e) => {
                 self.metrics.malformed_elements += 1;
@@ -283,7 +288,7 @@ where
                     break;
                 };
                 let head = chain.head_index();
-                core.handle(&chain, pos);
+                core.handle(&chain, pos, self.queue.size());
                 if let Err(e) = self.queue.add_used(mem, head, 0) {
                     warn_limited!(RING_ERROR, "free page queue: add_used: {}", e);
                 }
