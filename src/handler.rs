@@ -20,6 +20,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
 use crate::device::descriptor::check_chain;
+use crate::device::hint::pop_checked;
 use crate::device::{Balloon, QueueRole};
 use crate::ratelimit::{warn_limited, RateLimit};
 
@@ -116,8 +117,14 @@ where
                     more = true;
                     break 'drain;
                 }
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
+                let chain = match pop_checked(queue, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn_limited!(RING_ERROR, "balloon: queue {}: {}", index, e);
+                        let _ = queue.enable_notification(mem);
+                        break 'drain;
+                    }
                 };
                 handled += 1;
                 let head = chain.head_index();

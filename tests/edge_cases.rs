@@ -2052,3 +2052,38 @@ fn fence_survives_avail_index_wrap() {
     assert_eq!(vm.metrics().stale_commands, 1);
     vm.assert_all_returned();
 }
+
+/// Found by the `hint_desc` fuzzer: an available index more than a queue size ahead of the
+/// device made `process_queue` (and `stop_round`'s drain) loop forever. The device must
+/// return, apply nothing, and serve the queue again once the driver repairs its index.
+#[test]
+fn edge_08_available_index_far_ahead_does_not_hang() {
+    let mut vm = Vm::ready();
+    let id = vm.begin_round();
+    vm.post_hint(page(0), PAGE);
+    let good_idx = vm.ring.avail_idx;
+    // The driver publishes an index 250 entries ahead of a 64-entry ring.
+    let bad_idx = good_idx.wrapping_add(250);
+    vm.mem
+        .write_slice(&bad_idx.to_le_bytes(), GuestAddress(vm.ring.avail + 2))
+        .unwrap();
+    vm.process();
+    vm.ctl.stop_round();
+    assert!(
+        vm.hints().is_empty(),
+        "nothing is applied from a broken ring"
+    );
+
+    // The driver repairs its index: the queued element is served (in STOP, so ignored).
+    vm.mem
+        .write_slice(&good_idx.to_le_bytes(), GuestAddress(vm.ring.avail + 2))
+        .unwrap();
+    vm.process();
+    assert_eq!(vm.pending(), 0);
+    let next = vm.ctl.start_round();
+    assert!(next > id);
+    vm.post_start(next);
+    vm.post_hint(page(1), PAGE);
+    vm.process();
+    assert_eq!(vm.hints(), vec![(next, page(1), PAGE)]);
+}

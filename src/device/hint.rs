@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -255,6 +255,21 @@ pub(crate) trait ActiveQueue: Send {
     fn size(&self) -> u16;
 }
 
+/// Pops the next chain, telling an empty ring (`Ok(None)`) from an available index the
+/// driver set more than a queue ahead (`Err`), which `pop_descriptor_chain` reports as empty
+/// while `enable_notification` keeps saying there is more: a loop that trusted both would
+/// never end.
+pub(crate) fn pop_checked<M>(
+    queue: &mut Queue,
+    mem: M,
+) -> Result<Option<DescriptorChain<M>>, virtio_queue::Error>
+where
+    M: Clone + std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    Ok(queue.iter(mem)?.next())
+}
+
 /// The free page queue with the guest memory it lives in.
 pub(crate) struct FreePageQueue<M> {
     pub(crate) queue: Queue,
@@ -284,8 +299,16 @@ where
                     break 'drain;
                 }
                 let pos = Wrapping(self.queue.next_avail());
-                let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
-                    break;
+                let chain = match pop_checked(&mut self.queue, mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        // The driver's available index is more than a queue ahead: nothing
+                        // can be popped until it fixes it. Stop here; the next kick retries.
+                        warn_limited!(RING_ERROR, "free page queue: {}", e);
+                        let _ = self.queue.enable_notification(mem);
+                        break 'drain;
+                    }
                 };
                 let head = chain.head_index();
                 core.handle(&chain, pos, self.queue.size());
