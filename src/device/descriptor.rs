@@ -45,6 +45,10 @@ pub enum ChainError {
     UnreadableCommand,
 }
 
+/// How many writable descriptors [`inspect`] keeps, so the common element (Linux sends one
+/// 4 MiB block per element) is read from guest memory only once.
+pub const KEPT_HINTS: usize = 4;
+
 /// What the first pass learned about a well-formed element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Element {
@@ -52,6 +56,16 @@ pub struct Element {
     pub command: Option<u32>,
     /// How many writable descriptors (hints) the element has.
     pub writable: u32,
+    /// The first [`KEPT_HINTS`] writable descriptors as (address, length).
+    kept: [(u64, u32); KEPT_HINTS],
+}
+
+impl Element {
+    /// The writable descriptors [`inspect`] kept, if it kept them all.
+    fn all_hints(&self) -> Option<&[(u64, u32)]> {
+        let n = self.writable as usize;
+        (n <= KEPT_HINTS).then(|| &self.kept[..n])
+    }
 }
 
 /// What happened to one writable descriptor.
@@ -86,6 +100,7 @@ where
     let mut have = 0usize;
     let mut readable_bytes = 0u64;
     let mut writable = 0u32;
+    let mut kept = [(0u64, 0u32); KEPT_HINTS];
     let mut seen_writable = false;
     let mut last_has_next = false;
     let mut count = 0u32;
@@ -98,6 +113,9 @@ where
         last_has_next = desc.has_next();
         if desc.is_write_only() {
             seen_writable = true;
+            if let Some(slot) = kept.get_mut(writable as usize) {
+                *slot = (desc.addr().0, desc.len());
+            }
             writable = writable.saturating_add(1);
             continue;
         }
@@ -124,7 +142,11 @@ where
         1..=3 => return Err(ChainError::ShortCommand),
         _ => Some(u32::from_le_bytes(cmd)),
     };
-    Ok(Element { command, writable })
+    Ok(Element {
+        command,
+        writable,
+        kept,
+    })
 }
 
 /// Checks that a chain of any queue is well formed (not empty, not longer than `max_len`, not
@@ -151,12 +173,14 @@ where
     }
 }
 
-/// Second pass: calls `f(gpa, len)` for every page-aligned piece of guest RAM covered by the
+/// Second step: calls `f(gpa, len)` for every page-aligned piece of guest RAM covered by the
 /// element's writable descriptors, and `outcome(HintOutcome)` once per writable descriptor.
 ///
-/// Call it only on an element [`inspect`] accepted (which bounds its length).
+/// `element` is what [`inspect`] returned for `chain` (which bounds its length). When it kept
+/// every writable descriptor, the chain is not read again.
 pub fn for_each_hint<M>(
     chain: &DescriptorChain<M>,
+    element: &Element,
     file_backed_ok: bool,
     mut f: impl FnMut(GuestAddress, u64),
     mut outcome: impl FnMut(HintOutcome),
@@ -165,6 +189,18 @@ pub fn for_each_hint<M>(
     M::Target: GuestMemoryBackend,
 {
     let mem = chain.memory();
+    if let Some(hints) = element.all_hints() {
+        for &(addr, len) in hints {
+            outcome(split_range(
+                mem,
+                addr,
+                u64::from(len),
+                file_backed_ok,
+                &mut f,
+            ));
+        }
+        return;
+    }
     for desc in chain.clone() {
         if desc.is_write_only() {
             outcome(split_range(
@@ -319,13 +355,9 @@ mod tests {
             desc(0x40_0000, 0x40_0000, F_WRITE),
         ]);
         let el = inspect(&chain.unwrap(), 16).unwrap();
-        assert_eq!(
-            el,
-            Element {
-                command: Some(2),
-                writable: 1
-            }
-        );
+        assert_eq!(el.command, Some(2));
+        assert_eq!(el.writable, 1);
+        assert_eq!(el.all_hints(), Some(&[(0x40_0000, 0x40_0000)][..]));
     }
 
     #[test]
@@ -400,10 +432,13 @@ mod tests {
                 desc(0x80_0000, 0, F_WRITE),
             ])
             .unwrap();
+        let element = inspect(&chain, 16).unwrap();
+        assert!(element.all_hints().is_some(), "three hints are kept");
         let mut got = Vec::new();
         let mut outcomes = Vec::new();
         for_each_hint(
             &chain,
+            &element,
             false,
             |g, l| got.push((g.0, l)),
             |o| outcomes.push(o),
@@ -412,5 +447,23 @@ mod tests {
         assert_eq!(outcomes.len(), 3);
         assert_eq!(outcomes[1].outside_ram, 0x1000);
         assert!(outcomes[2].zero_length);
+    }
+
+    #[test]
+    fn long_elements_are_read_again() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        let n = KEPT_HINTS as u64 + 2;
+        let descs: Vec<_> = (0..n)
+            .map(|i| desc(0x40_0000 + i * 0x2000, 0x1000, F_WRITE))
+            .collect();
+        let chain = vq.build_desc_chain(&descs).unwrap();
+        let element = inspect(&chain, 16).unwrap();
+        assert_eq!(element.writable as u64, n);
+        assert!(element.all_hints().is_none());
+        let mut got = Vec::new();
+        for_each_hint(&chain, &element, false, |g, l| got.push((g.0, l)), |_| {});
+        let want: Vec<_> = (0..n).map(|i| (0x40_0000 + i * 0x2000, 0x1000)).collect();
+        assert_eq!(got, want);
     }
 }

@@ -215,6 +215,7 @@ impl HintCore {
         let metrics = &mut self.metrics;
         for_each_hint(
             chain,
+            &element,
             self.file_backed_ok,
             |gpa, len| sink.free_page_hint(id, gpa, len),
             |o| metrics.record(o),
