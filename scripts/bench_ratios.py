@@ -7,6 +7,11 @@ Run after `cargo bench`. In every criterion group, the benchmark whose name star
 `floor` is the floor; every other benchmark in the group is divided by it (median against
 median). A ratio of 1.0 means as fast as the floor; 2.0 means twice as slow. For
 throughput-style floors (a rate, where higher is better) invert the figure yourself.
+
+Groups with a rate target (`RATE_TARGETS`) also get that benchmark's rate as a fraction of
+the floor's rate (floor time / time, both measured over the same elements), its throughput
+and whether it meets the target: for `hint_path`, the full device path must reach 0.7 of
+the rate of bare `pop_descriptor_chain` + `add_used` (a time ratio of at most 1/0.7).
 """
 
 import json
@@ -14,9 +19,37 @@ import pathlib
 import sys
 
 
+# group -> (benchmark, the least fraction of the floor's rate it must reach).
+RATE_TARGETS = {"hint_path": ("device_process_queue", 0.7)}
+
+
 def median_ns(bench_dir: pathlib.Path) -> float:
     estimates = json.loads((bench_dir / "new" / "estimates.json").read_text())
     return estimates["median"]["point_estimate"]
+
+
+def elements(bench_dir: pathlib.Path):
+    """The elements per iteration the benchmark declared (`Throughput::Elements`), if any."""
+    try:
+        meta = json.loads((bench_dir / "new" / "benchmark.json").read_text())
+    except (OSError, ValueError):
+        return None
+    throughput = meta.get("throughput") or {}
+    return throughput.get("Elements")
+
+
+def print_rate(group: pathlib.Path, benches: dict, floor: str) -> None:
+    name, target = RATE_TARGETS[group.name]
+    if name not in benches:
+        return
+    rate = benches[floor] / benches[name]
+    verdict = "meets" if rate >= target else "MISSES"
+    n = elements(group / name)
+    per_second = f", {n / benches[name] * 1e3:.2f} Melem/s" if n else ""
+    print(
+        f"  rate of {name}: {rate:.2f} of the floor's{per_second}"
+        f" ({verdict} the target {target:.2f}, time ratio <= {1 / target:.2f})"
+    )
 
 
 def main() -> int:
@@ -39,6 +72,8 @@ def main() -> int:
         for name, ns in sorted(benches.items()):
             if name != floor:
                 print(f"  {name:32} {ns / 1e6:9.3f} ms  ratio {ns / benches[floor]:.2f}")
+        if group.name in RATE_TARGETS:
+            print_rate(group, benches, floor)
         printed = True
     return 0 if printed else 1
 

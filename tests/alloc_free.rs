@@ -1,0 +1,580 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The free page hint path allocates nothing on the heap in steady state.
+//!
+//! A counting global allocator wraps `System` and counts allocations (`alloc`,
+//! `alloc_zeroed`, `realloc`) made by the current thread while that thread has counting
+//! switched on, so the test harness and tests running in parallel do not disturb the count.
+//! Counting is on only around `Balloon::process_queue`, the event loop's call; the guest's
+//! side (writing descriptors and rings) and the device setup are free to allocate.
+//!
+//! The device is set up as a driver does (virtio-mmio registers, features `VERSION_1` +
+//! `FREE_PAGE_HINT`), a round is started and the guest's start buffer puts it in START, with a
+//! [`MigrationBitmap`] as the sink, all pages dirty so hints really clear bits.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_balloon::migration::MigrationBitmap;
+use virtio_balloon::spec::{features, mmio, status};
+use virtio_balloon::transport::{MmioTransport, VirtioDevice};
+use virtio_balloon::{Balloon, BalloonConfig, HintControl, HintMetrics, HintState, QueueRole};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+// ---------------------------------------------------------------------------------------
+// The counting allocator.
+
+thread_local! {
+    // Const-initialised `Cell`s of plain integers: no destructor to register and no lazy
+    // initialisation, so touching them from inside the allocator never allocates.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+struct CountingAlloc;
+
+impl CountingAlloc {
+    fn record() {
+        // `try_with`: during thread teardown the slots may be gone; nothing is counted then.
+        if COUNTING.try_with(Cell::get).unwrap_or(false) {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+        }
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so the
+// `GlobalAlloc` contract holds exactly as it does for `System`; the counting touches only
+// thread-local integers and never allocates.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::record();
+        // SAFETY: the caller upholds `alloc`'s contract (non-zero size), passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::record();
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Self::record();
+        // SAFETY: `ptr` was allocated by this allocator, that is by `System`, with `layout`;
+        // the caller upholds the rest of `realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` (through this allocator) with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Runs `f` with this thread's allocations counted; returns how many it made.
+fn allocations_in(f: impl FnOnce()) -> u64 {
+    let before = ALLOCATIONS.with(Cell::get);
+    COUNTING.with(|c| c.set(true));
+    f();
+    COUNTING.with(|c| c.set(false));
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    let n = allocations_in(|| {
+        let v: Vec<u64> = std::hint::black_box(Vec::with_capacity(4));
+        drop(v);
+        let mut s = String::new();
+        s.push('x');
+        std::hint::black_box(&s);
+    });
+    assert_eq!(n, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// A logger that formats every record without allocating.
+
+/// Formats into nothing: evaluates every argument's `Display`/`Debug` code, keeps no text.
+struct Discard;
+
+impl std::fmt::Write for Discard {
+    fn write_str(&mut self, _: &str) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
+struct CountingLogger {
+    records: AtomicU64,
+}
+
+impl log::Log for CountingLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let _ = write!(Discard, "{}", record.args());
+        self.records.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: CountingLogger = CountingLogger {
+    records: AtomicU64::new(0),
+};
+
+// ---------------------------------------------------------------------------------------
+// Guest memory, the driver's side of the free page queue, and the device.
+
+type Mem = GuestMemoryMmap<AtomicBitmap>;
+type Device = Balloon<Arc<Mem>>;
+
+const MIB: u64 = 1 << 20;
+/// Linux reports free pages in 4 MiB blocks.
+const BLOCK: u64 = 4 * MIB;
+/// RAM: [0, 32 MiB) and [64 MiB, 96 MiB), a hole in between.
+const LOW_END: u64 = 32 * MIB;
+const HIGH_START: u64 = 64 * MIB;
+const HIGH_END: u64 = 96 * MIB;
+/// The hint blocks, reused round-robin: the 8 blocks of the low region.
+const HINT_BLOCKS: u64 = LOW_END / BLOCK;
+
+const QUEUE_SIZE: u16 = 256;
+/// The rings, the command buffer and an indirect table, at the top of the high region.
+const DESC_TABLE: u64 = HIGH_END - MIB;
+const AVAIL: u64 = DESC_TABLE + 0x1000;
+const USED: u64 = DESC_TABLE + 0x2000;
+const CMD_BUF: u64 = DESC_TABLE + 0x4000;
+const INDIRECT: u64 = DESC_TABLE + 0x5000;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// One descriptor as the driver writes it.
+#[derive(Clone, Copy)]
+struct D {
+    addr: u64,
+    len: u32,
+    flags: u16,
+}
+
+fn hint(addr: u64, len: u32) -> D {
+    D {
+        addr,
+        len,
+        flags: F_WRITE,
+    }
+}
+
+fn out(addr: u64, len: u32) -> D {
+    D {
+        addr,
+        len,
+        flags: 0,
+    }
+}
+
+/// The guest's side: it writes chains from descriptor 0 up for each batch (the device uses
+/// every chain before the next batch) and makes them available.
+struct Guest {
+    mem: Arc<Mem>,
+    next_desc: u16,
+    heads: Vec<u16>,
+    avail_idx: u16,
+}
+
+impl Guest {
+    fn write_desc(&self, index: u16, d: D, next: u16) {
+        let at = GuestAddress(DESC_TABLE + u64::from(index) * 16);
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&d.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+        raw[14..].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&raw, at).unwrap();
+    }
+
+    /// Adds a chain of `parts`, linked with NEXT.
+    fn chain(&mut self, parts: &[D]) {
+        let head = self.next_desc;
+        for (i, d) in parts.iter().enumerate() {
+            let index = self.next_desc;
+            self.next_desc += 1;
+            let last = i + 1 == parts.len();
+            let d = D {
+                flags: d.flags | if last { 0 } else { F_NEXT },
+                ..*d
+            };
+            self.write_desc(index, d, if last { 0 } else { index + 1 });
+        }
+        self.heads.push(head);
+    }
+
+    /// Adds a one-descriptor chain written as is (its flags and `next` untouched).
+    fn raw(&mut self, d: D, next: u16) {
+        let index = self.next_desc;
+        self.next_desc += 1;
+        self.write_desc(index, d, next);
+        self.heads.push(index);
+    }
+
+    /// Makes the chains added since the last call available.
+    fn publish(&mut self) -> u16 {
+        assert!(self.next_desc <= QUEUE_SIZE && self.heads.len() < usize::from(QUEUE_SIZE));
+        for &head in &self.heads {
+            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
+            self.mem
+                .write_obj(head.to_le(), GuestAddress(slot))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        self.mem
+            .store(
+                self.avail_idx.to_le(),
+                GuestAddress(AVAIL + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        let n = self.heads.len() as u16;
+        self.heads.clear();
+        self.next_desc = 0;
+        n
+    }
+
+    fn used_idx(&self) -> u16 {
+        u16::from_le(
+            self.mem
+                .load(GuestAddress(USED + 2), Ordering::Acquire)
+                .unwrap(),
+        )
+    }
+
+    /// The 4 MiB block `i` of the low region (round-robin).
+    fn block(i: u64) -> u64 {
+        (i % HINT_BLOCKS) * BLOCK
+    }
+
+    fn start_buffer(&mut self, id: u32) {
+        self.mem
+            .write_obj(id.to_le(), GuestAddress(CMD_BUF))
+            .unwrap();
+        self.chain(&[out(CMD_BUF, 4)]);
+    }
+}
+
+struct Setup {
+    transport: MmioTransport<Device>,
+    queue: usize,
+    guest: Guest,
+    sink: Arc<MigrationBitmap>,
+    control: HintControl,
+}
+
+fn reg_write(t: &mut MmioTransport<Device>, offset: u64, value: u32) {
+    t.write(offset, &value.to_le_bytes());
+}
+
+impl Setup {
+    /// A device in START, driven there through its registers and a start buffer.
+    fn new() -> Self {
+        let mem = Arc::new(
+            Mem::from_ranges(&[
+                (GuestAddress(0), LOW_END as usize),
+                (GuestAddress(HIGH_START), (HIGH_END - HIGH_START) as usize),
+            ])
+            .unwrap(),
+        );
+        let sink = Arc::new(MigrationBitmap::new(&*mem).unwrap());
+        sink.mark_all_dirty();
+        let cfg = BalloonConfig {
+            stats: false,
+            free_page_queue_size: QUEUE_SIZE,
+            chains_per_wakeup: QUEUE_SIZE,
+            ..BalloonConfig::default()
+        };
+        let balloon = Balloon::new(cfg, mem.clone(), sink.clone()).unwrap();
+        let queue = balloon.queue_layout().index(QueueRole::FreePage).unwrap();
+        let control = balloon.hint_control();
+        let mut t = MmioTransport::new(balloon);
+        let ack = u32::from(status::ACKNOWLEDGE);
+        let driver = ack | u32::from(status::DRIVER);
+        let features_ok = driver | u32::from(status::FEATURES_OK);
+        reg_write(&mut t, mmio::REG_STATUS, ack);
+        reg_write(&mut t, mmio::REG_STATUS, driver);
+        reg_write(&mut t, mmio::REG_DRIVER_FEATURES_SEL, 0);
+        reg_write(
+            &mut t,
+            mmio::REG_DRIVER_FEATURES,
+            1 << features::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+        );
+        reg_write(&mut t, mmio::REG_DRIVER_FEATURES_SEL, 1);
+        reg_write(
+            &mut t,
+            mmio::REG_DRIVER_FEATURES,
+            1 << (features::VIRTIO_F_VERSION_1 - 32),
+        );
+        reg_write(&mut t, mmio::REG_STATUS, features_ok);
+        assert_eq!(u32::from(t.status()), features_ok, "FEATURES_OK refused");
+        reg_write(&mut t, mmio::REG_QUEUE_SEL, queue as u32);
+        reg_write(&mut t, mmio::REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        for (low, addr) in [
+            (mmio::REG_QUEUE_DESC_LOW, DESC_TABLE),
+            (mmio::REG_QUEUE_DRIVER_LOW, AVAIL),
+            (mmio::REG_QUEUE_DEVICE_LOW, USED),
+        ] {
+            reg_write(&mut t, low, addr as u32);
+            reg_write(&mut t, low + 4, (addr >> 32) as u32);
+        }
+        reg_write(&mut t, mmio::REG_QUEUE_READY, 1);
+        reg_write(
+            &mut t,
+            mmio::REG_STATUS,
+            features_ok | u32::from(status::DRIVER_OK),
+        );
+        assert!(t.device().is_activated(), "DRIVER_OK refused");
+
+        // An indirect table one descriptor longer than the queue: 4 KiB hints, chained.
+        for i in 0..=QUEUE_SIZE {
+            let last = i == QUEUE_SIZE;
+            let mut raw = [0u8; 16];
+            raw[..8].copy_from_slice(&Guest::block(u64::from(i)).to_le_bytes());
+            raw[8..12].copy_from_slice(&0x1000u32.to_le_bytes());
+            let flags = F_WRITE | if last { 0 } else { F_NEXT };
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..].copy_from_slice(&(if last { 0 } else { i + 1 }).to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(INDIRECT + u64::from(i) * 16))
+                .unwrap();
+        }
+
+        let mut s = Setup {
+            transport: t,
+            queue,
+            guest: Guest {
+                mem,
+                next_desc: 0,
+                heads: Vec::new(),
+                avail_idx: 0,
+            },
+            sink,
+            control,
+        };
+        let id = s.control.start_round();
+        s.guest.start_buffer(id);
+        s.run_batch();
+        assert_eq!(s.control.status().state, HintState::Start);
+        s
+    }
+
+    /// Publishes the chains the guest added and lets the device handle them in one
+    /// `process_queue` call. Returns the allocations made inside that call.
+    fn run_batch(&mut self) -> u64 {
+        let posted = self.guest.publish();
+        let before = self.guest.used_idx();
+        let (transport, queue) = (&mut self.transport, self.queue);
+        let n = allocations_in(|| transport.device_mut().process_queue(queue));
+        assert_eq!(
+            self.guest.used_idx().wrapping_sub(before),
+            posted,
+            "every chain is used"
+        );
+        n
+    }
+
+    /// `count` 4 MiB hints in batches of at most `QUEUE_SIZE - 1`. Returns the allocations.
+    fn hint_blocks(&mut self, count: u64) -> u64 {
+        let batch = u64::from(QUEUE_SIZE - 1);
+        let mut allocations = 0;
+        let mut done = 0;
+        while done < count {
+            let n = batch.min(count - done);
+            self.sink.mark_all_dirty();
+            let hinted = self.sink.hinted_pages();
+            for i in done..done + n {
+                self.guest.chain(&[hint(Guest::block(i), BLOCK as u32)]);
+            }
+            allocations += self.run_batch();
+            // The bitmap was all dirty: the first hint of each distinct block cleared it.
+            assert_eq!(
+                self.sink.hinted_pages() - hinted,
+                n.min(HINT_BLOCKS) * (BLOCK >> 12)
+            );
+            done += n;
+        }
+        allocations
+    }
+
+    fn metrics(&self) -> HintMetrics {
+        self.control.status().metrics
+    }
+
+    /// Everything the device must refuse or trim, `repeat` times over (13 chains, 15
+    /// descriptors each time).
+    fn post_rejects(&mut self, repeat: usize) {
+        for _ in 0..repeat {
+            let g = &mut self.guest;
+            // Malformed elements.
+            g.chain(&[hint(Guest::block(0), BLOCK as u32), out(CMD_BUF, 4)]); // order
+            g.chain(&[out(CMD_BUF, 2), hint(Guest::block(1), BLOCK as u32)]); // short command
+            g.chain(&[out(HIGH_END + MIB, 4)]); // unreadable command
+            let me = g.next_desc;
+            g.raw(
+                D {
+                    addr: Guest::block(2),
+                    len: BLOCK as u32,
+                    flags: F_WRITE | F_NEXT,
+                },
+                me,
+            ); // a loop
+            g.raw(
+                D {
+                    addr: Guest::block(3),
+                    len: BLOCK as u32,
+                    flags: F_WRITE | F_NEXT,
+                },
+                QUEUE_SIZE,
+            ); // next past the table
+            g.raw(
+                D {
+                    addr: INDIRECT,
+                    len: 3,
+                    flags: F_INDIRECT,
+                },
+                0,
+            ); // an indirect table of 3 bytes is not a table: an empty chain
+            g.raw(
+                D {
+                    addr: INDIRECT,
+                    len: (u32::from(QUEUE_SIZE) + 1) * 16,
+                    flags: F_INDIRECT,
+                },
+                0,
+            ); // a chain longer than the queue, through an indirect table
+
+            // Well-formed elements whose hints are refused or trimmed.
+            g.chain(&[hint(HIGH_END + BLOCK, BLOCK as u32)]); // outside RAM
+            let over_hole = (HIGH_START - LOW_END + 2 * MIB) as u32;
+            g.chain(&[hint(LOW_END - MIB, over_hole)]); // across the hole
+            g.chain(&[hint(HIGH_END - BLOCK / 2, BLOCK as u32)]); // past the end of RAM
+            g.chain(&[hint(Guest::block(4), 0)]); // zero length
+            g.chain(&[hint(u64::MAX - 0xfff, 0x2000)]); // overflow
+            g.chain(&[hint(Guest::block(5) + 1, 0x1000)]); // no whole page
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn steady_state_hints_allocate_nothing() {
+    let mut s = Setup::new();
+    // Warm up with one full batch.
+    s.hint_blocks(u64::from(QUEUE_SIZE - 1));
+
+    let before = s.metrics();
+    let small = s.hint_blocks(100);
+    let large = s.hint_blocks(1000);
+    let after = s.metrics();
+    assert_eq!(after.hints_accepted - before.hints_accepted, 1100);
+    assert_eq!(after.bytes_accepted - before.bytes_accepted, 1100 * BLOCK);
+    assert_eq!(after.elements - before.elements, 1100);
+    assert_eq!(
+        (small, large),
+        (0, 0),
+        "allocations for 100 and for 1000 hint descriptors"
+    );
+}
+
+#[test]
+fn rejected_elements_allocate_nothing() {
+    let mut s = Setup::new();
+    s.hint_blocks(u64::from(QUEUE_SIZE - 1));
+    log::set_max_level(log::LevelFilter::Off);
+
+    // START: malformed elements, hints outside RAM, empty, overflowing, sub-page.
+    let before = s.metrics();
+    s.post_rejects(1);
+    let first = s.run_batch(); // the first occurrence of each warning
+    s.post_rejects(16);
+    let in_start = s.run_batch();
+    let m = s.metrics();
+    let reps = 17;
+    assert_eq!(m.malformed_elements - before.malformed_elements, 7 * reps);
+    assert_eq!(m.hints_outside_ram - before.hints_outside_ram, 3 * reps);
+    assert_eq!(m.hints_zero_length - before.hints_zero_length, reps);
+    assert_eq!(m.hints_overflow - before.hints_overflow, reps);
+    assert_eq!(m.hints_misaligned - before.hints_misaligned, reps);
+    assert_eq!(m.rounds_started, 1, "no malformed element ends the round");
+    assert_eq!(s.control.status().state, HintState::Start);
+
+    // REQUESTED: hints before the start buffer, and a stale start buffer.
+    let old_id = s.control.status().cmd_id;
+    s.control.start_round();
+    for i in 0..100 {
+        s.guest.chain(&[hint(Guest::block(i), BLOCK as u32)]);
+    }
+    s.guest.start_buffer(old_id);
+    let in_requested = s.run_batch();
+
+    // STOP: hints and commands after the migration stopped the round.
+    s.control.stop_round();
+    for i in 0..100 {
+        s.guest.chain(&[hint(Guest::block(i), BLOCK as u32)]);
+    }
+    s.guest.start_buffer(old_id);
+    let in_stop = s.run_batch();
+
+    // DONE.
+    s.control.done();
+    for i in 0..100 {
+        s.guest.chain(&[hint(Guest::block(i), BLOCK as u32)]);
+    }
+    let in_done = s.run_batch();
+    let m2 = s.metrics();
+    assert_eq!(m2.hints_wrong_state - m.hints_wrong_state, 300);
+    assert_eq!(m2.stale_commands - m.stale_commands, 1);
+    assert_eq!(m2.ignored_commands - m.ignored_commands, 1);
+
+    assert_eq!(
+        (first, in_start, in_requested, in_stop, in_done),
+        (0, 0, 0, 0, 0),
+        "allocations with no logger: first rejects, more rejects, REQUESTED, STOP, DONE"
+    );
+
+    // The same with a logger that formats every record: the warnings' arguments are
+    // formatted and still nothing is allocated. The warnings are rate-limited (1st, 2nd, 4th,
+    // ... occurrence); 224 more malformed elements cross at least one power of two.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Trace);
+    let id = s.control.start_round();
+    s.guest.start_buffer(id);
+    s.post_rejects(16);
+    let logged_start = s.run_batch();
+    s.post_rejects(16);
+    let logged_more = s.run_batch();
+    for i in 0..100 {
+        s.guest.chain(&[hint(Guest::block(i), BLOCK as u32)]);
+    }
+    let logged_hints = s.run_batch();
+    log::set_max_level(log::LevelFilter::Off);
+    assert!(
+        LOGGER.records.load(Ordering::Relaxed) > 0,
+        "the warnings were logged"
+    );
+    assert_eq!(s.control.status().state, HintState::Start);
+    assert_eq!(
+        (logged_start, logged_more, logged_hints),
+        (0, 0, 0),
+        "allocations with a logger installed"
+    );
+}
