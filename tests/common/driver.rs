@@ -343,6 +343,9 @@ struct Inner {
     seq: AtomicU64,
     rounds: Mutex<Vec<RoundReport>>,
     errors: Mutex<Vec<String>>,
+    /// What Linux reports with `dev_err` and then carries on from (a full ring when the
+    /// start or stop id is sent: the device has not caught up yet).
+    kernel_log: Mutex<Vec<String>>,
     config_irqs: AtomicU64,
     vring_irqs: AtomicU64,
     irq_lock: Mutex<()>,
@@ -428,6 +431,7 @@ impl Driver {
                 seq: AtomicU64::new(0),
                 rounds: Mutex::new(Vec::new()),
                 errors: Mutex::new(Vec::new()),
+                kernel_log: Mutex::new(Vec::new()),
                 config_irqs: AtomicU64::new(0),
                 vring_irqs: AtomicU64::new(0),
                 irq_lock: Mutex::new(()),
@@ -1275,6 +1279,22 @@ impl Driver {
         lock(&self.inner.errors).push(e);
     }
 
+    /// Messages Linux logs and survives (see `kernel_log` in the driver state).
+    pub fn kernel_log(&self) -> Vec<String> {
+        lock(&self.inner.kernel_log).clone()
+    }
+
+    /// `dev_err` for a command buffer that did not fit: Linux logs it and goes on, so the
+    /// model does too. Any other failure is a model error.
+    fn command_error(&self, what: &str, e: DriverError) {
+        let msg = format!("failed to send a {what} id: {e}");
+        if matches!(e, DriverError::Ring(RingError::NoSpace { .. })) {
+            lock(&self.inner.kernel_log).push(msg);
+        } else {
+            self.error(msg);
+        }
+    }
+
     /// Changes the pause after each hinted block.
     pub fn set_block_pace(&self, d: Duration) {
         self.inner
@@ -1453,13 +1473,13 @@ impl Driver {
         let id = match self.send_cmd_id_start() {
             Ok(id) => id,
             Err(e) => {
-                self.error(format!("failed to send a start id: {e}"));
+                self.command_error("start", e);
                 self.cmd_id_active()
             }
         };
         let (hinted, end) = self.send_free_pages();
         if let Err(e) = self.send_cmd_id_stop() {
-            self.error(format!("failed to send a stop id: {e}"));
+            self.command_error("stop", e);
         }
         let report = RoundReport { id, hinted, end };
         lock(&self.inner.rounds).push(report.clone());
