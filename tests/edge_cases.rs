@@ -634,6 +634,32 @@ impl Vm {
 // PROTOCOL §10, items 1–29 and 40.
 // ----------------------------------------------------------------------------------------
 
+/// A logger that formats every record, so the device's rate-limited warnings really format
+/// their arguments in the tests that provoke them.
+struct FormattingLogger;
+
+impl log::Log for FormattingLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        assert!(!record.args().to_string().is_empty());
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: FormattingLogger = FormattingLogger;
+
+fn log_everything() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&LOGGER).expect("the only logger");
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+}
+
 /// §10.1 "A zero-length descriptor in any balloon chain" — skip zero-length in-descriptors;
 /// a zero-length out-part is "no command".
 #[test]
@@ -673,6 +699,7 @@ fn edge_01_zero_length_descriptor() {
 /// element (state unchanged, no hint from it) and still returns it.
 #[test]
 fn edge_02_short_command() {
+    log_everything();
     let mut vm = Vm::ready();
     let id = vm.begin_round();
     write_u32(&vm.mem, SCRATCH, CMD_STOP);
@@ -836,6 +863,7 @@ fn edge_06_command_and_hints_in_one_chain() {
 /// no partial hints from it.
 #[test]
 fn edge_07_writable_before_readable() {
+    log_everything();
     let mut vm = Vm::ready();
     vm.begin_round();
 
@@ -862,6 +890,7 @@ fn edge_07_writable_before_readable() {
 /// virtio-queue validation; nothing from a bad chain is applied, every element comes back.
 #[test]
 fn edge_08_malformed_chains() {
+    log_everything();
     let mut vm = Vm::ready();
     let id = vm.begin_round();
     let size = vm.ring.size;
@@ -953,6 +982,7 @@ fn edge_08_malformed_chains() {
 /// longer than the Queue Size).
 #[test]
 fn edge_08_indirect_chain_longer_than_queue_is_capped() {
+    log_everything();
     let mut vm = Vm::ready();
     vm.begin_round();
     let size = u64::from(vm.ring.size);
@@ -2058,6 +2088,7 @@ fn fence_survives_avail_index_wrap() {
 /// return, apply nothing, and serve the queue again once the driver repairs its index.
 #[test]
 fn edge_08_available_index_far_ahead_does_not_hang() {
+    log_everything();
     let mut vm = Vm::ready();
     let id = vm.begin_round();
     vm.post_hint(page(0), PAGE);

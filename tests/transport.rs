@@ -5,7 +5,7 @@
 //! drive it: raw register accesses, rings laid out in guest memory, queue and interrupt
 //! eventfds, an `EventManager` on the test thread and the precopy notifier chain.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
 use event_manager::{EventManager, SubscriberOps};
 use virtio_balloon::migration::{MigrationState, PrecopyEvent, PrecopyNotifierChain};
@@ -348,6 +348,32 @@ const STOPPED: MigrationState = MigrationState {
 // ---------------------------------------------------------------------------------------
 // Register reads
 // ---------------------------------------------------------------------------------------
+
+/// A logger that formats every record, so the device's rate-limited warnings really format
+/// their arguments in the tests that provoke them.
+struct FormattingLogger;
+
+impl log::Log for FormattingLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        assert!(!record.args().to_string().is_empty());
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: FormattingLogger = FormattingLogger;
+
+fn log_everything() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&LOGGER).expect("the only logger");
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+}
 
 #[test]
 fn identity_registers() {
@@ -1158,6 +1184,7 @@ fn queue_that_is_not_ready_does_not_block_activation() {
 
 #[test]
 fn wrong_width_register_accesses_are_ignored() {
+    log_everything();
     let mut r = rig(BalloonConfig::default());
     for width in [1usize, 2, 3, 8] {
         let mut b = vec![0x5au8; width];
@@ -1193,6 +1220,7 @@ fn wrong_width_register_accesses_are_ignored() {
 
 #[test]
 fn unknown_offsets_read_zero_and_ignore_writes() {
+    log_everything();
     let mut r = rig(BalloonConfig::default());
     // Write-only registers and holes read as 0.
     for off in [
@@ -1277,6 +1305,7 @@ fn sweep(t: &mut Mmio, pattern: u8, check_reads: bool) {
 
 #[test]
 fn access_sweep_on_a_fresh_device_never_panics() {
+    log_everything();
     let mut r = rig(all_features());
     for pattern in [0x00, 0xff, 0xa5, 0x01] {
         sweep(&mut r.t, pattern, true);
@@ -1299,6 +1328,7 @@ fn access_sweep_on_a_fresh_device_never_panics() {
 
 #[test]
 fn access_sweep_on_an_active_device_never_panics() {
+    log_everything();
     let mut r = rig(all_features());
     let acked = r.ack;
     let mut ring = Ring::for_queue(0, 16);
@@ -1342,6 +1372,7 @@ fn access_sweep_on_an_active_device_never_panics() {
 
 #[test]
 fn queue_notify_signals_that_queue_eventfd() {
+    log_everything();
     let mut r = rig(all_features());
     let n = r.t.device().num_queues();
     assert_eq!(n, 5);
@@ -2131,6 +2162,7 @@ fn pause_stops_processing_until_resume() {
 
 #[test]
 fn malformed_chains_are_returned_and_do_not_stall_the_queues() {
+    log_everything();
     let mut r = rig(BalloonConfig::default());
     let mut inflate = Ring::for_queue(0, 16);
     let mut stats = Ring::for_queue(2, 16);
@@ -2358,4 +2390,106 @@ fn event_idx_feature_is_offered_and_accepted() {
     assert_eq!(ring.used_elem(&r.mem, 0), (u32::from(head), 0));
     // used_event is 0: the first used buffer crosses it and interrupts.
     assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), ISR_USED);
+}
+
+#[test]
+fn errors_and_debug_output_name_what_went_wrong() {
+    let new = |cfg: BalloonConfig| Balloon::new(cfg, memory(), Arc::new(RecordingSink::default()));
+    let small = new(cfg_with(|c| c.free_page_queue_size = 1)).unwrap_err();
+    assert!(small.to_string().contains("too small"), "{small}");
+    assert!(std::error::Error::source(&small).is_none());
+    let zero = new(cfg_with(|c| c.chains_per_wakeup = 0)).unwrap_err();
+    assert!(zero.to_string().contains("chains_per_wakeup"), "{zero}");
+    let bad = new(cfg_with(|c| c.queue_size = 3)).unwrap_err();
+    assert!(bad.to_string().contains("power of two"), "{bad}");
+    let io = BalloonError::EventFd(std::io::Error::from_raw_os_error(24));
+    assert!(io.to_string().contains("eventfd"), "{io}");
+    assert!(std::error::Error::source(&io).is_some());
+
+    let balloon = new(all_features()).unwrap();
+    let hints = balloon.hint_control();
+    let debug = format!("{balloon:?} {hints:?}");
+    assert!(
+        debug.contains("Balloon") && debug.contains("HintControl"),
+        "{debug}"
+    );
+    assert!(debug.contains("Stop"), "the status shows: {debug}");
+    use virtio_balloon::migration::PrecopyNotifier;
+    assert!(hints.name().contains("hint"));
+    let transport = MmioTransport::new(balloon);
+    assert!(format!("{transport:?}").contains("MmioTransport"));
+    assert_eq!(transport.into_inner().device_type(), 5);
+}
+
+#[test]
+fn activate_checks_the_driver_and_runs_once() {
+    use virtio_balloon::transport::ActivateError;
+    let mut balloon = Balloon::new(
+        BalloonConfig::default(),
+        memory(),
+        Arc::new(RecordingSink::default()),
+    )
+    .unwrap();
+    // A transport that skipped feature negotiation: no VERSION_1.
+    assert!(matches!(
+        balloon.activate(),
+        Err(ActivateError::LegacyDriver)
+    ));
+    assert!(!balloon.is_activated());
+    balloon.set_driver_features(1, 1); // VERSION_1 is bit 32
+    balloon.activate().unwrap();
+    assert!(balloon.is_activated());
+    assert!(matches!(
+        balloon.activate(),
+        Err(ActivateError::AlreadyActive)
+    ));
+    assert!(
+        balloon.queue_mut(0).is_none(),
+        "no queue changes once active"
+    );
+    balloon.reset();
+    assert!(!balloon.is_activated());
+    assert!(balloon.queue_mut(0).is_some());
+}
+
+#[test]
+fn stray_and_failing_event_sources_are_dropped() {
+    use event_manager::{EventSet, Events};
+    use vmm_sys_util::eventfd::EventFd;
+    log_everything();
+    let r = rig(all_features());
+    let shared = Arc::new(Mutex::new(r.t));
+    let mut em: Loop = EventManager::new().unwrap();
+    let id = em.add_subscriber(shared.clone());
+
+    // An event whose data names no queue: read nothing, change nothing.
+    let stray = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    stray.write(1).unwrap();
+    em.event_ops(id)
+        .unwrap()
+        .add(Events::with_data(&stray, 99, EventSet::IN))
+        .unwrap();
+    assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+    assert_eq!(
+        stray.read().unwrap(),
+        1,
+        "the device did not consume a stray fd"
+    );
+
+    // A source that hangs up (a pipe whose writer is gone) under a queue's data is removed,
+    // so it cannot spin the loop.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(writer);
+    let hung = std::os::fd::AsRawFd::as_raw_fd(&reader);
+    em.event_ops(id)
+        .unwrap()
+        .add(Events::with_data_raw(hung, 0, EventSet::IN))
+        .unwrap();
+    assert!(em.run_with_timeout(0).unwrap() >= 1);
+    assert_eq!(
+        em.run_with_timeout(0).unwrap(),
+        0,
+        "the hung-up fd was unregistered"
+    );
+    drop(reader);
 }

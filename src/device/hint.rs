@@ -160,18 +160,6 @@ pub(crate) struct HintCore {
     metrics: HintMetrics,
 }
 
-impl fmt::Debug for HintCore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HintCore")
-            .field("state", &self.state)
-            .field("cmd_id", &self.cmd_id)
-            .field("fence", &self.fence)
-            .field("completed", &self.completed)
-            .field("metrics", &self.metrics)
-            .finish_non_exhaustive()
-    }
-}
-
 impl HintCore {
     fn config_value(&self) -> u32 {
         match self.state {
@@ -460,10 +448,8 @@ impl HintShared {
 
     /// Handles up to `budget` elements of the free page queue (the event loop's entry point).
     pub(crate) fn process(&self, budget: usize) {
+        // The caller (`Balloon::process_queue`) does not call this while paused.
         let mut g = self.lock();
-        if self.paused.load(Ordering::Acquire) {
-            return;
-        }
         let before = (g.core.state, g.core.completed);
         let HintInner { core, queue } = &mut *g;
         if let Some(q) = queue.as_mut() {
