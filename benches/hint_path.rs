@@ -43,13 +43,14 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use virtio_balloon::migration::MigrationBitmap;
-use virtio_balloon::spec::{features, mmio, status};
-use virtio_balloon::transport::{MmioTransport, VirtioDevice};
+use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintState, QueueRole};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+#[path = "../tests/common/bring_up.rs"]
+mod bring_up;
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 type Device = Balloon<Arc<Mem>>;
 
@@ -111,10 +112,6 @@ fn used_idx(mem: &Mem, used: u64) -> u16 {
     u16::from_le(mem.load(GuestAddress(used + 2), Ordering::Acquire).unwrap())
 }
 
-fn reg_write(t: &mut MmioTransport<Device>, offset: u64, value: u32) {
-    t.write(offset, &value.to_le_bytes());
-}
-
 /// 4 GiB of guest memory with the descriptor table written: `0..BATCH` are device-writable
 /// 4 MiB blocks, `START_DESC` is the readable 4-byte command buffer.
 fn guest_memory() -> Arc<Mem> {
@@ -152,42 +149,10 @@ impl HintDevice {
         let balloon = Balloon::new(cfg, mem.clone(), sink).unwrap();
         let queue = balloon.queue_layout().index(QueueRole::FreePage).unwrap();
         let mut t = MmioTransport::new(balloon);
-        let ack = u32::from(status::ACKNOWLEDGE);
-        let driver = ack | u32::from(status::DRIVER);
-        let features_ok = driver | u32::from(status::FEATURES_OK);
-        reg_write(&mut t, mmio::REG_STATUS, ack);
-        reg_write(&mut t, mmio::REG_STATUS, driver);
-        reg_write(&mut t, mmio::REG_DRIVER_FEATURES_SEL, 0);
-        reg_write(
+        bring_up::bring_up_hinting(
             &mut t,
-            mmio::REG_DRIVER_FEATURES,
-            1 << features::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+            &[(queue, QUEUE_SIZE, [DESC_TABLE, DEVICE_AVAIL, DEVICE_USED])],
         );
-        reg_write(&mut t, mmio::REG_DRIVER_FEATURES_SEL, 1);
-        reg_write(
-            &mut t,
-            mmio::REG_DRIVER_FEATURES,
-            1 << (features::VIRTIO_F_VERSION_1 - 32),
-        );
-        reg_write(&mut t, mmio::REG_STATUS, features_ok);
-        assert_eq!(u32::from(t.status()), features_ok, "FEATURES_OK refused");
-        reg_write(&mut t, mmio::REG_QUEUE_SEL, queue as u32);
-        reg_write(&mut t, mmio::REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
-        for (low, addr) in [
-            (mmio::REG_QUEUE_DESC_LOW, DESC_TABLE),
-            (mmio::REG_QUEUE_DRIVER_LOW, DEVICE_AVAIL),
-            (mmio::REG_QUEUE_DEVICE_LOW, DEVICE_USED),
-        ] {
-            reg_write(&mut t, low, addr as u32);
-            reg_write(&mut t, low + 4, (addr >> 32) as u32);
-        }
-        reg_write(&mut t, mmio::REG_QUEUE_READY, 1);
-        reg_write(
-            &mut t,
-            mmio::REG_STATUS,
-            features_ok | u32::from(status::DRIVER_OK),
-        );
-        assert!(t.device().is_activated(), "DRIVER_OK refused");
 
         let mut dev = HintDevice {
             transport: t,

@@ -20,8 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_balloon::migration::MigrationBitmap;
-use virtio_balloon::spec::{features, mmio, status};
-use virtio_balloon::transport::{MmioTransport, VirtioDevice};
+use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintControl, HintMetrics, HintState, QueueRole};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -136,6 +135,8 @@ static LOGGER: CountingLogger = CountingLogger {
 // ---------------------------------------------------------------------------------------
 // Guest memory, the driver's side of the free page queue, and the device.
 
+#[path = "common/bring_up.rs"]
+mod bring_up;
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 type Device = Balloon<Arc<Mem>>;
 
@@ -281,10 +282,6 @@ struct Setup {
     control: HintControl,
 }
 
-fn reg_write(t: &mut MmioTransport<Device>, offset: u64, value: u32) {
-    t.write(offset, &value.to_le_bytes());
-}
-
 impl Setup {
     /// A device in START, driven there through its registers and a start buffer.
     fn new() -> Self {
@@ -307,42 +304,7 @@ impl Setup {
         let queue = balloon.queue_layout().index(QueueRole::FreePage).unwrap();
         let control = balloon.hint_control();
         let mut t = MmioTransport::new(balloon);
-        let ack = u32::from(status::ACKNOWLEDGE);
-        let driver = ack | u32::from(status::DRIVER);
-        let features_ok = driver | u32::from(status::FEATURES_OK);
-        reg_write(&mut t, mmio::REG_STATUS, ack);
-        reg_write(&mut t, mmio::REG_STATUS, driver);
-        reg_write(&mut t, mmio::REG_DRIVER_FEATURES_SEL, 0);
-        reg_write(
-            &mut t,
-            mmio::REG_DRIVER_FEATURES,
-            1 << features::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-        );
-        reg_write(&mut t, mmio::REG_DRIVER_FEATURES_SEL, 1);
-        reg_write(
-            &mut t,
-            mmio::REG_DRIVER_FEATURES,
-            1 << (features::VIRTIO_F_VERSION_1 - 32),
-        );
-        reg_write(&mut t, mmio::REG_STATUS, features_ok);
-        assert_eq!(u32::from(t.status()), features_ok, "FEATURES_OK refused");
-        reg_write(&mut t, mmio::REG_QUEUE_SEL, queue as u32);
-        reg_write(&mut t, mmio::REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
-        for (low, addr) in [
-            (mmio::REG_QUEUE_DESC_LOW, DESC_TABLE),
-            (mmio::REG_QUEUE_DRIVER_LOW, AVAIL),
-            (mmio::REG_QUEUE_DEVICE_LOW, USED),
-        ] {
-            reg_write(&mut t, low, addr as u32);
-            reg_write(&mut t, low + 4, (addr >> 32) as u32);
-        }
-        reg_write(&mut t, mmio::REG_QUEUE_READY, 1);
-        reg_write(
-            &mut t,
-            mmio::REG_STATUS,
-            features_ok | u32::from(status::DRIVER_OK),
-        );
-        assert!(t.device().is_activated(), "DRIVER_OK refused");
+        bring_up::bring_up_hinting(&mut t, &[(queue, QUEUE_SIZE, [DESC_TABLE, AVAIL, USED])]);
 
         // An indirect table one descriptor longer than the queue: 4 KiB hints, chained.
         for i in 0..=QUEUE_SIZE {

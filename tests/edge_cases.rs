@@ -634,31 +634,9 @@ impl Vm {
 // PROTOCOL §10, items 1–29 and 40.
 // ----------------------------------------------------------------------------------------
 
-/// A logger that formats every record, so the device's rate-limited warnings really format
-/// their arguments in the tests that provoke them.
-struct FormattingLogger;
-
-impl log::Log for FormattingLogger {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record) {
-        assert!(!record.args().to_string().is_empty());
-    }
-
-    fn flush(&self) {}
-}
-
-static LOGGER: FormattingLogger = FormattingLogger;
-
-fn log_everything() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        log::set_logger(&LOGGER).expect("the only logger");
-        log::set_max_level(log::LevelFilter::Trace);
-    });
-}
+#[path = "common/log.rs"]
+mod log_all;
+use log_all::log_everything;
 
 /// §10.1 "A zero-length descriptor in any balloon chain" — skip zero-length in-descriptors;
 /// a zero-length out-part is "no command".

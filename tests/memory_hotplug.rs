@@ -8,43 +8,19 @@
 use std::sync::Arc;
 
 use virtio_balloon::sink::RecordingSink;
-use virtio_balloon::spec::{features as f, mmio, status};
 use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintState, QueueRole};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
+#[path = "common/bring_up.rs"]
+mod bring_up;
 type Mem = GuestMemoryMmap;
 type Atomic = GuestMemoryAtomic<Mem>;
 
 const RING_SIZE: u16 = 16;
 const WRITE: u16 = 2;
-
-fn wr(t: &mut MmioTransport<Balloon<Atomic>>, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-/// Adds `bits` to the status register, as a driver does.
-fn add_status(t: &mut MmioTransport<Balloon<Atomic>>, bits: u8) {
-    let now = t.status();
-    wr(t, mmio::REG_STATUS, u32::from(now | bits));
-}
-
-/// Programs queue `index` at the mock ring's addresses.
-fn program(t: &mut MmioTransport<Balloon<Atomic>>, index: u32, q: &MockSplitQueue<'_, Mem>) {
-    wr(t, mmio::REG_QUEUE_SEL, index);
-    wr(t, mmio::REG_QUEUE_NUM, u32::from(RING_SIZE));
-    for (low, addr) in [
-        (mmio::REG_QUEUE_DESC_LOW, q.desc_table_addr()),
-        (mmio::REG_QUEUE_DRIVER_LOW, q.avail_addr()),
-        (mmio::REG_QUEUE_DEVICE_LOW, q.used_addr()),
-    ] {
-        wr(t, low, addr.0 as u32);
-        wr(t, low + 4, (addr.0 >> 32) as u32);
-    }
-    wr(t, mmio::REG_QUEUE_READY, 1);
-}
 
 #[test]
 fn queues_survive_guest_memory_losing_their_rings() {
@@ -61,25 +37,17 @@ fn queues_survive_guest_memory_losing_their_rings() {
     let fpq = balloon.queue_layout().index(QueueRole::FreePage).unwrap();
     let mut t = MmioTransport::new(balloon);
 
-    for s in [status::ACKNOWLEDGE, status::DRIVER] {
-        add_status(&mut t, s);
-    }
-    let acked = f::bit(f::VIRTIO_F_VERSION_1) | f::bit(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
-    for page in 0..2u32 {
-        wr(&mut t, mmio::REG_DRIVER_FEATURES_SEL, page);
-        wr(
-            &mut t,
-            mmio::REG_DRIVER_FEATURES,
-            (acked >> (32 * page)) as u32,
-        );
-    }
-    add_status(&mut t, status::FEATURES_OK);
     let inflate_q = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), RING_SIZE);
     let fp_q = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), RING_SIZE);
-    program(&mut t, inflate as u32, &inflate_q);
-    program(&mut t, fpq as u32, &fp_q);
-    add_status(&mut t, status::DRIVER_OK);
-    assert_eq!(t.status() & status::DRIVER_OK, status::DRIVER_OK);
+    let rings =
+        |q: &MockSplitQueue<'_, Mem>| [q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0];
+    bring_up::bring_up_hinting(
+        &mut t,
+        &[
+            (inflate, RING_SIZE, rings(&inflate_q)),
+            (fpq, RING_SIZE, rings(&fp_q)),
+        ],
+    );
 
     // A queue the driver did not set up, and one that does not exist, are no work.
     let deflate = t.device().queue_layout().index(QueueRole::Deflate).unwrap();

@@ -5,7 +5,7 @@
 //! drive it: raw register accesses, rings laid out in guest memory, queue and interrupt
 //! eventfds, an `EventManager` on the test thread and the precopy notifier chain.
 
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use virtio_balloon::migration::{MigrationState, PrecopyEvent, PrecopyNotifierChain};
@@ -349,31 +349,9 @@ const STOPPED: MigrationState = MigrationState {
 // Register reads
 // ---------------------------------------------------------------------------------------
 
-/// A logger that formats every record, so the device's rate-limited warnings really format
-/// their arguments in the tests that provoke them.
-struct FormattingLogger;
-
-impl log::Log for FormattingLogger {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record) {
-        assert!(!record.args().to_string().is_empty());
-    }
-
-    fn flush(&self) {}
-}
-
-static LOGGER: FormattingLogger = FormattingLogger;
-
-fn log_everything() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        log::set_logger(&LOGGER).expect("the only logger");
-        log::set_max_level(log::LevelFilter::Trace);
-    });
-}
+#[path = "common/log.rs"]
+mod log_all;
+use log_all::log_everything;
 
 #[test]
 fn identity_registers() {
