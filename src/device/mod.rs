@@ -504,21 +504,19 @@ where
         let mut free_page_queue = None;
         if let Some(idx) = self.layout.index(QueueRole::FreePage) {
             if fph && self.queues[idx].ready() {
-                let evt = self.queue_evts[idx]
-                    .try_clone()
+                let invalid = |_| ActivateError::InvalidQueue { index: idx };
+                let evt = self.queue_evts[idx].try_clone().map_err(invalid)?;
+                // The event loop owns the real queue from now on; the transport keeps a copy
+                // for its read-only registers.
+                let copy = Queue::try_from(self.queues[idx].state())
                     .map_err(|_| ActivateError::InvalidQueue { index: idx })?;
-                free_page_queue = Some((idx, evt));
+                free_page_queue = Some((idx, evt, copy));
             }
         }
         self.hint.set_negotiated(fph);
         self.irq.set_driver_ok(true);
         self.activated = true;
-        if let Some((idx, evt)) = free_page_queue {
-            // The event loop owns the real queue from now on; the transport keeps a copy for
-            // its read-only registers.
-            let copy = Queue::try_from(self.queues[idx].state()).unwrap_or_else(|_| {
-                Queue::new(self.cfg.free_page_queue_size).expect("size checked in new")
-            });
+        if let Some((idx, evt, copy)) = free_page_queue {
             let queue = std::mem::replace(&mut self.queues[idx], copy);
             self.hint.activate(Box::new(FreePageQueue {
                 queue,
