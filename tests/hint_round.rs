@@ -563,9 +563,13 @@ fn stop_round_race(cfg: HarnessConfig, seed: u64) {
     };
 
     let mut ids = Vec::with_capacity(ITERATIONS);
+    // How many blocks the guest had posted when each round was published: the round's sync
+    // point, after the previous stop_round returned.
+    let mut posted_before = Vec::with_capacity(ITERATIONS + 1);
     for i in 0..ITERATIONS {
         sink.epoch.store(i, Ordering::SeqCst);
         sink.open.store(true, Ordering::SeqCst);
+        posted_before.push(h.driver.posted_count());
         ids.push(h.hints.start_round());
         std::thread::sleep(Duration::from_micros(rng.below(3000)));
         h.hints.stop_round();
@@ -616,27 +620,41 @@ fn stop_round_race(cfg: HarnessConfig, seed: u64) {
         wrong.len(),
         &wrong[..wrong.len().min(5)]
     );
-    // Every hint under id N matches a block the guest posted while its active id was N
-    // (counted with multiplicity: blocks come back through the shrinker and are reposted).
-    let mut posted: HashMap<(u32, u64), usize> = HashMap::new();
-    for p in h.driver.posted_hints() {
-        assert_eq!(p.len, BLOCK);
-        *posted.entry((p.active_id, p.gpa.0)).or_default() += 1;
-    }
-    let mut got: HashMap<(u32, u64), usize> = HashMap::new();
-    for (_, _, r) in &recs {
+    // The safety property: every hint applied in round i matches a block the guest posted
+    // after round i was published (after the previous stop_round, where a migration syncs)
+    // and before stop_round(i) returned; counted with multiplicity, since blocks come back
+    // through the shrinker and are posted again. A device that fell behind may apply such a
+    // block under the newer id while the guest still thinks of it as its older round (Linux
+    // reuses one start slot); the block was still free after the sync, so that is safe, and
+    // it is only reported.
+    let posted_hints = h.driver.posted_hints();
+    posted_before.push(posted_hints.len());
+    let mut got: HashMap<(usize, u64), usize> = HashMap::new();
+    for (epoch, _, r) in &recs {
         assert_eq!(r.len, BLOCK, "{r:?}");
-        *got.entry((r.cmd_id, r.gpa.0)).or_default() += 1;
+        *got.entry((*epoch, r.gpa.0)).or_default() += 1;
     }
-    for (key, n) in &got {
-        let p = posted.get(key).copied().unwrap_or(0);
+    let mut other_guest_round = 0;
+    for (&(epoch, gpa), &n) in &got {
+        let window = &posted_hints[posted_before[epoch]..posted_before[epoch + 1]];
+        let matching: Vec<_> = window.iter().filter(|p| p.gpa.0 == gpa).collect();
         assert!(
-            *n <= p,
-            "sink got block {:#x} {n} times under id {:#x}, guest posted it {p} times in that round",
-            key.1,
-            key.0
+            n <= matching.len(),
+            "sink got block {gpa:#x} {n} times in round {:#x}, the guest posted it {} times \
+             between that round's publication and its stop",
+            ids[epoch],
+            matching.len()
         );
+        other_guest_round += matching
+            .iter()
+            .filter(|p| p.active_id != ids[epoch])
+            .count()
+            .min(n);
     }
+    for p in &posted_hints {
+        assert_eq!(p.len, BLOCK);
+    }
+    println!("{other_guest_round} hints applied under a newer id than the guest's round");
     h.assert_clean();
 }
 

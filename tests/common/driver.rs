@@ -1259,6 +1259,11 @@ impl Driver {
         self.return_free_pages_to_mm(n)
     }
 
+    /// How many hint blocks the guest has posted so far.
+    pub fn posted_count(&self) -> usize {
+        lock(&self.inner.posted).len()
+    }
+
     /// Every hint block posted so far, in posting order.
     pub fn posted_hints(&self) -> Vec<PostedHint> {
         lock(&self.inner.posted).clone()
