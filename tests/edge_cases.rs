@@ -77,28 +77,17 @@ const F_VERSION_1: u64 = 1 << 32;
 const LINUX_FEATURES: u64 =
     F_VERSION_1 | F_STATS_VQ | F_FREE_PAGE_HINT | F_INDIRECT_DESC | F_EVENT_IDX;
 
+/// The guest model's virtio-mmio definitions, written independently of the crate's constants.
+#[path = "common/mmio.rs"]
+#[allow(dead_code)]
+mod guest_mmio;
+
 /// virtio-mmio registers (virtio 1.x, 4.2.2).
 mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
-    pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
-    pub const QUEUE_USED_LOW: u64 = 0x0a0;
-    pub const QUEUE_USED_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub use super::guest_mmio::reg::*;
+
     /// `free_page_hint_cmd_id` in the configuration space.
-    pub const CMD_ID: u64 = 0x100 + 0x08;
+    pub const CMD_ID: u64 = CONFIG + super::guest_mmio::config::FREE_PAGE_HINT_CMD_ID;
 }
 
 /// Device status bits.
