@@ -20,13 +20,12 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
 use crate::device::descriptor::check_chain;
-use crate::device::hint::pop_checked;
+use crate::device::queue::serve;
 use crate::device::{Balloon, QueueRole};
 use crate::ratelimit::{warn_limited, RateLimit};
 
 static BAD_EVENT: RateLimit = RateLimit::new();
 static BAD_CHAIN: RateLimit = RateLimit::new();
-static RING_ERROR: RateLimit = RateLimit::new();
 static REGISTER_FAILED: RateLimit = RateLimit::new();
 
 impl<M> MutEventSubscriber for Balloon<M>
@@ -104,60 +103,27 @@ where
         if !queue.ready() {
             return;
         }
-        let mut handled = 0usize;
-        let mut used = false;
-        let mut more = false;
-        'drain: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                warn_limited!(RING_ERROR, "balloon: queue {}: {}", index, e);
-                break;
-            }
-            loop {
-                if handled >= budget {
-                    more = true;
-                    break 'drain;
-                }
-                let chain = match pop_checked(queue, mem) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        warn_limited!(RING_ERROR, "balloon: queue {}: {}", index, e);
-                        let _ = queue.enable_notification(mem);
-                        break 'drain;
-                    }
-                };
-                handled += 1;
-                let head = chain.head_index();
-                let shape = check_chain(&chain, queue.size());
+        let stats_held = &mut self.stats_held;
+        let size = queue.size();
+        serve(
+            queue,
+            mem,
+            index,
+            budget,
+            &self.irq,
+            &self.queue_evts[index],
+            |chain, _| {
+                let shape = check_chain(chain, size);
                 if let Err(e) = shape {
                     warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
                 }
-                let give_back = if role == QueueRole::Stats && shape.is_ok() {
-                    self.stats_held.replace(head)
+                let head = chain.head_index();
+                if role == QueueRole::Stats && shape.is_ok() {
+                    stats_held.replace(head)
                 } else {
                     Some(head)
-                };
-                if let Some(h) = give_back {
-                    match queue.add_used(mem, h, 0) {
-                        Ok(()) => used = true,
-                        Err(e) => warn_limited!(RING_ERROR, "balloon: queue {}: {}", index, e),
-                    }
                 }
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn_limited!(RING_ERROR, "balloon: queue {}: {}", index, e);
-                    break;
-                }
-            }
-        }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt_handle().signal_used_queue();
-        }
-        if more {
-            let _ = self.queue_evts[index].write(1);
-        }
+            },
+        );
     }
 }

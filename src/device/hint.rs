@@ -39,11 +39,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::descriptor::{for_each_hint, inspect, ChainError, HintOutcome};
+use super::descriptor::{for_each_hint, inspect, HintOutcome};
+use super::queue::serve;
 use crate::migration::{NotifierError, PrecopyContext, PrecopyEvent, PrecopyNotifier};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;
@@ -51,7 +52,6 @@ use crate::spec::cmd_id;
 use crate::transport::Interrupt;
 
 static BAD_ELEMENT: RateLimit = RateLimit::new();
-static RING_ERROR: RateLimit = RateLimit::new();
 
 /// The state of free page hinting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -182,9 +182,6 @@ impl HintCore {
             Err(e) => {
                 self.metrics.malformed_elements += 1;
                 warn_limited!(BAD_ELEMENT, "free page queue: element ignored: {:?}", e);
-                if e == ChainError::ShortCommand {
-                    log::debug!("free page queue: a command shorter than 4 bytes");
-                }
                 return;
             }
         };
@@ -244,25 +241,12 @@ pub(crate) trait ActiveQueue: Send {
     fn size(&self) -> u16;
 }
 
-/// Pops the next chain, telling an empty ring (`Ok(None)`) from an available index the
-/// driver set more than a queue ahead (`Err`), which `pop_descriptor_chain` reports as empty
-/// while `enable_notification` keeps saying there is more: a loop that trusted both would
-/// never end.
-pub(crate) fn pop_checked<M>(
-    queue: &mut Queue,
-    mem: M,
-) -> Result<Option<DescriptorChain<M>>, virtio_queue::Error>
-where
-    M: Clone + std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
-    Ok(queue.iter(mem)?.next())
-}
-
 /// The free page queue with the guest memory it lives in.
 pub(crate) struct FreePageQueue<M> {
     pub(crate) queue: Queue,
     pub(crate) mem: M,
+    /// The queue's index, for logs.
+    pub(crate) index: usize,
     /// A clone of the queue's eventfd, to re-arm the event loop after a partial batch.
     pub(crate) evt: EventFd,
 }
@@ -274,56 +258,19 @@ where
 {
     fn run(&mut self, core: &mut HintCore, budget: usize, irq: &Interrupt) -> bool {
         let guard = self.mem.memory();
-        let mem: &M::M = &guard;
-        let mut handled = 0usize;
-        let mut more = false;
-        'drain: loop {
-            if let Err(e) = self.queue.disable_notification(mem) {
-                warn_limited!(RING_ERROR, "free page queue: {}", e);
-                break;
-            }
-            loop {
-                if handled >= budget {
-                    more = true;
-                    break 'drain;
-                }
-                let pos = Wrapping(self.queue.next_avail());
-                let chain = match pop_checked(&mut self.queue, mem) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        // The driver's available index is more than a queue ahead: nothing
-                        // can be popped until it fixes it. Stop here; the next kick retries.
-                        warn_limited!(RING_ERROR, "free page queue: {}", e);
-                        let _ = self.queue.enable_notification(mem);
-                        break 'drain;
-                    }
-                };
-                let head = chain.head_index();
-                core.handle(&chain, pos, self.queue.size());
-                if let Err(e) = self.queue.add_used(mem, head, 0) {
-                    warn_limited!(RING_ERROR, "free page queue: add_used: {}", e);
-                }
-                handled += 1;
-            }
-            match self.queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn_limited!(RING_ERROR, "free page queue: {}", e);
-                    break;
-                }
-            }
-        }
-        if handled > 0 && self.queue.needs_notification(mem).unwrap_or(true) {
-            irq.signal_used_queue();
-        }
-        if more {
-            if let Err(e) = self.evt.write(1) {
-                warn_limited!(RING_ERROR, "free page queue: cannot re-arm: {}", e);
-            }
-        }
-        more
+        let size = self.queue.size();
+        serve(
+            &mut self.queue,
+            &*guard,
+            self.index,
+            budget,
+            irq,
+            &self.evt,
+            |chain, pos| {
+                core.handle(chain, pos, size);
+                Some(chain.head_index())
+            },
+        )
     }
 
     fn avail_idx(&self) -> Option<Wrapping<u16>> {

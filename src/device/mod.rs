@@ -12,6 +12,7 @@
 mod config;
 pub mod descriptor;
 pub mod hint;
+pub(crate) mod queue;
 
 use std::fmt;
 use std::io;
@@ -234,7 +235,7 @@ pub struct Balloon<M> {
     acked: u64,
     pub(crate) queues: Vec<Queue>,
     pub(crate) queue_evts: Vec<EventFd>,
-    irq: Arc<Interrupt>,
+    pub(crate) irq: Arc<Interrupt>,
     config: ConfigSpace,
     pub(crate) hint: Arc<HintShared>,
     pub(crate) mem: M,
@@ -521,6 +522,7 @@ where
             self.hint.activate(Box::new(FreePageQueue {
                 queue,
                 mem: self.mem.clone(),
+                index: idx,
                 evt,
             }));
         }
