@@ -66,7 +66,7 @@ where
         }
         // Clear the counter; an empty counter (a spurious wakeup) is fine.
         let _ = evt.read();
-        if !self.activated || self.paused {
+        if !self.activated || self.is_paused() {
             return;
         }
         self.process_queue(index);
@@ -80,7 +80,7 @@ where
 {
     /// Serves queue `index` once, as the event loop does after its eventfd fired.
     pub fn process_queue(&mut self, index: usize) {
-        if !self.activated || self.paused {
+        if !self.activated || self.is_paused() {
             return;
         }
         let budget = usize::from(self.cfg.chains_per_wakeup);

@@ -359,6 +359,10 @@ impl HintShared {
         self.negotiated.load(Ordering::Acquire)
     }
 
+    pub(crate) fn paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
     pub(crate) fn set_paused(&self, paused: bool) {
         // Taking the lock waits for the event loop to finish its batch.
         let _g = self.lock();

@@ -240,7 +240,6 @@ pub struct Balloon<M> {
     pub(crate) hint: Arc<HintShared>,
     pub(crate) mem: M,
     pub(crate) activated: bool,
-    pub(crate) paused: bool,
     /// The head of the statistics buffer the device holds, if any.
     pub(crate) stats_held: Option<u16>,
 }
@@ -253,7 +252,7 @@ impl<M> fmt::Debug for Balloon<M> {
             .field("acked", &format_args!("{:#x}", self.acked))
             .field("config", &self.config)
             .field("activated", &self.activated)
-            .field("paused", &self.paused)
+            .field("paused", &self.is_paused())
             .field("hint", &self.hint)
             .finish_non_exhaustive()
     }
@@ -315,7 +314,6 @@ where
             hint,
             mem,
             activated: false,
-            paused: false,
             stats_held: None,
         })
     }
@@ -366,13 +364,11 @@ impl<M> Balloon<M> {
     /// Stops queue processing while the VM is paused (no element moves on any ring until
     /// [`resume`](Self::resume)). Elements being handled finish first.
     pub fn pause(&mut self) {
-        self.paused = true;
         self.hint.set_paused(true);
     }
 
     /// Resumes queue processing and looks at every queue again.
     pub fn resume(&mut self) {
-        self.paused = false;
         self.hint.set_paused(false);
         for evt in &self.queue_evts {
             // A full eventfd counter still wakes the loop, so an error here loses nothing.
@@ -382,7 +378,7 @@ impl<M> Balloon<M> {
 
     /// Whether queue processing is paused.
     pub fn is_paused(&self) -> bool {
-        self.paused
+        self.hint.paused()
     }
 }
 
@@ -544,7 +540,6 @@ where
         self.config = ConfigSpace::new(self.cfg.config_len());
         self.config.num_pages = num_pages;
         self.activated = false;
-        self.paused = false;
         self.stats_held = None;
     }
 
