@@ -70,6 +70,7 @@
 #![deny(missing_debug_implementations)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod backend;
 pub mod bitmap;
 pub mod device;
 pub mod handler;
