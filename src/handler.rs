@@ -15,18 +15,27 @@
 //! Nothing runs before the driver sets DRIVER_OK or while the device is
 //! [paused](crate::Balloon::pause).
 
+use std::os::fd::AsRawFd;
+
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
 use crate::device::descriptor::check_chain;
+use crate::device::pages::{for_each_pfn_chunk, for_each_run, log_pfn_stop};
 use crate::device::queue::serve;
-use crate::device::{Balloon, QueueRole};
+use crate::device::stats::{self, StatsReport};
+use crate::device::{Balloon, BalloonEvents, QueueRole, DISCARD_FLUSH_DELAY};
 use crate::ratelimit::{warn_limited, RateLimit};
 
 static BAD_EVENT: RateLimit = RateLimit::new();
 static BAD_CHAIN: RateLimit = RateLimit::new();
 static REGISTER_FAILED: RateLimit = RateLimit::new();
+
+/// The event data of the statistics polling timer.
+pub const STATS_TIMER_EVENT: u32 = u32::MAX - 1;
+/// The event data of the discard flush timer.
+pub const FLUSH_TIMER_EVENT: u32 = u32::MAX - 2;
 
 impl<M> MutEventSubscriber for Balloon<M>
 where
@@ -34,12 +43,21 @@ where
     M::M: GuestMemoryBackend,
 {
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {
+        let fds = self
+            .queue_evts
+            .iter()
+            .enumerate()
+            .map(|(index, evt)| (evt.as_raw_fd(), index as u32))
+            .chain([
+                (self.stats.timer.as_raw_fd(), STATS_TIMER_EVENT),
+                (self.flush_timer.as_raw_fd(), FLUSH_TIMER_EVENT),
+            ]);
+        for (fd, data) in fds {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 warn_limited!(
                     REGISTER_FAILED,
-                    "balloon: cannot register queue {}: {:?}",
-                    index,
+                    "balloon: cannot register event {}: {:?}",
+                    data,
                     e
                 );
             }
@@ -47,29 +65,37 @@ where
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let index = events.data() as usize;
-        let Some(evt) = self.queue_evts.get(index) else {
-            warn_limited!(BAD_EVENT, "balloon: event for unknown queue {}", index);
-            return;
-        };
+        let data = events.data();
         if events
             .event_set()
             .intersects(EventSet::ERROR | EventSet::HANG_UP)
         {
-            warn_limited!(
-                BAD_EVENT,
-                "balloon: queue {} eventfd failed, unregistering",
-                index
-            );
+            warn_limited!(BAD_EVENT, "balloon: event {} failed, unregistering", data);
             let _ = ops.remove(events);
             return;
         }
-        // Clear the counter; an empty counter (a spurious wakeup) is fine.
-        let _ = evt.read();
-        if !self.activated || self.is_paused() {
-            return;
+        match data {
+            STATS_TIMER_EVENT => {
+                if self.stats.timer.consume(true) > 0 {
+                    self.request_stats();
+                }
+            }
+            FLUSH_TIMER_EVENT => {
+                if self.flush_timer.consume(false) > 0 {
+                    self.flush_discards();
+                }
+            }
+            _ => {
+                let index = data as usize;
+                let Some(evt) = self.queue_evts.get(index) else {
+                    warn_limited!(BAD_EVENT, "balloon: event for unknown queue {}", index);
+                    return;
+                };
+                // Clear the counter; an empty counter (a spurious wakeup) is fine.
+                let _ = evt.read();
+                self.process_queue(index);
+            }
         }
-        self.process_queue(index);
     }
 }
 
@@ -91,10 +117,15 @@ where
         }
     }
 
-    /// The queues whose full behaviour lives elsewhere: each element is checked and given
-    /// back with used length 0, except that the statistics buffer is held until the next one
-    /// arrives (the driver refills it only when the device returns it).
+    /// Inflate, deflate, statistics and reporting. Every element is given back with used
+    /// length 0, except the statistics buffer, which is held until the device wants fresh
+    /// numbers (or a second one arrives).
     fn process_plain_queue(&mut self, index: usize, role: QueueRole, budget: usize) {
+        // With PAGE_POISON the device must not change reported pages (a discard would make
+        // them read as zeros), and inhibited discards skip them too.
+        let skip_reports = self.poison_val() != 0 || self.pages.inhibited();
+        let must_tell_host =
+            self.has_feature(crate::spec::features::VIRTIO_BALLOON_F_MUST_TELL_HOST);
         let guard = self.mem.memory();
         let mem: &M::M = &guard;
         let Some(queue) = self.queues.get_mut(index) else {
@@ -103,8 +134,11 @@ where
         if !queue.ready() {
             return;
         }
-        let stats_held = &mut self.stats_held;
         let size = queue.size();
+        let pages = &mut self.pages;
+        let stats = &mut self.stats;
+        let metrics = &mut self.metrics;
+        let mut stats_arrived = false;
         serve(
             queue,
             mem,
@@ -113,17 +147,99 @@ where
             &self.irq,
             &self.queue_evts[index],
             |chain, _| {
-                let shape = check_chain(chain, size);
-                if let Err(e) = shape {
-                    warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
-                }
                 let head = chain.head_index();
-                if role == QueueRole::Stats && shape.is_ok() {
-                    stats_held.replace(head)
-                } else {
-                    Some(head)
+                if let Err(e) = check_chain(chain, size) {
+                    warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
+                    if role == QueueRole::Stats {
+                        metrics.stats_malformed += 1;
+                    } else {
+                        pages.metrics.malformed_elements += 1;
+                    }
+                    return Some(head);
+                }
+                match role {
+                    QueueRole::Inflate | QueueRole::Deflate => {
+                        let inflate = role == QueueRole::Inflate;
+                        if inflate {
+                            pages.metrics.inflate_elements += 1;
+                        } else {
+                            pages.metrics.deflate_elements += 1;
+                            // Nothing inflated earlier may be discarded after the driver
+                            // took a page back.
+                            pages.flush(mem);
+                        }
+                        let mut outside = 0u64;
+                        let (_, stop) = for_each_pfn_chunk(chain, |chunk| {
+                            for_each_run(chunk, |pfn, n| {
+                                outside += if inflate {
+                                    pages.inflate(mem, pfn, n)
+                                } else {
+                                    pages.deflate(mem, pfn, n)
+                                };
+                            })
+                        });
+                        pages.metrics.pfns_outside_ram += outside;
+                        if inflate {
+                            pages.end_inflate_element(mem, must_tell_host);
+                        }
+                        if let Some(stop) = stop {
+                            if stop == crate::device::pages::PfnStop::OverLimit {
+                                pages.metrics.pfns_over_limit += 1;
+                            } else {
+                                pages.metrics.malformed_elements += 1;
+                            }
+                            log_pfn_stop(if inflate { "inflate" } else { "deflate" }, stop);
+                        }
+                        Some(head)
+                    }
+                    QueueRole::Reporting => {
+                        pages.metrics.reporting_elements += 1;
+                        if skip_reports {
+                            pages.metrics.reporting_elements_skipped += 1;
+                        } else {
+                            for desc in chain.clone().filter(|d| d.is_write_only()) {
+                                pages.report(mem, desc.addr().0, u64::from(desc.len()));
+                            }
+                        }
+                        Some(head)
+                    }
+                    QueueRole::Stats => {
+                        match stats::parse(chain) {
+                            Some((values, entries, unknown_tags)) => {
+                                metrics.stats_updates += 1;
+                                stats.last = Some(StatsReport {
+                                    stats: values,
+                                    received: std::time::Instant::now(),
+                                    received_at: std::time::SystemTime::now(),
+                                    entries,
+                                    unknown_tags,
+                                });
+                                stats_arrived = true;
+                            }
+                            None => metrics.stats_malformed += 1,
+                        }
+                        // Keep the new buffer; a second one while one is held (the driver
+                        // must not send it) gives the older one back.
+                        stats.held.replace(head)
+                    }
+                    QueueRole::FreePage => Some(head),
                 }
             },
         );
+        drop(guard);
+        if stats_arrived {
+            self.add_event(BalloonEvents::STATS_UPDATED);
+        }
+        if role == QueueRole::Inflate && self.pages.has_pending() && !self.flush_timer.armed() {
+            if let Err(e) = self.flush_timer.arm(DISCARD_FLUSH_DELAY, None) {
+                // Without the timer, discard now rather than never.
+                warn_limited!(
+                    REGISTER_FAILED,
+                    "balloon: cannot arm the flush timer: {}",
+                    e
+                );
+                self.flush_discards();
+            }
+        }
     }
 }

@@ -81,8 +81,9 @@ pub mod spec;
 pub mod transport;
 
 pub use device::{
-    Balloon, BalloonConfig, BalloonError, HintControl, HintMetrics, HintState, HintStatus,
-    QueueLayout, QueueRole,
+    Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonState,
+    BalloonStats, HintControl, HintMetrics, HintState, HintStatus, QueueLayout, QueueRole,
+    RestoreError, StatsReport,
 };
 
 /// The README's code blocks, compiled and run as doc tests so they stay true.

@@ -725,8 +725,8 @@ fn driver_features_ignored_after_features_ok() {
 
 #[test]
 fn features_ok_refused_for_unoffered_bits() {
-    // Default: REPORTING (5), MUST_TELL_HOST (0) and ACCESS_PLATFORM (33) are not offered.
-    for extra in [bit(5), bit(0), bit(33), bit(63), bit(24)] {
+    // Default: REPORTING (5), DEFLATE_ON_OOM (2) and ACCESS_PLATFORM (33) are not offered.
+    for extra in [bit(5), bit(2), bit(33), bit(63), bit(24)] {
         let mut r = rig(BalloonConfig::default());
         let acked = r.ack | extra;
         assert!(!negotiate(&mut r.t, acked), "extra {extra:#x} accepted");
@@ -1526,7 +1526,8 @@ fn config_writes_to_num_pages_and_cmd_id_are_ignored() {
     assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
     assert_eq!(r.hints.status().state, HintState::Requested);
     assert_eq!(r.hints.status().cmd_id, id);
-    // A 16-byte write over everything takes actual and poison only.
+    // A 16-byte write over everything takes actual only: after DRIVER_OK, poison_val is
+    // latched (and counted as a late write).
     let mut all = [0u8; 16];
     for (i, b) in all.iter_mut().enumerate() {
         *b = 0x10 + i as u8;
@@ -1535,7 +1536,8 @@ fn config_writes_to_num_pages_and_cmd_id_are_ignored() {
     assert_eq!(r.t.device().num_pages(), 0);
     assert_eq!(r.t.device().actual(), 0x1716_1514);
     assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
-    assert_eq!(r.t.device().poison_val(), 0x1f1e_1d1c);
+    assert_eq!(r.t.device().poison_val(), 0);
+    assert_eq!(r.t.device().metrics().late_poison_writes, 1);
 }
 
 #[test]

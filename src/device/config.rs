@@ -32,6 +32,8 @@ pub(crate) struct ConfigSpace {
 pub(crate) struct ConfigWrite {
     pub(crate) actual_changed: bool,
     pub(crate) poison_changed: bool,
+    /// The write covered a byte of `poison_val` (taken or not).
+    pub(crate) poison_touched: bool,
 }
 
 impl ConfigSpace {
@@ -76,6 +78,7 @@ impl ConfigSpace {
     ) -> ConfigWrite {
         let mut img = self.image(cmd_id);
         let mut dropped = false;
+        let mut poison_touched = false;
         for (i, &b) in data.iter().enumerate() {
             let Some(o) = offset
                 .checked_add(i as u64)
@@ -86,6 +89,7 @@ impl ConfigSpace {
                 continue;
             };
             let field = (o / 4 * 4) as u64;
+            poison_touched |= field == POISON_VAL;
             if field == ACTUAL || (field == POISON_VAL && poison_ok) {
                 img[o] = b;
             } else {
@@ -105,10 +109,15 @@ impl ConfigSpace {
             u32::from_le_bytes([img[o], img[o + 1], img[o + 2], img[o + 3]])
         };
         let actual = field(ACTUAL);
-        let poison = if poison_ok { field(POISON_VAL) } else { 0 };
+        let poison = if poison_ok {
+            field(POISON_VAL)
+        } else {
+            self.poison_val
+        };
         let out = ConfigWrite {
             actual_changed: actual != self.actual,
             poison_changed: poison != self.poison_val,
+            poison_touched,
         };
         self.actual = actual;
         self.poison_val = poison;
@@ -163,6 +172,11 @@ mod tests {
         let w = c.write(12, &0xaaaa_aaaau32.to_le_bytes(), 0, true);
         assert!(w.poison_changed);
         assert_eq!(c.poison_val, 0xaaaa_aaaa);
+        // Once latched, a write that may not change it keeps it.
+        let w = c.write(12, &0u32.to_le_bytes(), 0, false);
+        assert!(w.poison_touched && !w.poison_changed);
+        assert_eq!(c.poison_val, 0xaaaa_aaaa);
+        assert!(!c.write(4, &[1], 0, false).poison_touched);
 
         let mut short = ConfigSpace::new(12);
         short.write(12, &1u32.to_le_bytes(), 0, true);

@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -239,6 +239,8 @@ pub(crate) trait ActiveQueue: Send {
     fn avail_idx(&self) -> Option<Wrapping<u16>>;
     /// The queue size.
     fn size(&self) -> u16;
+    /// The queue's state, for a snapshot.
+    fn state(&self) -> QueueState;
 }
 
 /// The free page queue with the guest memory it lives in.
@@ -280,6 +282,10 @@ where
 
     fn size(&self) -> u16 {
         self.queue.size()
+    }
+
+    fn state(&self) -> QueueState {
+        self.queue.state()
     }
 }
 
@@ -397,6 +403,28 @@ impl HintShared {
         self.cond.notify_all();
     }
 
+    /// The round id, the state, the activated queue's state and the counters, for a
+    /// snapshot. Taking the lock waits for an element being applied.
+    pub(crate) fn snapshot(&self) -> (u32, HintState, Option<QueueState>, HintMetrics) {
+        let g = self.lock();
+        (
+            g.core.cmd_id,
+            g.core.state,
+            g.queue.as_ref().map(|q| q.state()),
+            g.core.metrics,
+        )
+    }
+
+    /// Restores the id counter and the counters of a saved device (before activation).
+    pub(crate) fn restore(&self, cmd_id: u32, metrics: HintMetrics) {
+        let mut g = self.lock();
+        g.core.cmd_id = cmd_id;
+        g.core.metrics = metrics;
+        g.core.state = HintState::Stop;
+        g.core.completed = None;
+        self.publish(&g);
+    }
+
     /// Handles up to `budget` elements of the free page queue (the event loop's entry point).
     pub(crate) fn process(&self, budget: usize) {
         // The caller (`Balloon::process_queue`) does not call this while paused.
@@ -452,7 +480,7 @@ impl HintShared {
         id
     }
 
-    fn status(&self) -> HintStatus {
+    pub(crate) fn status(&self) -> HintStatus {
         let g = self.lock();
         HintStatus {
             state: g.core.state,

@@ -12,27 +12,117 @@
 mod config;
 pub mod descriptor;
 pub mod hint;
+pub mod pages;
 pub(crate) mod queue;
+pub mod snapshot;
+pub mod stats;
+mod timer;
 
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{MadviseBackend, MemoryBackend};
 use crate::sink::FreePageSink;
 use crate::spec::{self, features as f};
 use crate::transport::{ActivateError, FeatureError, Interrupt, VirtioDevice};
 use config::ConfigSpace;
 use hint::{FreePageQueue, HintShared};
 pub use hint::{HintControl, HintMetrics, HintState, HintStatus};
+use pages::PageEngine;
+pub use pages::PageMetrics;
+pub use snapshot::{BalloonState, QueueSnapshot, RestoreError};
+pub use stats::{BalloonStats, StatsReport};
+use timer::Timer;
+
+/// How long inflated pages may wait to be merged with the next inflate element before they
+/// are discarded.
+pub const DISCARD_FLUSH_DELAY: Duration = Duration::from_millis(100);
+
+/// Things that happened on the device that a VMM may want to react to, from
+/// [`Balloon::take_events`]. The device signals [`Balloon::events_fd`] when one is added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct BalloonEvents(u32);
+
+impl BalloonEvents {
+    /// The driver's `actual` reached the target (`num_pages`).
+    pub const TARGET_REACHED: BalloonEvents = BalloonEvents(1);
+    /// The driver wrote a new `actual` (also when it deflated on its own, on OOM).
+    pub const ACTUAL_CHANGED: BalloonEvents = BalloonEvents(2);
+    /// A statistics buffer arrived ([`Balloon::latest_stats`]).
+    pub const STATS_UPDATED: BalloonEvents = BalloonEvents(4);
+
+    /// No event.
+    pub const fn empty() -> Self {
+        BalloonEvents(0)
+    }
+
+    /// Whether every event of `other` is in `self`.
+    pub const fn contains(self, other: BalloonEvents) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Whether there is no event.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl std::ops::BitOr for BalloonEvents {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        BalloonEvents(self.0 | rhs.0)
+    }
+}
+
+/// Counters a VMM can export. Backend-independent, kept across snapshot and restore.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonMetrics {
+    /// Inflate, deflate and reporting.
+    pub pages: PageMetrics,
+    /// Statistics buffers parsed.
+    pub stats_updates: u64,
+    /// Statistics buffers returned to the driver to ask for fresh numbers.
+    pub stats_requests: u64,
+    /// Statistics buffers that could not be read (held anyway).
+    pub stats_malformed: u64,
+    /// Driver writes to `poison_val` after DRIVER_OK (ignored: the value is latched).
+    pub late_poison_writes: u64,
+    /// Free page hinting.
+    pub hint: HintMetrics,
+}
+
+/// The statistics side of the device.
+#[derive(Debug)]
+pub(crate) struct StatsState {
+    /// The head of the buffer the device holds, if any.
+    pub(crate) held: Option<u16>,
+    pub(crate) last: Option<StatsReport>,
+    pub(crate) interval: Duration,
+    pub(crate) timer: Timer,
+}
 
 /// What the device offers and how it sizes its queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BalloonConfig {
-    /// Offer `VIRTIO_BALLOON_F_MUST_TELL_HOST`.
+    /// Offer `VIRTIO_BALLOON_F_MUST_TELL_HOST` (on by default). A driver that accepts it
+    /// waits for the device to acknowledge a deflate before it touches the pages again
+    /// (Linux always does). Only then may the device merge inflated pages across elements
+    /// and discard them after the inflate was acknowledged; without it every inflate element
+    /// is discarded before its acknowledgement, as QEMU does, which costs at least one
+    /// discard per element.
     pub must_tell_host: bool,
     /// Offer `VIRTIO_BALLOON_F_STATS_VQ` (a statistics queue).
     pub stats: bool,
@@ -61,7 +151,7 @@ pub struct BalloonConfig {
 impl Default for BalloonConfig {
     fn default() -> Self {
         BalloonConfig {
-            must_tell_host: false,
+            must_tell_host: true,
             stats: true,
             deflate_on_oom: false,
             free_page_hint: true,
@@ -240,8 +330,12 @@ pub struct Balloon<M> {
     pub(crate) hint: Arc<HintShared>,
     pub(crate) mem: M,
     pub(crate) activated: bool,
-    /// The head of the statistics buffer the device holds, if any.
-    pub(crate) stats_held: Option<u16>,
+    pub(crate) stats: StatsState,
+    pub(crate) pages: PageEngine,
+    pub(crate) flush_timer: Timer,
+    events_fd: EventFd,
+    events: BalloonEvents,
+    pub(crate) metrics: BalloonMetrics,
 }
 
 impl<M> fmt::Debug for Balloon<M> {
@@ -254,6 +348,8 @@ impl<M> fmt::Debug for Balloon<M> {
             .field("activated", &self.activated)
             .field("paused", &self.is_paused())
             .field("hint", &self.hint)
+            .field("stats_held", &self.stats.held)
+            .field("pages", &self.pages)
             .finish_non_exhaustive()
     }
 }
@@ -274,11 +370,22 @@ where
     M::M: GuestMemoryBackend,
 {
     /// Creates a balloon over guest memory `mem` that reports accepted free page hints to
-    /// `sink`.
+    /// `sink` and discards inflated and reported pages with [`MadviseBackend`].
     pub fn new(
         cfg: BalloonConfig,
         mem: M,
         sink: Arc<dyn FreePageSink>,
+    ) -> Result<Self, BalloonError> {
+        Self::with_backend(cfg, mem, sink, Arc::new(MadviseBackend::new()))
+    }
+
+    /// [`new`](Self::new) with the memory backend that discards inflated and reported pages
+    /// and repopulates deflated ones.
+    pub fn with_backend(
+        cfg: BalloonConfig,
+        mem: M,
+        sink: Arc<dyn FreePageSink>,
+        backend: Arc<dyn MemoryBackend>,
     ) -> Result<Self, BalloonError> {
         if cfg.chains_per_wakeup == 0 {
             return Err(BalloonError::ZeroBudget);
@@ -314,8 +421,81 @@ where
             hint,
             mem,
             activated: false,
-            stats_held: None,
+            stats: StatsState {
+                held: None,
+                last: None,
+                interval: Duration::ZERO,
+                timer: Timer::new().map_err(BalloonError::EventFd)?,
+            },
+            pages: PageEngine::new(backend),
+            flush_timer: Timer::new().map_err(BalloonError::EventFd)?,
+            events_fd: EventFd::new(EFD_NONBLOCK).map_err(BalloonError::EventFd)?,
+            events: BalloonEvents::empty(),
+            metrics: BalloonMetrics::default(),
         })
+    }
+
+    /// Sets the target size in 4 KiB pages (`num_pages`) and tells the driver (configuration
+    /// interrupt). The driver inflates or deflates towards it and reports its progress in
+    /// `actual`; [`BalloonEvents::TARGET_REACHED`] follows when they meet.
+    pub fn set_target(&mut self, pages: u32) {
+        self.config.num_pages = pages;
+        self.irq.signal_config_change();
+        if self.target_reached() {
+            self.add_event(BalloonEvents::TARGET_REACHED);
+        }
+    }
+
+    /// Sets the target in bytes, rounded down to whole 4 KiB pages (and capped at the
+    /// largest 32-bit page count, 16 TiB).
+    pub fn set_target_bytes(&mut self, bytes: u64) {
+        let pages = u32::try_from(bytes >> spec::PAGE_SHIFT).unwrap_or(u32::MAX);
+        self.set_target(pages);
+    }
+
+    /// Asks the driver for fresh statistics by giving it back the buffer the device holds.
+    /// Returns false if there is none (statistics not negotiated, or a request is already
+    /// out). The answer arrives as [`BalloonEvents::STATS_UPDATED`].
+    pub fn request_stats(&mut self) -> bool {
+        if !self.activated || self.is_paused() {
+            return false;
+        }
+        let Some(index) = self.layout.index(QueueRole::Stats) else {
+            return false;
+        };
+        let Some(head) = self.stats.held else {
+            return false;
+        };
+        let guard = self.mem.memory();
+        let mem: &M::M = &guard;
+        let queue = &mut self.queues[index];
+        if queue.add_used(mem, head, 0).is_err() {
+            return false;
+        }
+        self.stats.held = None;
+        self.metrics.stats_requests += 1;
+        if queue.needs_notification(mem).unwrap_or(true) {
+            self.irq.signal_used_queue();
+        }
+        true
+    }
+
+    /// Stops queue processing while the VM is paused (no element moves on any ring until
+    /// [`resume`](Self::resume)). Elements being handled finish first, and inflated pages
+    /// waiting to be merged are discarded.
+    pub fn pause(&mut self) {
+        self.hint.set_paused(true);
+        let guard = self.mem.memory();
+        self.pages.flush(&*guard);
+    }
+
+    /// Discards inflated pages still waiting to be merged with later ones (the device does
+    /// this on its own after [`DISCARD_FLUSH_DELAY`], when the target is reached, before a
+    /// deflate, on pause and on save).
+    pub fn flush_discards(&mut self) {
+        let guard = self.mem.memory();
+        self.pages.flush(&*guard);
+        let _ = self.flush_timer.disarm();
     }
 }
 
@@ -361,10 +541,81 @@ impl<M> Balloon<M> {
         feature < 64 && self.acked & f::bit(feature) != 0
     }
 
-    /// Stops queue processing while the VM is paused (no element moves on any ring until
-    /// [`resume`](Self::resume)). Elements being handled finish first.
-    pub fn pause(&mut self) {
-        self.hint.set_paused(true);
+    /// The memory host pages the backend discards are made of.
+    pub fn host_page_size(&self) -> u64 {
+        self.pages.host_page()
+    }
+
+    /// Whether the target is reached: the driver is running and `actual == num_pages`.
+    pub fn target_reached(&self) -> bool {
+        self.activated && self.config.actual == self.config.num_pages
+    }
+
+    /// `actual` in bytes.
+    pub fn actual_bytes(&self) -> u64 {
+        u64::from(self.config.actual) << spec::PAGE_SHIFT
+    }
+
+    /// An eventfd signalled whenever [`take_events`](Self::take_events) has something new.
+    /// Register it with the VMM's event loop, or poll `take_events`.
+    pub fn events_fd(&self) -> &EventFd {
+        &self.events_fd
+    }
+
+    /// The events since the last call.
+    pub fn take_events(&mut self) -> BalloonEvents {
+        let _ = self.events_fd.read();
+        std::mem::take(&mut self.events)
+    }
+
+    pub(crate) fn add_event(&mut self, e: BalloonEvents) {
+        self.events = self.events | e;
+        let _ = self.events_fd.write(1);
+    }
+
+    /// The last statistics the driver sent, with the time they arrived.
+    pub fn latest_stats(&self) -> Option<&StatsReport> {
+        self.stats.last.as_ref()
+    }
+
+    /// Polls the driver's statistics every `interval` (the event loop asks for them with
+    /// [`request_stats`](Self::request_stats)); `Duration::ZERO` stops polling. May be
+    /// changed at any time.
+    pub fn set_stats_interval(&mut self, interval: Duration) -> io::Result<()> {
+        if interval.is_zero() {
+            self.stats.timer.disarm()?;
+        } else {
+            self.stats.timer.arm(interval, Some(interval))?;
+        }
+        self.stats.interval = interval;
+        Ok(())
+    }
+
+    /// The statistics polling interval (zero: off).
+    pub fn stats_interval(&self) -> Duration {
+        self.stats.interval
+    }
+
+    /// Stops (or allows again) every discard of inflated or reported pages, for example
+    /// while a device does DMA to pinned guest memory or during postcopy. Elements are still
+    /// acknowledged; reporting elements are skipped as a whole. Inhibiting drops inflated
+    /// pages not yet discarded.
+    pub fn set_discards_inhibited(&mut self, on: bool) {
+        self.pages.set_inhibited(on);
+    }
+
+    /// Whether discards are inhibited.
+    pub fn discards_inhibited(&self) -> bool {
+        self.pages.inhibited()
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> BalloonMetrics {
+        BalloonMetrics {
+            pages: self.pages.metrics,
+            hint: self.hint.status().metrics,
+            ..self.metrics
+        }
     }
 
     /// Resumes queue processing and looks at every queue again.
@@ -469,9 +720,24 @@ where
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        let poison_ok = self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON);
-        self.config
+        // poison_val is latched at DRIVER_OK: the reporting decision must not change under
+        // the device.
+        let negotiated = self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON);
+        let poison_ok = negotiated && !self.activated;
+        let w = self
+            .config
             .write(offset, data, self.hint.config_value(), poison_ok);
+        if negotiated && self.activated && w.poison_touched {
+            self.metrics.late_poison_writes += 1;
+        }
+        if w.actual_changed {
+            self.add_event(BalloonEvents::ACTUAL_CHANGED);
+            if self.target_reached() {
+                self.add_event(BalloonEvents::TARGET_REACHED);
+                let guard = self.mem.memory();
+                self.pages.flush(&*guard);
+            }
+        }
     }
 
     fn interrupt(&self) -> &Interrupt {
@@ -540,7 +806,11 @@ where
         self.config = ConfigSpace::new(self.cfg.config_len());
         self.config.num_pages = num_pages;
         self.activated = false;
-        self.stats_held = None;
+        self.stats.held = None;
+        self.stats.last = None;
+        // The new driver owns every page again: nothing inflated may be discarded later.
+        self.pages.reset();
+        let _ = self.flush_timer.disarm();
     }
 
     fn is_activated(&self) -> bool {

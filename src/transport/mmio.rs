@@ -20,6 +20,19 @@ static BAD_STATUS: RateLimit = RateLimit::new();
 static BAD_NOTIFY: RateLimit = RateLimit::new();
 static LATE_CONFIG: RateLimit = RateLimit::new();
 
+/// The registers of an [`MmioTransport`] that are not the device's, for a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioState {
+    /// The device status register.
+    pub status: u8,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// QueueSel.
+    pub queue_select: u32,
+}
+
 /// A virtio device behind virtio-mmio registers.
 ///
 /// The VMM maps the 4 KiB register window into the guest and forwards every access to
@@ -48,6 +61,39 @@ impl<D: VirtioDevice> MmioTransport<D> {
             device_features_select: 0,
             driver_features_select: 0,
             queue_select: 0,
+        }
+    }
+
+    /// Puts a restored `device` behind registers restored from `state`. The status must agree
+    /// with the device: DRIVER_OK exactly when the device is activated (else the status is
+    /// reset to 0 and the driver has to start over).
+    pub fn restore(device: D, state: MmioState) -> Self {
+        let driver_ok = state.status & status::DRIVER_OK != 0;
+        let status = if driver_ok == device.is_activated() {
+            state.status
+        } else {
+            warn!(
+                "virtio-mmio: restored status {:#x} does not match the device",
+                state.status
+            );
+            0
+        };
+        MmioTransport {
+            device,
+            status,
+            device_features_select: state.device_features_select,
+            driver_features_select: state.driver_features_select,
+            queue_select: state.queue_select,
+        }
+    }
+
+    /// The registers, for a snapshot (save the device's own state with it).
+    pub fn save_state(&self) -> MmioState {
+        MmioState {
+            status: self.status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            queue_select: self.queue_select,
         }
     }
 

@@ -13,7 +13,7 @@
 
 mod mmio;
 
-pub use mmio::MmioTransport;
+pub use mmio::{MmioState, MmioTransport};
 
 use std::fmt;
 use std::io;
@@ -242,6 +242,16 @@ impl Interrupt {
         self.driver_ok.store(ok, Ordering::Release);
         if !ok {
             self.status.store(0, Ordering::Release);
+        }
+    }
+
+    /// Restores the status bits and generation of a saved device; pending bits are raised
+    /// again so the driver sees them.
+    pub(crate) fn restore(&self, status: u8, generation: u32) {
+        self.generation.store(generation, Ordering::Release);
+        let status = status & (interrupt::USED_BUFFER | interrupt::CONFIG_CHANGE);
+        if status != 0 {
+            self.raise(status);
         }
     }
 

@@ -1,0 +1,212 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Memory statistics from the driver (`VIRTIO_BALLOON_F_STATS_VQ`).
+//!
+//! The statistics queue runs backwards: the driver posts one buffer, the device keeps it, and
+//! gives it back when it wants fresh numbers; the driver refills it and posts it again. Each
+//! buffer is an array of packed 10-byte entries (`le16` tag, `le64` value). Unknown tags and a
+//! trailing fragment are ignored; at most [`MAX_ENTRIES`] entries are parsed per buffer.
+
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// The most entries parsed from one buffer (Linux sends 16); the rest is ignored.
+pub const MAX_ENTRIES: usize = 256;
+
+/// The size of one entry.
+pub const ENTRY_SIZE: usize = 10;
+
+/// Statistics tags (`VIRTIO_BALLOON_S_*`). 0-9 are in the virtio spec; Linux 6.12 added
+/// 10-15.
+pub mod tag {
+    /// Bytes swapped in.
+    pub const SWAP_IN: u16 = 0;
+    /// Bytes swapped out.
+    pub const SWAP_OUT: u16 = 1;
+    /// Major page faults.
+    pub const MAJFLT: u16 = 2;
+    /// Minor page faults.
+    pub const MINFLT: u16 = 3;
+    /// Free memory in bytes.
+    pub const MEMFREE: u16 = 4;
+    /// Total memory in bytes.
+    pub const MEMTOT: u16 = 5;
+    /// Available memory in bytes (as in /proc/meminfo).
+    pub const AVAIL: u16 = 6;
+    /// Disk caches in bytes.
+    pub const CACHES: u16 = 7;
+    /// Successful hugetlb page allocations.
+    pub const HTLB_PGALLOC: u16 = 8;
+    /// Failed hugetlb page allocations.
+    pub const HTLB_PGFAIL: u16 = 9;
+    /// OOM killer invocations.
+    pub const OOM_KILL: u16 = 10;
+    /// Allocation stalls.
+    pub const ALLOC_STALL: u16 = 11;
+    /// Pages scanned by kswapd.
+    pub const ASYNC_SCAN: u16 = 12;
+    /// Pages scanned directly.
+    pub const DIRECT_SCAN: u16 = 13;
+    /// Pages reclaimed by kswapd.
+    pub const ASYNC_RECLAIM: u16 = 14;
+    /// Pages reclaimed directly.
+    pub const DIRECT_RECLAIM: u16 = 15;
+    /// The number of known tags (`VIRTIO_BALLOON_S_NR`).
+    pub const COUNT: usize = 16;
+
+    /// The name Linux gives the tag (without the `VIRTIO_BALLOON_S_` prefix), lower case.
+    pub fn name(tag: u16) -> Option<&'static str> {
+        NAMES.get(usize::from(tag)).copied()
+    }
+
+    const NAMES: [&str; COUNT] = [
+        "swap_in",
+        "swap_out",
+        "major_faults",
+        "minor_faults",
+        "free_memory",
+        "total_memory",
+        "available_memory",
+        "disk_caches",
+        "hugetlb_allocations",
+        "hugetlb_failures",
+        "oom_kills",
+        "alloc_stalls",
+        "async_scans",
+        "direct_scans",
+        "async_reclaims",
+        "direct_reclaims",
+    ];
+}
+
+/// The values of one statistics buffer, by tag. A tag the driver did not send is `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    values: [Option<u64>; tag::COUNT],
+}
+
+impl BalloonStats {
+    /// The value of `tag`, if the driver sent it.
+    pub fn get(&self, tag: u16) -> Option<u64> {
+        self.values.get(usize::from(tag)).copied().flatten()
+    }
+
+    /// Every tag the driver sent with its value, in tag order.
+    pub fn iter(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        (0u16..)
+            .zip(self.values.iter())
+            .filter_map(|(t, v)| v.map(|v| (t, v)))
+    }
+
+    /// Free memory in bytes.
+    pub fn free_memory(&self) -> Option<u64> {
+        self.get(tag::MEMFREE)
+    }
+
+    /// Total memory in bytes.
+    pub fn total_memory(&self) -> Option<u64> {
+        self.get(tag::MEMTOT)
+    }
+
+    /// Available memory in bytes.
+    pub fn available_memory(&self) -> Option<u64> {
+        self.get(tag::AVAIL)
+    }
+
+    fn set(&mut self, tag: u16, value: u64) -> bool {
+        match self.values.get_mut(usize::from(tag)) {
+            Some(slot) => {
+                *slot = Some(value);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The latest statistics and when they arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsReport {
+    /// The values.
+    pub stats: BalloonStats,
+    /// When the device received the buffer (monotonic).
+    pub received: Instant,
+    /// When the device received the buffer (wall clock).
+    pub received_at: SystemTime,
+    /// Entries parsed (known and unknown tags).
+    pub entries: u32,
+    /// Entries with a tag the device does not know (ignored).
+    pub unknown_tags: u32,
+}
+
+/// Parses the device-readable part of a statistics buffer as a byte stream of 10-byte
+/// entries. Returns `None` if a descriptor cannot be read.
+pub(crate) fn parse<M>(chain: &DescriptorChain<M>) -> Option<(BalloonStats, u32, u32)>
+where
+    M: std::ops::Deref + Clone,
+    M::Target: GuestMemoryBackend,
+{
+    let mem = chain.memory();
+    let mut stats = BalloonStats::default();
+    let (mut entries, mut unknown) = (0u32, 0u32);
+    let mut entry = [0u8; ENTRY_SIZE];
+    let mut have = 0usize;
+    for desc in chain.clone() {
+        if desc.is_write_only() {
+            continue;
+        }
+        let mut off = 0u64;
+        let len = u64::from(desc.len());
+        while off < len && (entries as usize) < MAX_ENTRIES {
+            let want = (ENTRY_SIZE - have).min((len - off) as usize);
+            let addr = desc.addr().0.checked_add(off).map(GuestAddress)?;
+            mem.read_slice(&mut entry[have..have + want], addr).ok()?;
+            have += want;
+            off += want as u64;
+            if have == ENTRY_SIZE {
+                have = 0;
+                entries += 1;
+                let t = u16::from_le_bytes([entry[0], entry[1]]);
+                let mut v = [0u8; 8];
+                v.copy_from_slice(&entry[2..]);
+                if !stats.set(t, u64::from_le_bytes(v)) {
+                    unknown += 1;
+                }
+            }
+        }
+    }
+    Some((stats, entries, unknown))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cover_every_tag() {
+        for t in 0..tag::COUNT as u16 {
+            assert!(tag::name(t).is_some(), "tag {t}");
+        }
+        assert_eq!(tag::name(tag::DIRECT_RECLAIM), Some("direct_reclaims"));
+        assert_eq!(tag::name(16), None);
+    }
+
+    #[test]
+    fn values_by_tag() {
+        let mut s = BalloonStats::default();
+        assert!(s.set(tag::MEMFREE, 7));
+        assert!(s.set(tag::MEMTOT, 9));
+        assert!(s.set(tag::AVAIL, 8));
+        assert!(!s.set(16, 1));
+        assert_eq!(s.free_memory(), Some(7));
+        assert_eq!(s.total_memory(), Some(9));
+        assert_eq!(s.available_memory(), Some(8));
+        assert_eq!(s.get(tag::SWAP_IN), None);
+        assert_eq!(s.get(u16::MAX), None);
+        assert_eq!(s.iter().collect::<Vec<_>>(), [(4, 7), (5, 9), (6, 8)]);
+    }
+}
