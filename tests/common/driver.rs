@@ -1,9 +1,8 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! A model of Linux's `drivers/virtio/virtio_balloon.c` (6.1 era) on top of
-//! `virtio_mmio.c`, reduced to what free page hinting needs, plus low-level access for
-//! hostile tests.
+//! A model of Linux's `drivers/virtio/virtio_balloon.c` (6.12) on top of `virtio_mmio.c`,
+//! plus low-level access for hostile tests.
 //!
 //! The model talks to the device only as a guest would: 4-byte MMIO accesses through a
 //! [`Bus`], split rings it lays out itself in guest memory, a kick per queue (ioeventfd write,
@@ -16,8 +15,30 @@
 //! [`Driver::send_free_pages`], [`Driver::send_cmd_id_stop`],
 //! [`Driver::report_free_page_func`]) so a test can run a round step by step, or let
 //! background threads (the interrupt handler and the workqueue) run it on their own.
+//!
+//! The traditional balloon (inflate, deflate, deflate on OOM, statistics, free page
+//! reporting) lives in the child module `balloon` (`tests/common/balloon.rs`), under the same
+//! Linux names ([`Driver::fill_balloon`], [`Driver::leak_balloon`], [`Driver::tell_host`],
+//! [`Driver::update_balloon_size_func`], [`Driver::stats_handle_request`], ...).
+//!
+//! Background mode runs Linux's three work items on their own threads: the free page work
+//! (`balloon_wq`), and the size and stats works (`system_freezable_wq`). A config interrupt
+//! queues the size work (and the free page work with FREE_PAGE_HINT); a used buffer
+//! interrupt runs the callback of every queue with new used buffers: `balloon_ack` for
+//! inflateq, deflateq and reporting_vq, `stats_request` (which queues the stats work) for
+//! statsq. In step mode the works are only marked pending; a test runs them with
+//! [`Driver::run_free_page_work`], [`Driver::run_size_work`] and [`Driver::run_stats_work`].
 
-use std::collections::BTreeSet;
+#[path = "balloon.rs"]
+mod balloon;
+
+pub use balloon::{
+    default_stat_value, stat, BalloonRequest, PageOrder, SizeEnd, SizeUpdate, BALLOON_PFN_BYTES,
+    LINUX_STATS_ORDER, STAT_ENTRY_BYTES, VIRTIO_BALLOON_ARRAY_PFNS_MAX,
+    VIRTIO_BALLOON_OOM_NR_PAGES, VIRTIO_BALLOON_PFN_SHIFT,
+};
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -51,6 +72,8 @@ pub const TOKEN_STOP: u64 = u64::MAX - 2;
 pub const TOKEN_STATS: u64 = u64::MAX - 3;
 /// Token of chains posted through the low-level API.
 pub const TOKEN_RAW: u64 = u64::MAX - 4;
+/// Bytes reserved for the stats buffer in the driver area (204 entries).
+pub const STATS_BUF_MAX: usize = 0x800;
 
 /// The balloon queues in Linux's order; the index on the transport is this order with the
 /// queues whose feature was not negotiated left out.
@@ -132,10 +155,27 @@ pub struct DriverOptions {
     /// In step mode (no background threads), deliver pending interrupts whenever the driver
     /// checks the received id, as an asynchronous interrupt would.
     pub async_irq_in_step_mode: bool,
-    /// Number of 10-byte entries in the stats buffer.
+    /// Number of 10-byte entries in the stats buffer: the first `num_stats` of
+    /// `stats_tags` (Linux 6.12: all 16).
     pub num_stats: usize,
+    /// The tags `update_balloon_stats` writes, in order (default [`LINUX_STATS_ORDER`]).
+    pub stats_tags: Vec<u16>,
+    /// Initial stats values by tag (a tag not listed reports [`default_stat_value`]).
+    pub stat_values: Vec<(u16, u64)>,
     /// Cap queue sizes at this value (None: use QueueNumMax as Linux does).
     pub max_queue_size: Option<u16>,
+    /// Guest memory the balloon's page allocator owns: (start, length) ranges, rounded inward
+    /// to whole pages. Must not overlap the driver area, the hint blocks or each other, and
+    /// must lie below 16 TiB (32-bit PFNs).
+    pub balloon_pool: Vec<(GuestAddress, u64)>,
+    /// The guest page size (4 KiB; 16 or 64 KiB guests put 4 or 16 consecutive PFNs per
+    /// page). A power of two from 4 KiB to 1 MiB.
+    pub page_size: u64,
+    /// The order the allocator hands out never-used pool pages.
+    pub page_order: PageOrder,
+    /// How long `fill_balloon` sleeps when the allocator is dry (Linux: 200 ms; the model
+    /// defaults to 0 because its size work stops instead of retrying).
+    pub out_of_puff_sleep: Duration,
 }
 
 impl Default for DriverOptions {
@@ -152,8 +192,14 @@ impl Default for DriverOptions {
             block_pace: Duration::ZERO,
             ring_full_give_up: DEADLINE,
             async_irq_in_step_mode: true,
-            num_stats: 10,
+            num_stats: LINUX_STATS_ORDER.len(),
+            stats_tags: LINUX_STATS_ORDER.to_vec(),
+            stat_values: Vec::new(),
             max_queue_size: None,
+            balloon_pool: Vec::new(),
+            page_size: 4096,
+            page_order: PageOrder::Ascending,
+            out_of_puff_sleep: Duration::ZERO,
         }
     }
 }
@@ -169,6 +215,8 @@ pub enum DriverError {
     NoQueue(String),
     /// A wait hit its deadline. The text has the ring and register evidence.
     Timeout(String),
+    /// A wait was given up because the background threads were stopped.
+    Aborted(String),
     /// An OS call failed.
     Io(std::io::Error),
 }
@@ -180,6 +228,7 @@ impl fmt::Display for DriverError {
             DriverError::Ring(e) => write!(f, "ring error: {e}"),
             DriverError::NoQueue(s) => write!(f, "no such queue: {s}"),
             DriverError::Timeout(s) => write!(f, "timed out: {s}"),
+            DriverError::Aborted(s) => write!(f, "aborted: {s}"),
             DriverError::Io(e) => write!(f, "io error: {e}"),
         }
     }
@@ -307,17 +356,51 @@ struct Alloc {
     held: Vec<u64>,
 }
 
+/// Linux's work items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WorkKind {
+    /// `report_free_page_work` on `balloon_wq`: [`Driver::report_free_page_func`].
+    FreePage = 0,
+    /// `update_balloon_size_work`: [`Driver::update_balloon_size_func`].
+    UpdateSize = 1,
+    /// `update_balloon_stats_work`: [`Driver::stats_handle_request`].
+    UpdateStats = 2,
+}
+
+impl WorkKind {
+    /// All work items.
+    pub const ALL: [WorkKind; 3] = [
+        WorkKind::FreePage,
+        WorkKind::UpdateSize,
+        WorkKind::UpdateStats,
+    ];
+}
+
 #[derive(Debug, Default)]
-struct Work {
+struct WorkState {
     pending: bool,
     running: bool,
     runs: u64,
+}
+
+/// One work item: queued at most once, re-queueable while it runs (`queue_work`).
+#[derive(Debug, Default)]
+struct WorkItem {
+    state: Mutex<WorkState>,
+    cv: Condvar,
+}
+
+impl WorkItem {
+    fn state_mut(&self) -> MutexGuard<'_, WorkState> {
+        lock(&self.state)
+    }
 }
 
 #[derive(Debug)]
 struct Area {
     slots: GuestAddress,
     stats_buf: GuestAddress,
+    pfns: GuestAddress,
     rings_start: u64,
     rings_end: u64,
     scratch_next: u64,
@@ -343,14 +426,27 @@ struct Inner {
     seq: AtomicU64,
     rounds: Mutex<Vec<RoundReport>>,
     errors: Mutex<Vec<String>>,
-    /// What Linux reports with `dev_err` and then carries on from (a full ring when the
-    /// start or stop id is sent: the device has not caught up yet).
+    /// What Linux reports with `dev_err` or `dev_info` and then carries on from (a full ring
+    /// when the start or stop id is sent: the device has not caught up yet; "Out of puff!"
+    /// when `fill_balloon` finds no page).
     kernel_log: Mutex<Vec<String>>,
     config_irqs: AtomicU64,
     vring_irqs: AtomicU64,
     irq_lock: Mutex<()>,
-    work: Mutex<Work>,
-    work_cv: Condvar,
+    works: [WorkItem; 3],
+    /// `vb->stop_update`: set by remove, no work is queued any more.
+    stop_update: AtomicBool,
+    /// The balloon page allocator.
+    pages: Mutex<balloon::PageAlloc>,
+    /// `balloon_lock` with the balloon list and `vb->num_pages`.
+    balloon: Mutex<balloon::BalloonList>,
+    requests: Mutex<Vec<BalloonRequest>>,
+    req_seq: AtomicU64,
+    /// `vb->acked`: `balloon_ack` calls.
+    acked: Mutex<u64>,
+    acked_cv: Condvar,
+    stats: Mutex<balloon::StatsState>,
+    size_updates: Mutex<Vec<SizeUpdate>>,
     background: AtomicBool,
     bg_stop: AtomicBool,
     abort: AtomicBool,
@@ -399,13 +495,21 @@ impl Driver {
             std::os::fd::AsRawFd::as_raw_fd(&irq),
             EpollEvent::new(EventSet::IN, 0),
         )?;
+        let pool = balloon::check_balloon_options(&opts)?;
+        let pages = balloon::PageAlloc::new(&pool, opts.page_size, opts.page_order);
+        let stats = balloon::StatsState {
+            values: opts.stat_values.iter().copied().collect::<BTreeMap<_, _>>(),
+            ..Default::default()
+        };
         let mut alloc = Alloc::default();
         for b in &opts.free_blocks {
             alloc.free.insert(b.0);
         }
+        // 0x100..0x900 stats, 0x900..0x908 command ids, 0xc00..0x1000 the PFN array.
         let area = Area {
             slots: GuestAddress(base.0 + 0x900),
             stats_buf: GuestAddress(base.0 + 0x100),
+            pfns: GuestAddress(base.0 + 0xc00),
             rings_start: base.0 + 0x1000,
             rings_end: base.0 + len / 2,
             scratch_next: base.0 + len / 2,
@@ -435,8 +539,16 @@ impl Driver {
                 config_irqs: AtomicU64::new(0),
                 vring_irqs: AtomicU64::new(0),
                 irq_lock: Mutex::new(()),
-                work: Mutex::new(Work::default()),
-                work_cv: Condvar::new(),
+                works: Default::default(),
+                stop_update: AtomicBool::new(false),
+                pages: Mutex::new(pages),
+                balloon: Mutex::new(balloon::BalloonList::default()),
+                requests: Mutex::new(Vec::new()),
+                req_seq: AtomicU64::new(0),
+                acked: Mutex::new(0),
+                acked_cv: Condvar::new(),
+                stats: Mutex::new(stats),
+                size_updates: Mutex::new(Vec::new()),
                 background: AtomicBool::new(false),
                 bg_stop: AtomicBool::new(false),
                 abort: AtomicBool::new(false),
@@ -590,6 +702,9 @@ impl Driver {
         }
         // register_virtio_device: reset, then ACKNOWLEDGE.
         self.reset_rings();
+        // virtballoon_probe starts from a zeroed vb.
+        self.reset_balloon();
+        self.inner.stop_update.store(false, Ordering::SeqCst);
         self.write_reg(reg::STATUS, 0);
         self.add_status(status::ACKNOWLEDGE);
         // virtio_dev_probe.
@@ -651,23 +766,36 @@ impl Driver {
             }
         }
         self.add_status(status::DRIVER_OK);
-        // if (towards_target(vb)) virtballoon_changed(vdev);
-        let num_pages = self.read_config32(config::NUM_PAGES);
-        let actual = self.read_config32(config::ACTUAL);
-        if num_pages != actual {
+        if self.towards_target() != 0 {
             self.virtballoon_changed();
         }
         Ok(())
     }
 
-    /// Linux `virtballoon_remove` (with `remove_common` and `vm_del_vqs`): stop the
-    /// background work, give every hinted block back, write `actual` (0: the model never
-    /// inflates), reset the device, then deactivate every queue (QueueSel, QueueReady = 0,
-    /// which must read back 0).
+    /// Linux `virtballoon_remove` (with `remove_common` and `vm_del_vqs`): stop updates and
+    /// the background work, deflate the whole balloon over deflateq, write `actual`, give
+    /// every hinted block back, reset the device, then deactivate every queue (QueueSel,
+    /// QueueReady = 0, which must read back 0).
     pub fn remove(&self) {
+        self.inner.stop_update.store(true, Ordering::SeqCst);
         self.stop_background();
+        // while (vb->num_pages) leak_balloon(vb, vb->num_pages);
+        loop {
+            let n = self.balloon_num_pages();
+            if n == 0 {
+                break;
+            }
+            match self.leak_balloon(u64::from(n)) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    self.error(format!("remove: deflating the balloon: {e}"));
+                    break;
+                }
+            }
+        }
+        self.update_balloon_size();
         self.return_free_pages_to_mm(usize::MAX);
-        self.write_config(config::ACTUAL, 4, 0);
         self.write_reg(reg::STATUS, 0);
         let n = self.num_queues();
         for i in 0..n {
@@ -753,8 +881,8 @@ impl Driver {
         let stats = queues.roles[QueueRole::Stats as usize];
         *lock(&self.inner.queues) = queues;
         if let Some(q) = stats {
-            self.fill_stats(stats_buf)?;
-            let len = (self.inner.opts.num_stats * 10) as u32;
+            let num_stats = self.update_balloon_stats()?;
+            let len = (num_stats * STAT_ENTRY_BYTES) as u32;
             let mut qs = lock(&self.inner.queues);
             qs.rings[q].add(mem, &[Part::out(stats_buf, len)], false, TOKEN_STATS)?;
             let kick = qs.rings[q].kick_prepare(mem)?;
@@ -766,26 +894,13 @@ impl Driver {
         Ok(())
     }
 
-    fn fill_stats(&self, at: GuestAddress) -> Result<()> {
-        let n = self.inner.opts.num_stats;
-        let mut buf = Vec::with_capacity(n * 10);
-        for tag in 0..n as u16 {
-            buf.extend_from_slice(&tag.to_le_bytes());
-            buf.extend_from_slice(&(u64::from(tag) * 4096).to_le_bytes());
-        }
-        self.inner
-            .mem
-            .write_slice(&buf, at)
-            .map_err(|e| DriverError::Ring(RingError::Memory(format!("{e:?}"))))
-    }
-
     fn reset_rings(&self) {
         *lock(&self.inner.queues) = Queues::default();
     }
 
     /// `virtio_reset_device`: writes 0 to Status and forgets the rings (as `del_vqs` does).
     /// The free page ids are kept (as across freeze/restore); held blocks stay held unless
-    /// `give_back_held`.
+    /// `give_back_held`. Balloon pages stay in the balloon until the next probe.
     pub fn reset(&self, give_back_held: bool) {
         self.write_reg(reg::STATUS, 0);
         self.reset_rings();
@@ -1150,45 +1265,49 @@ impl Driver {
         }
         if isr_val & isr::VRING != 0 {
             self.inner.vring_irqs.fetch_add(1, Ordering::SeqCst);
-            self.stats_request();
+            // vring_interrupt on every queue: the callback runs only if the queue has new
+            // used buffers.
+            for role in self.queues_with_new_used() {
+                match role {
+                    QueueRole::Inflate | QueueRole::Deflate | QueueRole::Reporting => {
+                        self.balloon_ack()
+                    }
+                    QueueRole::Stats => self.stats_request(),
+                    QueueRole::FreePage => {}
+                }
+            }
         }
         IrqReport { isr: isr_val }
     }
 
-    /// Emulates the config change handler `virtballoon_changed`: set the "re-read cmd id"
-    /// bit and queue the free page work.
+    /// The queues with a callback whose used index moved past what the driver reclaimed.
+    fn queues_with_new_used(&self) -> Vec<QueueRole> {
+        let qs = lock(&self.inner.queues);
+        QueueRole::ALL
+            .into_iter()
+            .filter(|role| role.has_callback())
+            .filter(|&role| {
+                qs.roles[role as usize]
+                    .and_then(|i| qs.rings.get(i))
+                    .is_some_and(|r| {
+                        r.used_idx(&self.inner.mem)
+                            .is_ok_and(|u| u != r.last_used_idx())
+                    })
+            })
+            .collect()
+    }
+
+    /// The config change handler `virtballoon_changed`: unless the driver is being removed,
+    /// queue the size work and, with FREE_PAGE_HINT, set the "re-read cmd id" bit and queue
+    /// the free page work.
     pub fn virtballoon_changed(&self) {
+        if self.inner.stop_update.load(Ordering::SeqCst) {
+            return;
+        }
+        self.queue_work_of(WorkKind::UpdateSize);
         if self.has_feature(feature::FREE_PAGE_HINT) {
             self.inner.read_cmd_id.store(true, Ordering::SeqCst);
             self.queue_work();
-        }
-    }
-
-    /// The stats callback and `stats_handle_request`: if the device returned the stats
-    /// buffer, refill it and give it back.
-    fn stats_request(&self) {
-        let Some(q) = self.queue_index(QueueRole::Stats) else {
-            return;
-        };
-        let stats_buf = lock(&self.inner.area).stats_buf;
-        let len = (self.inner.opts.num_stats * 10) as u32;
-        let r = self.with_ring(q, |r, m| {
-            let mut kick = false;
-            while let Some(b) = r.get_buf(m)? {
-                if b.token == TOKEN_STATS {
-                    r.add(m, &[Part::out(stats_buf, len)], false, TOKEN_STATS)?;
-                    kick = true;
-                }
-            }
-            if kick {
-                kick = r.kick_prepare(m)?;
-            }
-            Ok(kick)
-        });
-        match r {
-            Ok(true) => self.notify(q),
-            Ok(false) => {}
-            Err(e) => self.error(format!("stats queue: {e}")),
         }
     }
 
@@ -1510,64 +1629,110 @@ impl Driver {
     /// Step mode: runs the free page work once, now, on this thread (clearing the queued
     /// flag).
     pub fn run_free_page_work(&self) -> WorkOutcome {
-        lock(&self.inner.work).pending = false;
+        self.work_item(WorkKind::FreePage).state_mut().pending = false;
         self.report_free_page_func()
     }
 
-    /// `queue_work`: in background mode the worker thread runs it; in step mode it only
-    /// marks the work pending (see [`work_pending`](Self::work_pending)).
+    /// Step mode: runs the size work now, on this thread (clearing the queued flag).
+    pub fn run_size_work(&self) -> SizeUpdate {
+        self.work_item(WorkKind::UpdateSize).state_mut().pending = false;
+        self.update_balloon_size_func()
+    }
+
+    /// Step mode: runs the stats work now, on this thread (clearing the queued flag).
+    pub fn run_stats_work(&self) -> Result<bool> {
+        self.work_item(WorkKind::UpdateStats).state_mut().pending = false;
+        self.stats_handle_request()
+    }
+
+    /// `queue_work` of the free page work: in background mode the worker thread runs it; in
+    /// step mode it only marks the work pending (see [`work_pending`](Self::work_pending)).
     pub fn queue_work(&self) {
-        let mut w = lock(&self.inner.work);
-        w.pending = true;
-        self.inner.work_cv.notify_all();
+        self.queue_work_of(WorkKind::FreePage);
+    }
+
+    /// `queue_work` of any work item (a no-op if it is already pending).
+    pub fn queue_work_of(&self, kind: WorkKind) {
+        let item = self.work_item(kind);
+        item.state_mut().pending = true;
+        item.cv.notify_all();
+    }
+
+    /// `start_update_balloon_size`: queues the size work.
+    pub fn start_update_balloon_size(&self) {
+        self.queue_work_of(WorkKind::UpdateSize);
     }
 
     /// Whether the free page work is queued and not run yet.
     pub fn work_pending(&self) -> bool {
-        lock(&self.inner.work).pending
+        self.pending_work(WorkKind::FreePage)
+    }
+
+    /// Whether a work item is queued and not run yet.
+    pub fn pending_work(&self, kind: WorkKind) -> bool {
+        self.work_item(kind).state_mut().pending
     }
 
     /// Runs of the free page work completed by the background worker.
     pub fn work_runs(&self) -> u64 {
-        lock(&self.inner.work).runs
+        self.work_runs_of(WorkKind::FreePage)
+    }
+
+    /// Runs of a work item completed by its background worker.
+    pub fn work_runs_of(&self, kind: WorkKind) -> u64 {
+        self.work_item(kind).state_mut().runs
+    }
+
+    fn work_item(&self, kind: WorkKind) -> &WorkItem {
+        &self.inner.works[kind as usize]
     }
 
     // ----------------------------------------------------------------------------------
-    // Background mode: an interrupt thread and a workqueue thread.
+    // Background mode: an interrupt thread and one thread per work item.
 
-    /// Starts the interrupt handler thread and the free page workqueue thread.
+    /// Starts the interrupt handler thread and the workqueue threads (free page work, size
+    /// work, stats work).
     pub fn start_background(&self) {
         if self.inner.background.swap(true, Ordering::SeqCst) {
             return;
         }
         self.inner.bg_stop.store(false, Ordering::SeqCst);
         self.inner.abort.store(false, Ordering::SeqCst);
-        let irq = {
-            let d = self.clone();
+        let mut threads = Vec::new();
+        let d = self.clone();
+        threads.push(
             std::thread::Builder::new()
                 .name("guest-irq".into())
                 .spawn(move || d.irq_thread())
-                .expect("spawn the guest interrupt thread")
-        };
-        let wq = {
+                .expect("spawn the guest interrupt thread"),
+        );
+        for (kind, name) in [
+            (WorkKind::FreePage, "guest-balloon-wq"),
+            (WorkKind::UpdateSize, "guest-size-work"),
+            (WorkKind::UpdateStats, "guest-stats-work"),
+        ] {
             let d = self.clone();
-            std::thread::Builder::new()
-                .name("guest-wq".into())
-                .spawn(move || d.work_thread())
-                .expect("spawn the guest workqueue thread")
-        };
-        lock(&self.inner.threads).extend([irq, wq]);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || d.work_thread(kind))
+                    .expect("spawn a guest workqueue thread"),
+            );
+        }
+        lock(&self.inner.threads).extend(threads);
     }
 
     /// Stops the background threads (a round in progress ends as if allocation failed, and
-    /// still sends STOP) and joins them.
+    /// still sends STOP; a size update stops after its current request, and a wait for an
+    /// ack is given up) and joins them.
     pub fn stop_background(&self) {
         self.inner.bg_stop.store(true, Ordering::SeqCst);
         self.inner.abort.store(true, Ordering::SeqCst);
-        {
-            let _w = lock(&self.inner.work);
-            self.inner.work_cv.notify_all();
+        for item in &self.inner.works {
+            let _w = item.state_mut();
+            item.cv.notify_all();
         }
+        self.inner.acked_cv.notify_all();
         let threads: Vec<_> = lock(&self.inner.threads).drain(..).collect();
         for t in threads {
             let _ = t.join();
@@ -1590,16 +1755,13 @@ impl Driver {
         }
     }
 
-    fn work_thread(&self) {
+    fn work_thread(&self, kind: WorkKind) {
+        let item = self.work_item(kind);
         loop {
             {
-                let mut w = lock(&self.inner.work);
+                let mut w = item.state_mut();
                 while !w.pending && !self.inner.bg_stop.load(Ordering::SeqCst) {
-                    w = self
-                        .inner
-                        .work_cv
-                        .wait(w)
-                        .unwrap_or_else(|e| e.into_inner());
+                    w = item.cv.wait(w).unwrap_or_else(|e| e.into_inner());
                 }
                 if self.inner.bg_stop.load(Ordering::SeqCst) {
                     return;
@@ -1607,30 +1769,54 @@ impl Driver {
                 w.pending = false;
                 w.running = true;
             }
-            self.report_free_page_func();
-            let mut w = lock(&self.inner.work);
+            match kind {
+                WorkKind::FreePage => {
+                    self.report_free_page_func();
+                }
+                WorkKind::UpdateSize => {
+                    if let SizeUpdate {
+                        end: SizeEnd::Error(e),
+                        ..
+                    } = self.update_balloon_size_func()
+                    {
+                        self.error(format!("update_balloon_size_func: {e}"));
+                    }
+                }
+                WorkKind::UpdateStats => {
+                    if let Err(e) = self.stats_handle_request() {
+                        self.error(format!("stats_handle_request: {e}"));
+                    }
+                }
+            }
+            let mut w = item.state_mut();
             w.running = false;
             w.runs += 1;
-            self.inner.work_cv.notify_all();
+            item.cv.notify_all();
         }
     }
 
     /// Background mode: waits until the free page work is neither queued nor running, or
     /// `DEADLINE`.
     pub fn wait_work_idle(&self) -> Result<()> {
+        self.wait_idle(WorkKind::FreePage)
+    }
+
+    /// Background mode: waits until a work item is neither queued nor running, or
+    /// `DEADLINE`.
+    pub fn wait_idle(&self, kind: WorkKind) -> Result<()> {
+        let item = self.work_item(kind);
         let deadline = Instant::now() + DEADLINE;
-        let mut w = lock(&self.inner.work);
+        let mut w = item.state_mut();
         while w.pending || w.running {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(DriverError::Timeout(format!(
-                    "free page work still busy after {DEADLINE:?} (pending {}, running {})",
+                    "{kind:?} work still busy after {DEADLINE:?} (pending {}, running {})",
                     w.pending, w.running
                 )));
             }
-            w = self
-                .inner
-                .work_cv
+            w = item
+                .cv
                 .wait_timeout(w, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;

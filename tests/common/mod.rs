@@ -6,8 +6,10 @@
 //!
 //! * [`ring`]: the guest side of split virtqueues (Linux `virtio_ring.c`).
 //! * [`mmio`]: the virtio-mmio v2 register map and the [`Bus`] trait.
-//! * [`driver`]: the balloon driver model (Linux `virtio_balloon.c`), step by step or with
-//!   background interrupt and workqueue threads, plus low-level access for hostile tests.
+//! * [`driver`]: the balloon driver model (Linux `virtio_balloon.c`, 6.12): free page hinting,
+//!   inflate/deflate with a guest page allocator, deflate on OOM, statistics and free page
+//!   reporting; step by step or with background interrupt and workqueue threads, plus
+//!   low-level access for hostile tests.
 //! * [`Harness`]: guest memory + device + event manager thread + driver in one call.
 
 #![allow(dead_code, unused_imports)]
@@ -23,6 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
+use virtio_balloon::backend::MemoryBackend;
 use virtio_balloon::sink::FreePageSink;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use virtio_balloon::{Balloon, BalloonConfig, HintControl};
@@ -31,8 +34,11 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use driver::{
-    Driver, DriverError, DriverOptions, KickMode, PostedHint, QueueRole, RoundEnd, RoundReport,
-    Sent, WorkOutcome, DEADLINE, HINT_BLOCK_BYTES,
+    default_stat_value, stat, BalloonRequest, Driver, DriverError, DriverOptions, KickMode,
+    PageOrder, PostedHint, QueueRole, RoundEnd, RoundReport, Sent, SizeEnd, SizeUpdate, WorkKind,
+    WorkOutcome, BALLOON_PFN_BYTES, DEADLINE, HINT_BLOCK_BYTES, LINUX_STATS_ORDER,
+    PAGE_REPORTING_CAPACITY, STAT_ENTRY_BYTES, VIRTIO_BALLOON_ARRAY_PFNS_MAX,
+    VIRTIO_BALLOON_OOM_NR_PAGES, VIRTIO_BALLOON_PFN_SHIFT,
 };
 pub use mmio::{cmd, config, feature, isr, reg, status, Access, Bus, TracingBus};
 pub use ring::{Desc, Part, RingLayout, UsedBuf};
@@ -108,6 +114,33 @@ impl HarnessConfig {
     }
 }
 
+impl HarnessConfig {
+    /// One RAM region `[0, mem_size)` and the driver area at 1 MiB (3 MiB long); the
+    /// traditional balloon with statistics, DEFLATE_ON_OOM and REPORTING offered, no free page
+    /// hinting; a balloon pool of `pool_len` bytes at 4 MiB. Probed, step mode.
+    pub fn balloon(mem_size: u64, pool_len: u64) -> Self {
+        assert!(4 * MIB + pool_len <= mem_size, "pool past the end of RAM");
+        let balloon = BalloonConfig {
+            stats: true,
+            deflate_on_oom: true,
+            free_page_hint: false,
+            reporting: true,
+            ..BalloonConfig::default()
+        };
+        HarnessConfig {
+            regions: vec![(GuestAddress(0), mem_size)],
+            balloon,
+            driver: DriverOptions {
+                driver_area: (GuestAddress(MIB), 3 * MIB),
+                balloon_pool: vec![(GuestAddress(4 * MIB), pool_len)],
+                ..DriverOptions::default()
+            },
+            probe: true,
+            background: false,
+        }
+    }
+}
+
 /// `n` consecutive 4 MiB blocks from `start`.
 pub fn blocks(start: GuestAddress, n: usize) -> Vec<GuestAddress> {
     (0..n as u64)
@@ -153,6 +186,33 @@ impl Harness {
     pub fn with_memory(cfg: HarnessConfig, mem: Mem, sink: Arc<dyn FreePageSink>) -> Harness {
         let balloon: Balloon<Mem> =
             Balloon::new(cfg.balloon, mem.clone(), sink).expect("create the balloon");
+        Self::with_balloon(cfg, mem, balloon)
+    }
+
+    /// [`new`](Self::new) with the memory backend the device discards and repopulates guest
+    /// memory with (`Balloon::with_backend`).
+    pub fn with_backend(
+        cfg: HarnessConfig,
+        sink: Arc<dyn FreePageSink>,
+        backend: Arc<dyn MemoryBackend>,
+    ) -> Harness {
+        let mem = guest_memory(&cfg.regions);
+        Self::with_memory_and_backend(cfg, mem, sink, backend)
+    }
+
+    /// [`with_memory`](Self::with_memory) with the memory backend of the device.
+    pub fn with_memory_and_backend(
+        cfg: HarnessConfig,
+        mem: Mem,
+        sink: Arc<dyn FreePageSink>,
+        backend: Arc<dyn MemoryBackend>,
+    ) -> Harness {
+        let balloon: Balloon<Mem> = Balloon::with_backend(cfg.balloon, mem.clone(), sink, backend)
+            .expect("create the balloon");
+        Self::with_balloon(cfg, mem, balloon)
+    }
+
+    fn with_balloon(cfg: HarnessConfig, mem: Mem, balloon: Balloon<Mem>) -> Harness {
         let hints = balloon.hint_control();
         let irq: EventFd = balloon
             .interrupt()
