@@ -174,12 +174,13 @@ pub(crate) fn for_each_run(pfns: &mut [u32], mut f: impl FnMut(u64, u64)) {
     f(first, last - first + 1);
 }
 
-/// Calls `f(region, gpa, len)` for each part of `[start, end)` inside one region of `mem`;
-/// returns the bytes outside every region. Bounded by the number of regions.
+/// Calls `f(region, gpa, len, host)` for each part of `[start, end)` inside one region of
+/// `mem`, with the host address of `gpa`; returns the bytes outside every region (or in a
+/// region without a host mapping). Bounded by the number of regions.
 fn for_each_region_piece<Mem, F>(mem: &Mem, start: u64, end: u64, mut f: F) -> u64
 where
     Mem: GuestMemoryBackend + ?Sized,
-    F: FnMut(&Mem::R, u64, u64),
+    F: FnMut(&Mem::R, u64, u64, u64),
 {
     let mut outside = 0u64;
     let mut cur = start;
@@ -191,7 +192,13 @@ where
                 if piece_end <= cur {
                     break;
                 }
-                f(region, cur, piece_end - cur);
+                let host = region
+                    .get_host_address(MemoryRegionAddress(cur - region.start_addr().0))
+                    .map(|h| h as u64);
+                match host {
+                    Ok(host) => f(region, cur, piece_end - cur, host),
+                    Err(_) => outside += piece_end - cur,
+                }
                 cur = piece_end;
             }
             None => {
@@ -409,7 +416,7 @@ impl PageEngine {
     {
         let start = pfn << PAGE_SHIFT;
         let end = (pfn + count) << PAGE_SHIFT;
-        let outside = for_each_region_piece(mem, start, end, |_, gpa, len| {
+        let outside = for_each_region_piece(mem, start, end, |_, gpa, len, _| {
             self.metrics.inflated_pages += len >> PAGE_SHIFT;
             self.add_pending(mem, gpa, gpa + len);
         });
@@ -448,11 +455,7 @@ impl PageEngine {
             return;
         }
         let page = self.host_page;
-        for_each_region_piece(mem, s, e, |region, gpa, len| {
-            let Some(range) = host_range(region, gpa, len) else {
-                return;
-            };
-            let host = range.host_addr as u64;
+        for_each_region_piece(mem, s, e, |region, gpa, len, host| {
             let (a, b) = (host.next_multiple_of(page), (host + len) / page * page);
             if a > b {
                 // Inside one host page.
@@ -531,15 +534,11 @@ impl PageEngine {
         let page = self.host_page;
         self.partial.remove(start, end, page);
         let mut inside = 0u64;
-        let outside = for_each_region_piece(mem, start, end, |region, gpa, len| {
+        let outside = for_each_region_piece(mem, start, end, |region, gpa, len, host| {
             inside += len >> PAGE_SHIFT;
             // Populate whole host pages, clipped to the region.
             let region_start = region.start_addr().0;
             let region_end = region_start.saturating_add(region.len());
-            let Some(r) = host_range(region, gpa, len) else {
-                return;
-            };
-            let host = r.host_addr as u64;
             let lo = gpa.saturating_sub(host % page).max(region_start);
             let hi = (gpa + ((host + len).next_multiple_of(page) - host)).min(region_end);
             if let Some(r) = host_range(region, lo, hi - lo) {
@@ -565,11 +564,7 @@ impl PageEngine {
         };
         let page = self.host_page;
         let mut done = 0u64;
-        for_each_region_piece(mem, gpa, end, |region, gpa, len| {
-            let Some(r) = host_range(region, gpa, len) else {
-                return;
-            };
-            let host = r.host_addr as u64;
+        for_each_region_piece(mem, gpa, end, |region, gpa, len, host| {
             let (a, b) = (host.next_multiple_of(page), (host + len) / page * page);
             if a >= b {
                 return;
@@ -600,7 +595,18 @@ mod tests {
     #[derive(Debug, Default)]
     struct Recorder {
         page: u64,
+        fail: bool,
         calls: Mutex<Vec<(char, u64, u64)>>,
+    }
+
+    impl Recorder {
+        fn result(&self) -> io::Result<()> {
+            if self.fail {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        }
     }
 
     impl MemoryBackend for Recorder {
@@ -609,11 +615,11 @@ mod tests {
         }
         fn discard(&self, r: &HostRange<'_>) -> io::Result<()> {
             self.calls.lock().unwrap().push(('d', r.gpa.0, r.len));
-            Ok(())
+            self.result()
         }
         fn populate(&self, r: &HostRange<'_>) -> io::Result<()> {
             self.calls.lock().unwrap().push(('p', r.gpa.0, r.len));
-            Ok(())
+            self.result()
         }
     }
 
@@ -779,6 +785,63 @@ mod tests {
             want.push(('d', first_boundary, whole));
         }
         assert_eq!(calls, want);
+    }
+
+    #[test]
+    fn backend_failures_are_counted() {
+        let rec = Arc::new(Recorder {
+            page: 4096,
+            fail: true,
+            ..Default::default()
+        });
+        let mut e = PageEngine::new(rec.clone());
+        let m = mem();
+        e.inflate(&m, 0, 2);
+        e.flush(&m);
+        e.deflate(&m, 0, 1);
+        assert_eq!(e.report(&m, 0x10_0000, 0x1000), 0);
+        let got = e.metrics;
+        assert_eq!((got.discard_calls, got.discards_failed), (2, 2));
+        assert_eq!((got.populate_calls, got.populates_failed), (1, 1));
+        assert_eq!((got.discarded_bytes, got.reported_bytes), (0, 0));
+        assert_eq!(rec.calls.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn odd_host_page_sizes_fall_back_to_4k() {
+        for page in [0, 3000, 2048, 0x3000] {
+            assert_eq!(engine(page).0.host_page(), PAGE_SIZE, "{page}");
+        }
+        let mut none = PartialPages::new(PAGE_SIZE);
+        assert!(!none.add(0, 0, 1), "4 KiB host pages need no table");
+    }
+
+    #[test]
+    fn tracked_pages_survive_unrelated_deflates_but_not_inhibition() {
+        let (mut e, rec) = engine(0x20_0000);
+        let m = mem();
+        let host = m.get_host_address(GuestAddress(0)).unwrap() as u64;
+        if host % 0x20_0000 != 0 {
+            return; // the mapping is not huge-page aligned; covered elsewhere
+        }
+        e.inflate(&m, 0, 256);
+        e.flush(&m);
+        // A deflate in another host page leaves the tracked half alone.
+        e.deflate(&m, 0x300, 1);
+        e.inflate(&m, 256, 256);
+        e.flush(&m);
+        assert_eq!(
+            rec.calls.lock().unwrap().clone(),
+            [('p', 0x20_0000, 0x20_0000), ('d', 0, 0x20_0000)]
+        );
+        // Inhibiting forgets half-inflated pages: they are never discarded.
+        e.inflate(&m, 0x200, 256);
+        e.flush(&m);
+        e.set_inhibited(true);
+        e.set_inhibited(false);
+        e.inflate(&m, 0x300, 256);
+        e.flush(&m);
+        assert_eq!(rec.calls.lock().unwrap().len(), 2);
     }
 
     #[test]
