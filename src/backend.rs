@@ -248,6 +248,22 @@ mod tests {
     }
 
     #[test]
+    fn punch_hole_failures_are_errors() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let tmp = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let read_only = std::fs::File::open(tmp.as_path()).unwrap();
+        let fo = FileOffset::new(read_only, 0);
+        let backend = MadviseBackend::default().punch_holes(true);
+        let mut range = range_of(&mem, 0x2000, 0x1000);
+        range.file_offset = Some(&fo);
+        // fallocate on a read-only descriptor fails, and so does an offset past off_t.
+        assert!(backend.discard(&range).is_err());
+        range.region_offset = u64::MAX;
+        let err = backend.discard(&range).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
     fn page_size_must_be_a_power_of_two() {
         assert!(MadviseBackend::with_page_size(0x20_0000).is_some());
         assert_eq!(

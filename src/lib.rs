@@ -22,6 +22,10 @@
 //! * [`HintControl`]: the migration thread's handle on the hint state machine
 //!   ([`device::hint`]); it is also the device's
 //!   [`PrecopyNotifier`](migration::PrecopyNotifier).
+//! * The traditional balloon on the same device: inflate and deflate towards
+//!   [`Balloon::set_target`] through a [`MemoryBackend`](backend::MemoryBackend) (by default
+//!   `madvise`, [`backend`]), statistics ([`device::stats`]), free page reporting, page
+//!   poison, [`BalloonMetrics`] and snapshot/restore ([`device::snapshot`]).
 //! * [`sink`]: the [`FreePageSink`](sink::FreePageSink) trait through which the device hands
 //!   over validated free ranges.
 //! * [`migration`]: [`MigrationBitmap`](migration::MigrationBitmap), the "to send" bitmap of

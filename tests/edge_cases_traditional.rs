@@ -1778,3 +1778,74 @@ fn flush_timer_discards_the_pending_range_through_the_event_loop() {
     r.flush();
     assert!(r.calls().is_empty());
 }
+
+/// Inflate, deflate and statistics buffers whose descriptors point outside guest memory:
+/// acked (or held, for statistics) and counted as malformed; nothing reaches the backend.
+#[test]
+fn unreadable_elements_are_acked_and_counted() {
+    let mut r = Rig::ready(cfg(), ram(), PAGE);
+    let outside = 0x7000_0000_0000u64;
+    r.element(QueueRole::Inflate, &[out(outside, 8)]);
+    r.element(QueueRole::Deflate, &[out(outside, 4)]);
+    // A readable PFN first, then the unreadable rest: the first one still counts.
+    let a = pfn(TARGETS);
+    let addr = r.put(&pfn_bytes(&[a]));
+    r.element(QueueRole::Inflate, &[out(addr, 4), out(outside, 4)]);
+    r.flush();
+    let m = r.metrics();
+    assert_eq!(m.pages.malformed_elements, 3);
+    assert_eq!(m.pages.inflated_pages, 1);
+    assert_eq!(
+        ranges(&r.take_calls(), Op::Discard),
+        [(u64::from(a) * PAGE, PAGE)]
+    );
+    let first = r.stats(&[out(outside, 10)]);
+    assert_eq!(r.metrics().stats_malformed, 1);
+    assert_eq!(r.metrics().stats_updates, 0);
+    assert!(r.dev(|d| d.latest_stats().is_none()));
+    // Still held: a request gives it back.
+    assert!(r.dev(|d| d.request_stats()));
+    assert_eq!(r.used(QueueRole::Stats, 0), (u32::from(first), 0));
+}
+
+/// `request_stats` does nothing without a held buffer, before DRIVER_OK, while paused and
+/// on a device without a statistics queue; `set_target_bytes` rounds down to pages and a
+/// target equal to `actual` is reached at once.
+#[test]
+fn stats_requests_and_targets_in_every_state() {
+    let mut r = Rig::new(cfg(), ram(), PAGE);
+    assert!(!r.dev(|d| d.request_stats()), "not activated");
+    r.negotiate();
+    r.driver_ok();
+    assert!(!r.dev(|d| d.request_stats()), "nothing held");
+    let addr = r.put(&stats_bytes(&[(4, 1), (5, 2)]));
+    let head = r.stats(&[out(addr, 20)]);
+    r.dev(|d| d.pause());
+    assert!(!r.dev(|d| d.request_stats()), "paused");
+    r.dev(|d| d.resume());
+    assert!(r.dev(|d| d.request_stats()));
+    assert_eq!(r.used(QueueRole::Stats, 0), (u32::from(head), 0));
+    assert!(!r.dev(|d| d.request_stats()), "given back already");
+    assert_eq!(r.take_events(), BalloonEvents::STATS_UPDATED);
+
+    r.dev(|d| d.set_target_bytes((5 << 12) + 123));
+    assert_eq!(r.dev(|d| d.num_pages()), 5);
+    r.cfg_write(4, &5u32.to_le_bytes());
+    let events = r.take_events();
+    assert!(events.contains(BalloonEvents::TARGET_REACHED));
+    assert!(events.contains(BalloonEvents::ACTUAL_CHANGED));
+    assert_eq!(events.bits(), 3);
+    // Setting the target to where the driver already is reports it reached.
+    r.dev(|d| d.set_target(5));
+    assert!(r.take_events().contains(BalloonEvents::TARGET_REACHED));
+    r.dev(|d| d.set_target_bytes(u64::MAX));
+    assert_eq!(r.dev(|d| d.num_pages()), u32::MAX);
+    assert!(r.take_events().is_empty());
+
+    let no_stats = BalloonConfig {
+        stats: false,
+        ..cfg()
+    };
+    let r = Rig::ready(no_stats, ram(), PAGE);
+    assert!(!r.dev(|d| d.request_stats()), "no statistics queue");
+}

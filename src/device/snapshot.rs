@@ -282,3 +282,45 @@ where
         Ok(dev)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_what_differs() {
+        let cases = [
+            (
+                RestoreError::Create(BalloonError::ZeroBudget),
+                "chains_per_wakeup",
+            ),
+            (
+                RestoreError::FeaturesDiffer {
+                    saved: 0x10,
+                    offered: 0x20,
+                },
+                "0x10",
+            ),
+            (
+                RestoreError::Features(FeatureError::NoVersion1),
+                "VERSION_1",
+            ),
+            (
+                RestoreError::QueueCount {
+                    saved: 3,
+                    expected: 4,
+                },
+                "3 queues",
+            ),
+            (RestoreError::Queue { index: 2 }, "queue 2"),
+            (
+                RestoreError::Activate(ActivateError::LegacyDriver),
+                "activate",
+            ),
+        ];
+        for (e, want) in cases {
+            let text = e.to_string();
+            assert!(text.contains(want), "{text:?} lacks {want:?}");
+        }
+    }
+}
