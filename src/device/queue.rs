@@ -43,6 +43,7 @@ where
             warn_limited!(RING_ERROR, "balloon: queue {}: {}", index, e);
             break;
         }
+        let before = handled;
         loop {
             if handled >= budget {
                 more = true;
@@ -72,6 +73,18 @@ where
             }
         }
         match queue.enable_notification(mem) {
+            // More is available but this round popped nothing: the ring cannot be read, or
+            // the driver placed it so that the device's own writes (the used ring's flags
+            // over the available index) change it. Looping would never end; the next kick
+            // retries.
+            Ok(true) if handled == before => {
+                warn_limited!(
+                    RING_ERROR,
+                    "balloon: queue {}: ring makes no progress",
+                    index
+                );
+                break;
+            }
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
@@ -89,4 +102,41 @@ where
         }
     }
     more
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// A driver may place the used ring so that its `flags` word is the available index
+    /// (used ring = available ring + 2). Then every `disable_notification` /
+    /// `enable_notification` pair rewrites the index the device is about to compare against:
+    /// the loop must stop once a round pops nothing (found by the balloon_device fuzzer).
+    #[test]
+    fn used_flags_over_the_available_index_does_not_loop() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (desc, avail, used) = (0x1000u64, 0x2002u64, 0x2004u64);
+        let mut q = Queue::new(4).unwrap();
+        q.set_size(4);
+        q.set_desc_table_address(Some(desc as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(&mem));
+        // One readable descriptor at index 0, made available.
+        mem.write_obj(0x5000u64, GuestAddress(desc)).unwrap();
+        mem.write_obj(4u32, GuestAddress(desc + 8)).unwrap();
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        let irq = Interrupt::new().unwrap();
+        let evt = EventFd::new(0).unwrap();
+        let mut seen = 0;
+        let more = serve(&mut q, &mem, 0, 64, &irq, &evt, |chain, _| {
+            seen += 1;
+            Some(chain.head_index())
+        });
+        assert!((1..64).contains(&seen), "popped {seen} chains");
+        assert!(!more, "no re-arm for a ring that makes no progress");
+    }
 }
