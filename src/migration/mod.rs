@@ -10,6 +10,8 @@
 //! * [`PrecopyNotifierChain`]: the precopy events (setup, before and after each bitmap sync,
 //!   complete, cleanup) delivered in order to [`PrecopyNotifier`]s such as the balloon
 //!   device, which starts and stops hint rounds on them.
+//! * [`Precopy`]: the reference precopy loop, which drives both and writes the pages to any
+//!   `Write` in the [`wire`] format; [`Receiver`] applies that stream on the destination.
 //!
 //! # Why hints cannot lose data
 //!
@@ -23,6 +25,8 @@
 mod bitmap;
 mod dirty_log;
 mod notifier;
+mod precopy;
+pub mod wire;
 
 pub use bitmap::MigrationBitmap;
 pub use dirty_log::{
@@ -32,6 +36,11 @@ pub use notifier::{
     MigrationState, NotifierError, NotifierFailure, NotifierId, NotifyError, PrecopyContext,
     PrecopyEvent, PrecopyNotifier, PrecopyNotifierChain,
 };
+pub use precopy::{
+    CancelToken, IterationStats, MigrationReport, Precopy, PrecopyConfig, PrecopyError, VmControl,
+    VmControlError,
+};
+pub use wire::{ReceiveStats, Receiver, WireError};
 
 use std::fmt;
 
