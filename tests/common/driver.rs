@@ -1352,6 +1352,18 @@ impl Driver {
         }
     }
 
+    /// Allocates one block for the guest's own use: pops the highest free block, as
+    /// `get_free_page_and_send` does. `None` when the free set is empty.
+    pub fn alloc_block(&self) -> Option<GuestAddress> {
+        lock(&self.inner.alloc).free.pop_last().map(GuestAddress)
+    }
+
+    /// Frees a block the guest allocated with [`alloc_block`](Self::alloc_block) back to the
+    /// allocator's free set.
+    pub fn free_block(&self, b: GuestAddress) {
+        lock(&self.inner.alloc).free.insert(b.0);
+    }
+
     /// Takes every free block out of the allocator (the guest "uses" them).
     pub fn take_free_blocks(&self) -> Vec<GuestAddress> {
         let mut a = lock(&self.inner.alloc);

@@ -15,6 +15,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod driver;
+pub mod guest;
 pub mod mmio;
 pub mod ring;
 
@@ -40,6 +41,7 @@ pub use driver::{
     PAGE_REPORTING_CAPACITY, STAT_ENTRY_BYTES, VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_OOM_NR_PAGES, VIRTIO_BALLOON_PFN_SHIFT,
 };
+pub use guest::*;
 pub use mmio::{cmd, config, feature, isr, reg, status, Access, Bus, TracingBus};
 pub use ring::{Desc, Part, RingLayout, UsedBuf};
 
@@ -83,6 +85,9 @@ pub struct HarnessConfig {
     pub probe: bool,
     /// Start the driver's background interrupt and workqueue threads (after the probe).
     pub background: bool,
+    /// Pause of the event manager thread after each wake-up that handled at least one event
+    /// (zero: none), to make the device lag behind the guest.
+    pub device_lag: Duration,
 }
 
 impl HarnessConfig {
@@ -110,6 +115,7 @@ impl HarnessConfig {
             },
             probe: true,
             background: false,
+            device_lag: Duration::ZERO,
         }
     }
 }
@@ -137,6 +143,7 @@ impl HarnessConfig {
             },
             probe: true,
             background: false,
+            device_lag: Duration::ZERO,
         }
     }
 }
@@ -238,6 +245,7 @@ impl Harness {
             let dev = dev.clone();
             let stop = em_stop.clone();
             let errors = em_errors.clone();
+            let lag = cfg.device_lag;
             std::thread::Builder::new()
                 .name("event-manager".into())
                 .spawn(move || {
@@ -251,12 +259,19 @@ impl Harness {
                     em.add_subscriber(dev);
                     let _ = ready_tx.send(Ok(()));
                     while !stop.load(Ordering::SeqCst) {
-                        if let Err(e) = em.run_with_timeout(20) {
-                            errors
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .push(format!("{e:?}"));
-                            return;
+                        match em.run_with_timeout(20) {
+                            Ok(handled) => {
+                                if handled > 0 && !lag.is_zero() {
+                                    std::thread::sleep(lag);
+                                }
+                            }
+                            Err(e) => {
+                                errors
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(format!("{e:?}"));
+                                return;
+                            }
                         }
                     }
                 })
