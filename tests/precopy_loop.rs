@@ -581,3 +581,155 @@ fn the_iteration_limit_forces_the_switchover() {
     assert_eq!(report.iterations[3].iteration, 4);
     assert!(report.iterations[3].final_stage);
 }
+
+/// Cancels `token` once `after` bytes went through.
+struct CancelAfter {
+    token: CancelToken,
+    after: usize,
+    seen: usize,
+}
+
+impl Write for CancelAfter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.seen += buf.len();
+        if self.seen >= self.after {
+            self.token.cancel();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_cancel_in_the_middle_of_a_pass_stops_it() {
+    let src = memory(&[(0, 16 * MIB)]);
+    for gpa in (0..16 * MIB).step_by(PAGE as usize) {
+        src.write_slice(&page_pattern(gpa, 0), GuestAddress(gpa))
+            .unwrap();
+    }
+    let bitmap = MigrationBitmap::new(&src).unwrap();
+    let chain = PrecopyNotifierChain::new();
+    let token = CancelToken::new();
+    let mut vm = Vm::default();
+    let out = CancelAfter {
+        token: token.clone(),
+        after: MIB as usize,
+        seen: 0,
+    };
+    let err = Precopy::new(&src, &bitmap, &chain)
+        .cancel_token(token.clone())
+        .run(&mut GuestMemoryDirtyLog::new(&src), &mut vm, out)
+        .unwrap_err();
+    assert!(matches!(err, PrecopyError::Cancelled));
+    assert!(token.is_cancelled());
+    assert_eq!(vm.stops, 0);
+    // It stopped within a check interval of the cancel: most pages are still to send.
+    assert!(
+        bitmap.dirty_pages() > 3 * MIB / PAGE,
+        "{}",
+        bitmap.dirty_pages()
+    );
+}
+
+#[test]
+fn a_bandwidth_limit_still_delivers_everything() {
+    let regions = [(0, 4 * MIB)];
+    let src = memory(&regions);
+    for gpa in (0..4 * MIB).step_by(PAGE as usize) {
+        src.write_slice(&page_pattern(gpa, 0), GuestAddress(gpa))
+            .unwrap();
+    }
+    let bitmap = MigrationBitmap::new(&src).unwrap();
+    let chain = PrecopyNotifierChain::new();
+    let mut stream = Vec::new();
+    // 16 MiB/s: 1.6 MiB per 100 ms window, so the loop sleeps between windows.
+    let report = Precopy::new(&src, &bitmap, &chain)
+        .config(PrecopyConfig {
+            max_bandwidth: Some(16 * MIB),
+            ..PrecopyConfig::default()
+        })
+        .run(
+            &mut GuestMemoryDirtyLog::new(&src),
+            &mut Vm::default(),
+            &mut stream,
+        )
+        .unwrap();
+    assert_eq!(report.pages_sent, 4 * MIB / PAGE);
+    assert!(report.bandwidth > 0.0 && report.bandwidth <= (16 * MIB) as f64);
+    let dst = dest_of(&regions);
+    Receiver::new(&dst).unwrap().receive(&stream[..]).unwrap();
+    assert_same(&src, &dst, &regions);
+}
+
+#[test]
+fn waiting_for_a_round_the_guest_never_started_returns_at_once() {
+    use virtio_balloon::{Balloon, BalloonConfig};
+    let mem = Arc::new(memory(&[(0, 4 * MIB)]));
+    let bitmap = Arc::new(MigrationBitmap::new(&*mem).unwrap());
+    let balloon = Balloon::new(
+        BalloonConfig {
+            free_page_hint: true,
+            ..BalloonConfig::default()
+        },
+        mem.clone(),
+        bitmap.clone(),
+    )
+    .unwrap();
+    let mut chain = PrecopyNotifierChain::new();
+    chain.add(Arc::new(balloon.hint_control()));
+    // No driver: hinting is not negotiated, the notifier does nothing and the wait ends
+    // without a round, long before its deadline.
+    let precopy = Precopy::new(&*mem, &bitmap, &chain)
+        .wait_for_hint_round(balloon.hint_control(), Duration::from_secs(3600));
+    assert!(format!("{precopy:?}").contains("wait_for_hints: Some(3600s)"));
+    let report = precopy
+        .run(
+            &mut GuestMemoryDirtyLog::new(&mem),
+            &mut Vm::default(),
+            io::sink(),
+        )
+        .unwrap();
+    assert_eq!(report.hint_round_completed, Some(false));
+    assert_eq!(report.zero_pages, 4 * MIB / PAGE);
+}
+
+#[test]
+fn errors_name_their_cause() {
+    use std::error::Error as _;
+    let io_err = PrecopyError::Io(io::Error::other("pipe"));
+    assert_eq!(
+        io_err.to_string(),
+        "writing the migration stream failed: pipe"
+    );
+    assert!(io_err.source().is_some());
+    let mem_err = PrecopyError::Memory {
+        addr: GuestAddress(0x5000),
+    };
+    assert_eq!(mem_err.to_string(), "reading guest memory at 0x5000 failed");
+    assert!(mem_err.source().is_none());
+    assert!(PrecopyError::Cancelled.source().is_none());
+    let stop = PrecopyError::StopVm("busy".into());
+    assert_eq!(stop.source().unwrap().to_string(), "busy");
+
+    // A Setup failure and a sync failure carry their sources.
+    let src = memory(&[(0, MIB)]);
+    let bitmap = MigrationBitmap::new(&src).unwrap();
+    let mut chain = PrecopyNotifierChain::new();
+    chain.add(Journal::new(Some(PrecopyEvent::Setup)));
+    let err = Precopy::new(&src, &bitmap, &chain)
+        .run(
+            &mut GuestMemoryDirtyLog::new(&src),
+            &mut Vm::default(),
+            io::sink(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().starts_with("migration setup failed: "));
+    assert!(err.source().is_some());
+    let err = Precopy::new(&src, &bitmap, &PrecopyNotifierChain::new())
+        .run(&mut FlakyLog { calls: 0 }, &mut Vm::default(), io::sink())
+        .unwrap_err();
+    assert!(err.source().is_some());
+}

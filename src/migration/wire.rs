@@ -466,6 +466,14 @@ mod tests {
         }
         let ok = receive(&[start, frame(3, 16, 0), frame(5, 0, 0)]).unwrap();
         assert_eq!(ok.zero_pages, 16);
+        let m = mem(0x10000);
+        let rx = Receiver::new(&m).unwrap();
+        assert_eq!(rx.stats(), ReceiveStats::default());
+        use std::error::Error as _;
+        assert!(WireError::Io(io::ErrorKind::UnexpectedEof.into())
+            .source()
+            .is_some());
+        assert!(WireError::Memory { gpa: 0 }.source().is_none());
         assert!(WireError::Io(io::ErrorKind::UnexpectedEof.into())
             .to_string()
             .contains("reading"));
