@@ -1,0 +1,621 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Live migration of a guest, without and with free page hinting, in one process.
+//!
+//! The source guest is real `vm-memory` guest memory with vm-memory's dirty bitmap, the
+//! balloon device behind virtio-mmio with its split rings, eventfds and `event-manager`
+//! thread, and a model of the Linux driver (`tests/common/`) running on its own threads with
+//! a page allocator and an optional writer workload. The reference precopy loop
+//! (`virtio_balloon::migration::Precopy`) sends its memory over a loopback TCP socket to a
+//! destination that applies it with `Receiver`. After each migration every page the guest
+//! holds as allocated is compared between source and destination.
+//!
+//! ```sh
+//! cargo run --release --example precopy                 # 4 GiB guest, 3.5 GiB freed, idle
+//! cargo run --release --example precopy -- --help       # the flags
+//! ```
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufReader, BufWriter};
+use std::net::{TcpListener, TcpStream};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Guest, GuestSpec, WriterSpec, MIB};
+use virtio_balloon::migration::{
+    GuestMemoryDirtyLog, IterationStats, MigrationReport, Precopy, PrecopyConfig,
+    PrecopyNotifierChain, ReceiveStats, Receiver,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+const GIB: u64 = 1 << 30;
+const PAGE: u64 = 4096;
+
+const HELP: &str = "\
+Live-migrates a model guest from a source to a destination in this process, over loopback
+TCP, first without and then with free page hinting, and prints what each run cost.
+
+USAGE: cargo run --release --example precopy -- [FLAGS]
+
+  --mem SIZE          guest memory (default 4G)
+  --dirty SIZE        memory the guest dirtied with non-zero data and then freed before the
+                      migration (default 3.5G; at most what is free)
+  --used SIZE         memory the guest really uses, written at boot (default 48M)
+  --writer MIB_PER_S  a workload that keeps dirtying memory at this rate during the migration,
+                      like a kernel build: it allocates 4 MiB blocks (taking them back from
+                      the balloon driver through its shrinker when none is free), writes
+                      them, and frees the oldest beyond its working set (default 0: idle)
+  --working-set SIZE  what the writer keeps allocated (default 256M)
+  --pace DURATION     the driver's pause per hinted 4 MiB block: 0 = as fast as it can,
+                      1ms = like a guest under software emulation (default 0)
+  --wait on|off       before the first pass, wait for the guest to finish its hint round, so
+                      pages are not sent just before their hint arrives (default on)
+  --wait-deadline DURATION  the longest that wait lasts (default 10s)
+  --downtime DURATION the downtime limit that decides convergence (default 300ms)
+  --bandwidth MIB_PER_S  cap the sending rate while the guest runs (default 0: unlimited)
+  --runs both|plain|hints  which migrations to run (default both)
+  --sweep sizes|pace  instead of one comparison: a table over guest sizes 1, 2, 4, 8 GiB
+                      (dirty = 7/8 of the guest), or over the driver's pace with and without
+                      waiting for the round
+  --seed N            seed of the page contents and the writer (default 1)
+  --quiet             no progress line per iteration
+  --help              this text
+
+SIZE: a number of bytes with an optional K, M or G suffix (3.5G, 512M).
+DURATION: a number with ns, us, ms or s (1ms, 250us, 10s); a bare 0 is zero.
+
+Exit status 1 if any page the guest holds differs on the destination.";
+
+#[derive(Clone, Debug)]
+struct Options {
+    mem: u64,
+    dirty: u64,
+    used: u64,
+    writer: u64,
+    working_set: u64,
+    pace: Duration,
+    wait: bool,
+    wait_deadline: Duration,
+    downtime: Duration,
+    bandwidth: u64,
+    runs: Runs,
+    sweep: Option<Sweep>,
+    seed: u64,
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Runs {
+    Both,
+    Plain,
+    Hints,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sweep {
+    Sizes,
+    Pace,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mem: 4 * GIB,
+            dirty: 3584 * MIB,
+            used: 48 * MIB,
+            writer: 0,
+            working_set: 256 * MIB,
+            pace: Duration::ZERO,
+            wait: true,
+            wait_deadline: Duration::from_secs(10),
+            downtime: Duration::from_millis(300),
+            bandwidth: 0,
+            runs: Runs::Both,
+            sweep: None,
+            seed: 1,
+            quiet: false,
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], MIB),
+        Some('G') => (&s[..s.len() - 1], GIB),
+        _ => (s, 1),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("bad size '{s}'"))?;
+    if !(0.0..=(1u64 << 50) as f64).contains(&v) {
+        return Err(format!("size '{s}' out of range"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad duration '{s}'"))?;
+    let secs = match unit {
+        "ns" => v / 1e9,
+        "us" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        "" if v == 0.0 => 0.0,
+        _ => return Err(format!("bad duration '{s}' (use ns, us, ms or s)")),
+    };
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("duration '{s}' out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_args() -> Result<Option<Options>, String> {
+    let mut o = Options::default();
+    let mut dirty_set = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            return Ok(None);
+        }
+        if flag == "--quiet" {
+            o.quiet = true;
+            continue;
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value (see --help)"))?;
+        let num = |v: &str| v.parse::<u64>().map_err(|_| format!("bad number '{v}'"));
+        match flag.as_str() {
+            "--mem" => o.mem = parse_size(&value)?,
+            "--dirty" => {
+                o.dirty = parse_size(&value)?;
+                dirty_set = true;
+            }
+            "--used" => o.used = parse_size(&value)?,
+            "--writer" => o.writer = num(&value)?,
+            "--working-set" => o.working_set = parse_size(&value)?,
+            "--pace" => o.pace = parse_duration(&value)?,
+            "--wait" => {
+                o.wait = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--wait takes on or off, not '{value}'")),
+                }
+            }
+            "--wait-deadline" => o.wait_deadline = parse_duration(&value)?,
+            "--downtime" => o.downtime = parse_duration(&value)?,
+            "--bandwidth" => o.bandwidth = num(&value)?,
+            "--runs" => {
+                o.runs = match value.as_str() {
+                    "both" => Runs::Both,
+                    "plain" => Runs::Plain,
+                    "hints" => Runs::Hints,
+                    _ => return Err(format!("--runs takes both, plain or hints, not '{value}'")),
+                }
+            }
+            "--sweep" => {
+                o.sweep = Some(match value.as_str() {
+                    "sizes" => Sweep::Sizes,
+                    "pace" => Sweep::Pace,
+                    _ => return Err(format!("--sweep takes sizes or pace, not '{value}'")),
+                })
+            }
+            "--seed" => o.seed = num(&value)?,
+            _ => return Err(format!("unknown flag {flag} (see --help)")),
+        }
+    }
+    if o.mem % (4 * MIB) != 0 || o.mem < 64 * MIB {
+        return Err("--mem must be a multiple of 4M and at least 64M".into());
+    }
+    if !dirty_set && o.mem != Options::default().mem {
+        o.dirty = o.mem / 8 * 7;
+    }
+    Ok(Some(o))
+}
+
+/// One migration's outcome.
+struct RunResult {
+    report: MigrationReport,
+    received: ReceiveStats,
+    used: u64,
+    mismatches: Vec<GuestAddress>,
+    writer_pages: u64,
+    shrinker_blocks: u64,
+}
+
+/// Asks the kernel for transparent huge pages on guest memory, as QEMU does for its RAM
+/// (`MADV_HUGEPAGE`): page faults on a fresh destination then cost far less.
+fn use_huge_pages<B: vm_memory::bitmap::Bitmap>(mem: &GuestMemoryMmap<B>) {
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: the range is one mapping that `mem` owns and keeps alive; MADV_HUGEPAGE
+        // only changes how the kernel backs it and never its contents.
+        unsafe {
+            libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+fn progress(label: &str, it: &IterationStats) {
+    let stage = if it.final_stage {
+        "final stage".to_string()
+    } else {
+        format!("iteration {}", it.iteration)
+    };
+    println!(
+        "  [{label}] {stage}: sent {:.1} MiB ({} pages, {} zero), {} pages skipped by hints, \
+         {:.3} s, {} pages dirty after the sync",
+        it.bytes as f64 / MIB as f64,
+        it.pages_sent,
+        it.zero_pages,
+        it.hinted_pages,
+        it.duration.as_secs_f64(),
+        it.dirty_after_sync
+    );
+}
+
+/// Boots a source guest, migrates it to a fresh destination over loopback TCP, and checks
+/// every allocated page.
+fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
+    let spec = GuestSpec {
+        hinting,
+        block_pace: o.pace,
+        seed: o.seed,
+        ..GuestSpec::new(o.mem, o.used, o.dirty)
+    };
+    let guest = Guest::boot(&spec);
+    let src = guest.mem().clone();
+    let dst = Arc::new(
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), o.mem as usize)])
+            .expect("destination memory"),
+    );
+    use_huge_pages(&dst);
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+    let addr = listener.local_addr().expect("listening address");
+    let destination = {
+        let dst = dst.clone();
+        std::thread::Builder::new()
+            .name("destination".into())
+            .spawn(move || {
+                let (stream, _) = listener.accept().expect("accept the source");
+                let mut rx = Receiver::new(&*dst).expect("destination bitmap");
+                rx.receive(BufReader::with_capacity(1 << 20, stream))
+            })
+            .expect("spawn the destination")
+    };
+    let stream = TcpStream::connect(addr).expect("connect to the destination");
+    let _ = stream.set_nodelay(true);
+
+    if o.writer > 0 {
+        guest.start_writer(WriterSpec {
+            seed: o.seed,
+            ..WriterSpec::new(o.writer * MIB, o.working_set)
+        });
+    }
+    let mut chain = PrecopyNotifierChain::new();
+    if hinting {
+        chain.add(Arc::new(guest.hints()));
+    }
+    let config = PrecopyConfig {
+        downtime_limit: o.downtime,
+        max_bandwidth: (o.bandwidth > 0).then_some(o.bandwidth * MIB),
+        ..PrecopyConfig::default()
+    };
+    let mut precopy = Precopy::new(&*src, &guest.bitmap, &chain).config(config);
+    if hinting && o.wait {
+        precopy = precopy.wait_for_hint_round(guest.hints(), o.wait_deadline);
+    }
+    if !o.quiet {
+        precopy = precopy.on_iteration(|it| progress(label, it));
+    }
+    let mut vm = guest.vm_control();
+    let report = precopy
+        .run(
+            &mut GuestMemoryDirtyLog::new(&src),
+            &mut vm,
+            BufWriter::with_capacity(1 << 20, stream),
+        )
+        .unwrap_or_else(|e| panic!("[{label}] migration failed: {e}"));
+    let received = destination
+        .join()
+        .expect("destination thread")
+        .unwrap_or_else(|e| panic!("[{label}] destination failed: {e}"));
+
+    // The guest is stopped: compare every page it holds, source against destination, and
+    // against what the model last wrote there.
+    let mut mismatches = guest.stale_pages(&*dst);
+    let mut a = vec![0u8; PAGE as usize];
+    let mut b = vec![0u8; PAGE as usize];
+    for (start, len) in guest.allocated() {
+        for gpa in (start.0..start.0 + len).step_by(PAGE as usize) {
+            let ok = src.read_slice(&mut a, GuestAddress(gpa)).is_ok()
+                && dst.read_slice(&mut b, GuestAddress(gpa)).is_ok();
+            if !ok || a != b {
+                mismatches.push(GuestAddress(gpa));
+            }
+        }
+    }
+    mismatches.sort();
+    mismatches.dedup();
+    let (writer_pages, shrinker_blocks) = if o.writer > 0 {
+        let w = guest.stop_writer();
+        (w.pages_written, w.blocks_from_shrinker)
+    } else {
+        (0, 0)
+    };
+    RunResult {
+        report,
+        received,
+        used: guest.used_bytes(),
+        mismatches,
+        writer_pages,
+        shrinker_blocks,
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+fn reduction(before: f64, after: f64) -> String {
+    if before > 0.0 {
+        format!("{:.1}%", 100.0 * (1.0 - after / before))
+    } else {
+        "-".into()
+    }
+}
+
+/// Prints the mismatches of a run; returns whether there were none.
+fn check(label: &str, r: &RunResult) -> bool {
+    if r.mismatches.is_empty() {
+        return true;
+    }
+    eprintln!(
+        "[{label}] {} pages differ on the destination:",
+        r.mismatches.len()
+    );
+    for gpa in r.mismatches.iter().take(20) {
+        eprintln!("  page {:#x}", gpa.0);
+    }
+    false
+}
+
+fn describe(o: &Options) {
+    println!(
+        "guest {} MiB, dirtied and freed {} MiB, uses {} MiB; writer {}; driver pace {:?} per \
+         4 MiB block; wait for the hint round: {}; downtime limit {:?}; bandwidth {}",
+        o.mem / MIB,
+        o.dirty / MIB,
+        o.used / MIB,
+        if o.writer > 0 {
+            format!("{} MiB/s", o.writer)
+        } else {
+            "off (idle guest)".into()
+        },
+        o.pace,
+        if o.wait { "on" } else { "off" },
+        o.downtime,
+        if o.bandwidth > 0 {
+            format!("{} MiB/s", o.bandwidth)
+        } else {
+            "unlimited".into()
+        }
+    );
+}
+
+fn compare(o: &Options) -> bool {
+    describe(o);
+    let plain = (o.runs != Runs::Hints).then(|| {
+        println!("migrating without hints ...");
+        migrate(o, false, "without hints")
+    });
+    let hinted = (o.runs != Runs::Plain).then(|| {
+        println!("migrating with hints ...");
+        migrate(o, true, "with hints")
+    });
+    println!();
+    println!(
+        "{:<28} {:>16} {:>16} {:>10}",
+        "", "without hints", "with hints", "reduction"
+    );
+    let show = |r: &Option<RunResult>, f: fn(&RunResult) -> String| {
+        r.as_ref().map_or_else(|| "-".to_string(), f)
+    };
+    let reduce = |f: fn(&RunResult) -> f64| match (&plain, &hinted) {
+        (Some(p), Some(h)) => reduction(f(p), f(h)),
+        _ => "-".into(),
+    };
+    let row = |name: &str, f: fn(&RunResult) -> String, red: String| {
+        println!(
+            "{:<28} {:>16} {:>16} {:>10}",
+            name,
+            show(&plain, f),
+            show(&hinted, f),
+            red
+        );
+    };
+    row(
+        "migration time",
+        |r| format!("{:.2} s", r.report.total_time.as_secs_f64()),
+        reduce(|r| r.report.total_time.as_secs_f64()),
+    );
+    row(
+        "sent",
+        |r| format!("{:.1} MiB", mib(r.report.bytes)),
+        reduce(|r| r.report.bytes as f64),
+    );
+    row(
+        "pages skipped (hints)",
+        |r| r.report.hinted_pages.to_string(),
+        String::new(),
+    );
+    row(
+        "downtime",
+        |r| format!("{:.1} ms", r.report.downtime.as_secs_f64() * 1e3),
+        String::new(),
+    );
+    row(
+        "iterations",
+        |r| r.report.iterations.len().to_string(),
+        String::new(),
+    );
+    row(
+        "hint round wait",
+        |r| match r.report.hint_round_completed {
+            Some(done) => format!(
+                "{:.0} ms{}",
+                r.report.hint_wait.as_secs_f64() * 1e3,
+                if done { "" } else { " (deadline)" }
+            ),
+            None => "-".into(),
+        },
+        String::new(),
+    );
+    row(
+        "pages differing",
+        |r| r.mismatches.len().to_string(),
+        String::new(),
+    );
+    let mut ok = true;
+    for (label, r) in [("without hints", &plain), ("with hints", &hinted)] {
+        if let Some(r) = r {
+            ok &= check(label, r);
+            if r.writer_pages > 0 {
+                println!(
+                    "[{label}] the writer wrote {} pages ({} blocks taken back through the \
+                     shrinker)",
+                    r.writer_pages, r.shrinker_blocks
+                );
+            }
+        }
+    }
+    if let Some(h) = &hinted {
+        let bound = h.used as f64 * 1.5 + 16.0 * MIB as f64;
+        println!(
+            "the guest holds {:.1} MiB; with hints {:.1} MiB went out ({:.2} x what it holds; \
+             target at most 1.5 x + 16 MiB = {:.1} MiB: {})",
+            mib(h.used),
+            mib(h.report.bytes),
+            h.report.bytes as f64 / h.used as f64,
+            bound / MIB as f64,
+            if (h.report.bytes as f64) <= bound {
+                "met"
+            } else {
+                "missed"
+            }
+        );
+        println!(
+            "the destination applied {} pages and {} zero pages ({} of them over data)",
+            h.received.pages, h.received.zero_pages, h.received.zero_pages_written
+        );
+    }
+    if ok {
+        println!("every page the guest holds is identical on the destination");
+    }
+    ok
+}
+
+fn sweep_sizes(o: &Options) -> bool {
+    println!(
+        "{:>6} {:>9} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10}",
+        "guest", "freed", "time plain", "time hints", "MiB plain", "MiB hints", "time -", "MiB -"
+    );
+    let mut ok = true;
+    for gib in [1u64, 2, 4, 8] {
+        let opts = Options {
+            mem: gib * GIB,
+            dirty: gib * GIB / 8 * 7,
+            quiet: true,
+            ..o.clone()
+        };
+        let p = migrate(&opts, false, "without hints");
+        let h = migrate(&opts, true, "with hints");
+        ok &= check("without hints", &p) & check("with hints", &h);
+        let (tp, th) = (
+            p.report.total_time.as_secs_f64(),
+            h.report.total_time.as_secs_f64(),
+        );
+        println!(
+            "{:>4}G {:>6} MiB {:>10.2} s {:>10.3} s {:>12.1} {:>12.1} {:>10} {:>10}",
+            gib,
+            opts.dirty / MIB,
+            tp,
+            th,
+            mib(p.report.bytes),
+            mib(h.report.bytes),
+            reduction(tp, th),
+            reduction(p.report.bytes as f64, h.report.bytes as f64)
+        );
+    }
+    ok
+}
+
+fn sweep_pace(o: &Options) -> bool {
+    println!(
+        "{:>8} {:>6} {:>10} {:>10} {:>12} {:>10}",
+        "pace", "wait", "time", "MiB sent", "skipped", "round wait"
+    );
+    let mut ok = true;
+    for pace in [0u64, 100, 1000] {
+        for wait in [false, true] {
+            let opts = Options {
+                pace: Duration::from_micros(pace),
+                wait,
+                quiet: true,
+                ..o.clone()
+            };
+            let h = migrate(&opts, true, "with hints");
+            ok &= check("with hints", &h);
+            println!(
+                "{:>6}us {:>6} {:>8.3} s {:>10.1} {:>12} {:>8.0} ms",
+                pace,
+                if wait { "on" } else { "off" },
+                h.report.total_time.as_secs_f64(),
+                mib(h.report.bytes),
+                h.report.hinted_pages,
+                h.report.hint_wait.as_secs_f64() * 1e3
+            );
+        }
+    }
+    ok
+}
+
+fn main() -> ExitCode {
+    let o = match parse_args() {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            println!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let start = Instant::now();
+    let ok = match o.sweep {
+        None => compare(&o),
+        Some(Sweep::Sizes) => {
+            describe(&o);
+            sweep_sizes(&o)
+        }
+        Some(Sweep::Pace) => {
+            describe(&o);
+            sweep_pace(&o)
+        }
+    };
+    println!("(whole run {:.1} s)", start.elapsed().as_secs_f64());
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
