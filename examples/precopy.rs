@@ -19,18 +19,17 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{BufReader, BufWriter};
-use std::net::{TcpListener, TcpStream};
+use std::io::BufWriter;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Guest, GuestSpec, WriterSpec, MIB};
+use common::{Destination, Guest, GuestSpec, WriterSpec, MIB};
 use virtio_balloon::migration::{
     GuestMemoryDirtyLog, IterationStats, MigrationReport, Precopy, PrecopyConfig,
-    PrecopyNotifierChain, ReceiveStats, Receiver,
+    PrecopyNotifierChain, ReceiveStats,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 const GIB: u64 = 1 << 30;
 const PAGE: u64 = 4096;
@@ -230,19 +229,6 @@ struct RunResult {
     shrinker_blocks: u64,
 }
 
-/// Asks the kernel for transparent huge pages on guest memory, as QEMU does for its RAM
-/// (`MADV_HUGEPAGE`): page faults on a fresh destination then cost far less.
-fn use_huge_pages<B: vm_memory::bitmap::Bitmap>(mem: &GuestMemoryMmap<B>) {
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        // SAFETY: the range is one mapping that `mem` owns and keeps alive; MADV_HUGEPAGE
-        // only changes how the kernel backs it and never its contents.
-        unsafe {
-            libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE);
-        }
-    }
-}
-
 fn progress(label: &str, it: &IterationStats) {
     let stage = if it.final_stage {
         "final stage".to_string()
@@ -272,28 +258,7 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
     };
     let guest = Guest::boot(&spec);
     let src = guest.mem().clone();
-    let dst = Arc::new(
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), o.mem as usize)])
-            .expect("destination memory"),
-    );
-    use_huge_pages(&dst);
-
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
-    let addr = listener.local_addr().expect("listening address");
-    let destination = {
-        let dst = dst.clone();
-        std::thread::Builder::new()
-            .name("destination".into())
-            .spawn(move || {
-                let (stream, _) = listener.accept().expect("accept the source");
-                let mut rx = Receiver::new(&*dst).expect("destination bitmap");
-                rx.receive(BufReader::with_capacity(1 << 20, stream))
-            })
-            .expect("spawn the destination")
-    };
-    let stream = TcpStream::connect(addr).expect("connect to the destination");
-    let _ = stream.set_nodelay(true);
-
+    let (destination, stream) = Destination::spawn(o.mem, true, "destination".into(), 1 << 20);
     if o.writer > 0 {
         guest.start_writer(WriterSpec {
             seed: o.seed,
@@ -324,10 +289,8 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
             BufWriter::with_capacity(1 << 20, stream),
         )
         .unwrap_or_else(|e| panic!("[{label}] migration failed: {e}"));
-    let received = destination
-        .join()
-        .expect("destination thread")
-        .unwrap_or_else(|e| panic!("[{label}] destination failed: {e}"));
+    let (received, dst) = destination.join();
+    let received = received.unwrap_or_else(|e| panic!("[{label}] destination failed: {e}"));
 
     // The guest is stopped: compare every page it holds, source against destination, and
     // against what the model last wrote there.

@@ -28,8 +28,7 @@
 
 mod common;
 
-use std::io::{BufReader, BufWriter};
-use std::net::{TcpListener, TcpStream};
+use std::io::BufWriter;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -39,7 +38,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use virtio_balloon::migration::{
     CancelToken, GuestMemoryDirtyLog, MigrationReport, Precopy, PrecopyConfig, PrecopyError,
-    PrecopyNotifierChain, ReceiveStats, Receiver, VmControl, VmControlError, WireError,
+    PrecopyNotifierChain, ReceiveStats, VmControl, VmControlError, WireError,
 };
 use virtio_balloon::HintState;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -58,14 +57,6 @@ type Dst = GuestMemoryMmap<()>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `splitmix64`: spreads consecutive seeds over the generator's state.
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -317,26 +308,12 @@ fn migrate(
     Result<ReceiveStats, WireError>,
     Arc<Dst>,
 ) {
-    let mem_size = guest.spec().mem_size;
-    let dst = Arc::new(
-        Dst::from_ranges(&[(GuestAddress(0), mem_size as usize)]).expect("destination memory"),
+    let (destination, stream) = Destination::spawn(
+        guest.spec().mem_size,
+        false,
+        format!("destination-{}", sc.seed),
+        1 << 18,
     );
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
-    let addr = listener.local_addr().expect("listening address");
-    let destination = {
-        let dst = dst.clone();
-        std::thread::Builder::new()
-            .name(format!("destination-{}", sc.seed))
-            .spawn(move || {
-                let (stream, _) = listener.accept().expect("accept the source");
-                let mut rx = Receiver::new(&*dst).expect("destination bitmap");
-                rx.receive(BufReader::with_capacity(1 << 18, stream))
-            })
-            .expect("spawn the destination")
-    };
-    let stream = TcpStream::connect(addr).expect("connect to the destination");
-    let _ = stream.set_nodelay(true);
-
     let src = guest.mem().clone();
     let mut chain = PrecopyNotifierChain::new();
     chain.add(Arc::new(guest.hints()));
@@ -352,7 +329,7 @@ fn migrate(
         vm,
         BufWriter::with_capacity(1 << 18, stream),
     );
-    let received = destination.join().expect("the destination thread panicked");
+    let (received, dst) = destination.join();
     (result, received, dst)
 }
 

@@ -41,9 +41,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use virtio_balloon::migration::{MigrationBitmap, VmControl, VmControlError};
+use std::io::BufReader;
+use std::net::{TcpListener, TcpStream};
+
+use virtio_balloon::migration::{
+    MigrationBitmap, ReceiveStats, Receiver, VmControl, VmControlError, WireError,
+};
 use virtio_balloon::HintControl;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::{
     blocks, guest_memory, Dev, Driver, Harness, HarnessConfig, Mem, Rng, DEADLINE,
@@ -73,8 +79,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `splitmix64`'s finaliser.
-fn mix(mut x: u64) -> u64 {
+/// `splitmix64`'s finaliser: spreads nearby inputs (seeds, page indices) over 64 bits.
+pub fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -87,7 +93,7 @@ fn filler() -> &'static [u8; 4096] {
     FILLER.get_or_init(|| {
         let mut page = [0u8; 4096];
         for (i, w) in page.chunks_exact_mut(8).enumerate() {
-            w.copy_from_slice(&(mix(i as u64) | 1).to_le_bytes());
+            w.copy_from_slice(&(splitmix(i as u64) | 1).to_le_bytes());
         }
         page
     })
@@ -99,7 +105,8 @@ fn filler() -> &'static [u8; 4096] {
 /// in every line with overwhelming probability; the other words are a fixed filler (cheap
 /// enough to write gigabytes in a debug build).
 pub fn fill_page(seed: u64, gpa: GuestAddress, generation: u32, buf: &mut [u8; 4096]) {
-    let h = mix(mix(seed) ^ gpa.0) ^ mix(u64::from(generation) ^ 0x5851_f42d_4c95_7f2d);
+    let h =
+        splitmix(splitmix(seed) ^ gpa.0) ^ splitmix(u64::from(generation) ^ 0x5851_f42d_4c95_7f2d);
     buf.copy_from_slice(filler());
     for (i, line) in buf.chunks_exact_mut(64).enumerate() {
         let v = h.wrapping_add((i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d)) | 1;
@@ -895,5 +902,69 @@ impl WriterCtx {
             stats.blocks_freed.fetch_add(1, Ordering::SeqCst);
         }
         Some(block.0)
+    }
+}
+
+/// Asks the kernel for transparent huge pages on guest memory, as QEMU does for its RAM
+/// (`MADV_HUGEPAGE`): faults on a fresh destination then cost far less.
+pub fn use_huge_pages<B: Bitmap>(mem: &GuestMemoryMmap<B>) {
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        // SAFETY: the range is one mapping that `mem` owns and keeps alive; MADV_HUGEPAGE
+        // only changes how the kernel backs it, never its contents.
+        unsafe {
+            libc::madvise(region.as_ptr().cast(), len, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+/// A migration destination behind a loopback TCP socket: fresh (zeroed) memory and a thread
+/// that applies the stream to it with [`Receiver`].
+pub struct Destination {
+    /// The destination's guest memory.
+    pub mem: Arc<GuestMemoryMmap<()>>,
+    thread: JoinHandle<Result<ReceiveStats, WireError>>,
+}
+
+impl Destination {
+    /// Maps `mem_size` bytes from address 0 (with huge pages if asked), listens on
+    /// loopback, and returns the destination with the source's end of the connection
+    /// (`TCP_NODELAY` set). `name` names the receiving thread; `buf` is its read buffer.
+    pub fn spawn(mem_size: u64, huge_pages: bool, name: String, buf: usize) -> (Self, TcpStream) {
+        let size = usize::try_from(mem_size).expect("destination size fits usize");
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)])
+                .expect("destination memory"),
+        );
+        if huge_pages {
+            use_huge_pages(&mem);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen on loopback");
+        let addr = listener.local_addr().expect("listening address");
+        let thread = {
+            let mem = mem.clone();
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let (stream, _) = listener.accept().expect("accept the source");
+                    let mut rx = Receiver::new(&*mem).expect("destination bitmap");
+                    rx.receive(BufReader::with_capacity(buf, stream))
+                })
+                .expect("spawn the destination")
+        };
+        let stream = TcpStream::connect(addr).expect("connect to the destination");
+        let _ = stream.set_nodelay(true);
+        (Destination { mem, thread }, stream)
+    }
+
+    /// Waits for the stream to end (or fail) and returns what the receiver said, with the
+    /// destination's memory.
+    ///
+    /// # Panics
+    ///
+    /// If the receiving thread panicked.
+    pub fn join(self) -> (Result<ReceiveStats, WireError>, Arc<GuestMemoryMmap<()>>) {
+        let received = self.thread.join().expect("the destination thread panicked");
+        (received, self.mem)
     }
 }
