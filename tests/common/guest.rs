@@ -446,6 +446,8 @@ impl Guest {
         cfg.background = false;
 
         let mem = guest_memory(&cfg.regions);
+        // Backed as QEMU backs guest RAM (and as the demo's destination is).
+        use_huge_pages(&mem);
         let bitmap = Arc::new(MigrationBitmap::new(&*mem).expect("migration bitmap"));
         let gens = Arc::new(Generations::new(spec.mem_size));
         let mut pages: Vec<u64> = pages_of(LOW_MEMORY.0 .0, LOW_MEMORY.1)
