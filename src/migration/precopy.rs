@@ -565,15 +565,15 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
             vm_running: true,
             postcopy: self.config.postcopy,
         };
+        // The sender borrows its own token: `self` stays free for the progress callback.
+        let cancel = self.cancel.clone();
         let mut tx = Sender {
             mem: self.mem,
             bitmap: self.bitmap,
             out: FrameWriter::new(out),
             buf: Box::new([0u8; WIRE_PAGE_SIZE]),
-            cancel: None,
+            cancel: cancel.as_ref(),
         };
-        let cancel = self.cancel.clone();
-        tx.cancel = cancel.as_ref();
         tx.out.start()?;
 
         // Dirty logging starts: everything is to be sent, and the first sync empties the log.
@@ -602,7 +602,7 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
             throughput.window_start = Instant::now();
             throughput.window_bytes = 0;
             loop {
-                if cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+                if tx.cancelled() {
                     return Err(PrecopyError::Cancelled);
                 }
                 let slice_start = Instant::now();
