@@ -29,10 +29,9 @@ use virtio_balloon::migration::{
     GuestMemoryDirtyLog, IterationStats, MigrationReport, Precopy, PrecopyConfig,
     PrecopyNotifierChain, ReceiveStats,
 };
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 
 const GIB: u64 = 1 << 30;
-const PAGE: u64 = 4096;
 
 const HELP: &str = "\
 Live-migrates a model guest from a source to a destination in this process, over loopback
@@ -295,17 +294,7 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
     // The guest is stopped: compare every page it holds, source against destination, and
     // against what the model last wrote there.
     let mut mismatches = guest.stale_pages(&*dst);
-    let mut a = vec![0u8; PAGE as usize];
-    let mut b = vec![0u8; PAGE as usize];
-    for (start, len) in guest.allocated() {
-        for gpa in (start.0..start.0 + len).step_by(PAGE as usize) {
-            let ok = src.read_slice(&mut a, GuestAddress(gpa)).is_ok()
-                && dst.read_slice(&mut b, GuestAddress(gpa)).is_ok();
-            if !ok || a != b {
-                mismatches.push(GuestAddress(gpa));
-            }
-        }
-    }
+    mismatches.extend(guest.pages_differing_from(&*dst));
     mismatches.sort();
     mismatches.dedup();
     let (writer_pages, shrinker_blocks) = if o.writer > 0 {

@@ -415,19 +415,11 @@ fn check_destination(
     report: &MigrationReport,
     failures: &mut Vec<String>,
 ) -> u64 {
-    let src = guest.mem();
-    let mut differing = Vec::new();
-    let mut a = vec![0u8; PAGE_BYTES as usize];
-    let mut b = vec![0u8; PAGE_BYTES as usize];
-    for (start, len) in guest.allocated() {
-        for gpa in (start.0..start.0 + len).step_by(PAGE_BYTES as usize) {
-            let ok = src.read_slice(&mut a, GuestAddress(gpa)).is_ok()
-                && dst.read_slice(&mut b, GuestAddress(gpa)).is_ok();
-            if !ok || a != b {
-                differing.push(gpa);
-            }
-        }
-    }
+    let differing: Vec<u64> = guest
+        .pages_differing_from(dst)
+        .iter()
+        .map(|g| g.0)
+        .collect();
     let stale: Vec<u64> = guest.stale_pages(dst).iter().map(|g| g.0).collect();
     let mut bad = differing.clone();
     bad.extend(&stale);
@@ -452,7 +444,7 @@ fn check_destination(
     );
     for &gpa in bad.iter().take(SHOW_PAGES) {
         msg.push_str("\n      ");
-        msg.push_str(&describe_page(guest, src, dst, gpa));
+        msg.push_str(&describe_page(guest, guest.mem(), dst, gpa));
     }
     failures.push(msg);
     bad.len() as u64

@@ -578,6 +578,24 @@ impl Guest {
         stale
     }
 
+    /// The pages of [`allocated`](Self::allocated) that differ between this guest's memory
+    /// and `dest` (or cannot be read on either side), ascending. Call it with the VM stopped.
+    pub fn pages_differing_from<B: Bytes<GuestAddress>>(&self, dest: &B) -> Vec<GuestAddress> {
+        let mut differing = Vec::new();
+        let mut a = vec![0u8; PAGE_BYTES as usize];
+        let mut b = vec![0u8; PAGE_BYTES as usize];
+        for (start, len) in self.allocated() {
+            for gpa in pages_of(start.0, len).map(GuestAddress) {
+                let ok = self.harness.mem.read_slice(&mut a, gpa).is_ok()
+                    && dest.read_slice(&mut b, gpa).is_ok();
+                if !ok || a != b {
+                    differing.push(gpa);
+                }
+            }
+        }
+        differing
+    }
+
     /// Starts the workload writer thread, which loops:
     ///
     /// * picks the next page: with `used_share`% probability a random page of the used
