@@ -244,40 +244,19 @@ pub fn split_range<Mem: GuestMemoryBackend + ?Sized>(
     };
     let end = align_down(end);
 
-    let mut cur = start;
-    while cur < end {
-        match mem.find_region(GuestAddress(cur)) {
-            Some(region) => {
-                let region_end = region.start_addr().0.saturating_add(region.len());
-                let piece_end = region_end.min(end);
-                let usable = file_backed_ok || region.file_offset().is_none();
-                // Regions normally start on page boundaries; round again in case one does not.
-                let (s, e) = (align_up(cur).unwrap_or(u64::MAX), align_down(piece_end));
-                if usable && s < e {
-                    f(GuestAddress(s), e - s);
-                    out.accepted += e - s;
-                    out.outside_ram += (s - cur) + (piece_end - e);
-                } else {
-                    out.outside_ram += piece_end - cur;
-                }
-                if piece_end <= cur {
-                    break;
-                }
-                cur = piece_end;
-            }
-            None => {
-                // Skip the hole up to the next region that starts inside the range.
-                let next = mem
-                    .iter()
-                    .map(|r| r.start_addr().0)
-                    .filter(|&s| s > cur && s < end)
-                    .min()
-                    .unwrap_or(end);
-                out.outside_ram += next - cur;
-                cur = next;
-            }
+    let holes = super::regions::for_each_piece(mem, start, end, |region, cur, piece_end| {
+        let usable = file_backed_ok || region.file_offset().is_none();
+        // Regions normally start on page boundaries; round again in case one does not.
+        let (s, e) = (align_up(cur).unwrap_or(u64::MAX), align_down(piece_end));
+        if usable && s < e {
+            f(GuestAddress(s), e - s);
+            out.accepted += e - s;
+            out.outside_ram += (s - cur) + (piece_end - e);
+        } else {
+            out.outside_ram += piece_end - cur;
         }
-    }
+    });
+    out.outside_ram += holes;
     out
 }
 

@@ -14,6 +14,7 @@ pub mod descriptor;
 pub mod hint;
 pub mod pages;
 pub(crate) mod queue;
+mod regions;
 pub mod snapshot;
 pub mod stats;
 mod timer;

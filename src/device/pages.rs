@@ -182,38 +182,17 @@ where
     Mem: GuestMemoryBackend + ?Sized,
     F: FnMut(&Mem::R, u64, u64, u64),
 {
-    let mut outside = 0u64;
-    let mut cur = start;
-    while cur < end {
-        match mem.find_region(GuestAddress(cur)) {
-            Some(region) => {
-                let region_end = region.start_addr().0.saturating_add(region.len());
-                let piece_end = region_end.min(end);
-                if piece_end <= cur {
-                    break;
-                }
-                let host = region
-                    .get_host_address(MemoryRegionAddress(cur - region.start_addr().0))
-                    .map(|h| h as u64);
-                match host {
-                    Ok(host) => f(region, cur, piece_end - cur, host),
-                    Err(_) => outside += piece_end - cur,
-                }
-                cur = piece_end;
-            }
-            None => {
-                let next = mem
-                    .iter()
-                    .map(|r| r.start_addr().0)
-                    .filter(|&s| s > cur && s < end)
-                    .min()
-                    .unwrap_or(end);
-                outside += next - cur;
-                cur = next;
-            }
+    let mut unmapped = 0u64;
+    let holes = super::regions::for_each_piece(mem, start, end, |region, cur, piece_end| {
+        let host = region
+            .get_host_address(MemoryRegionAddress(cur - region.start_addr().0))
+            .map(|h| h as u64);
+        match host {
+            Ok(host) => f(region, cur, piece_end - cur, host),
+            Err(_) => unmapped += piece_end - cur,
         }
-    }
-    outside
+    });
+    holes + unmapped
 }
 
 /// A host range for `[gpa, gpa + len)`, which lies inside `region`.
