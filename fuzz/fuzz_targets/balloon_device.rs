@@ -75,21 +75,25 @@ use std::time::Duration;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtio_balloon::backend::{HostRange, MemoryBackend};
-use virtio_balloon::sink::FreePageSink;
 use virtio_balloon::spec::{features as f, mmio, status};
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use virtio_balloon::{Balloon, BalloonConfig, BalloonEvents, BalloonState, HintState, QueueRole};
+use virtio_balloon_fuzz::desc::{
+    raw_head, walk, write_chain, write_raw, Desc, RawDesc, RawTable, F_NEXT, F_WRITE,
+};
+use virtio_balloon_fuzz::hint::{next_cmd_id, CmdChoice, Hint, RecordingSink};
+use virtio_balloon_fuzz::layout::{
+    guest_write, len_of, Addr, Layout, Len, Placement, RegionSpec, Scratch, MAX_REGIONS, PAGE,
+    RING_REGION_PAGES, TABLE_ENTRIES,
+};
 use virtio_queue::QueueT;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
 
-const PAGE: u64 = 4096;
-const MAX_REGIONS: usize = 4;
-const MAX_REGION_PAGES: u64 = 256;
-/// The ring region: one page of rings per queue, then scratch pages.
-const RING_REGION_PAGES: u64 = 16;
+// The ring region (at least `RING_REGION_PAGES`): one page of rings per queue, then scratch
+// pages.
 const QUEUES: usize = 5;
 const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
@@ -109,8 +113,17 @@ const DATA_SLOT: u64 = 1024;
 const DATA_SLOTS: u64 = 32;
 /// Indirect table slots (16 entries each) after the data slots.
 const TABLE_OFF: u64 = DATA_OFF + DATA_SLOT * DATA_SLOTS;
-const TABLE_ENTRIES: usize = 16;
 const TABLE_SLOTS: u64 = (RING_REGION_PAGES * PAGE - TABLE_OFF) / (TABLE_ENTRIES as u64 * 16);
+/// The scratch area as `Layout` sees it (`Addr::Slot` is a data slot).
+const SCRATCH: Scratch = Scratch {
+    off: SCRATCH_OFF,
+    len: SCRATCH_LEN,
+    slot_off: DATA_OFF,
+    slot_size: DATA_SLOT,
+    slots: DATA_SLOTS,
+    table_off: TABLE_OFF,
+    table_slots: TABLE_SLOTS,
+};
 /// Host mappings: region i is mapped in slot i of an arena aligned to 2 MiB.
 const HUGE: u64 = 2 << 20;
 const ARENA_SLOT: u64 = 4 << 20;
@@ -127,16 +140,10 @@ const MAX_RUN: u32 = 64;
 const MAX_STATS: usize = 100;
 const MAX_WRITABLE: usize = 8;
 const MAX_CUTS: usize = 3;
-const MAX_RAW_WRITES: usize = 16;
-const MAX_RAW_TABLES: usize = 2;
 const MAX_RAW_BYTES: usize = 4;
 const MAX_PREPOST: usize = 4;
 const MAX_ROUND_ELEMENTS: usize = 4;
 const MAX_GUEST_WRITE: usize = 64;
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
 
 /// Everything the device offers.
 const OFFERED: u64 = f::bit(f::VIRTIO_BALLOON_F_MUST_TELL_HOST)
@@ -180,29 +187,19 @@ const REGS: [u64; 23] = [
 // ---------------------------------------------------------------------------------------
 // Input.
 
+/// A region of the input, with where its host mapping starts.
 #[derive(Arbitrary, Debug)]
-struct RegionSpec {
-    /// Hole before the region, in pages (0: adjacent to the previous one).
-    gap_pages: u8,
-    /// Length in pages, 1..=256 (at least 16 for the ring region).
-    pages: u8,
-    /// Bytes cut from the end (only if the top bit is set), for a partial last page.
-    trim: u16,
-    /// Bytes added to the start (only if the top bit is set; never for the ring region).
-    skew: u16,
+struct MappedRegionSpec {
+    region: RegionSpec,
     /// With the top bit set, the mapping starts `host_shift % 512` 4 KiB pages past a 2 MiB
     /// boundary instead of on it.
     host_shift: u16,
 }
 
-#[derive(Arbitrary, Debug)]
-enum Placement {
-    /// The layout starts at this page number (below 2^44).
-    Low(u32),
-    /// The layout starts at this address, rounded down to a page and clamped so it fits.
-    At(u64),
-    /// The layout ends this many pages below the highest address a region can reach.
-    Top(u16),
+impl AsRef<RegionSpec> for MappedRegionSpec {
+    fn as_ref(&self) -> &RegionSpec {
+        &self.region
+    }
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -220,34 +217,6 @@ impl HostPage {
             HostPage::Huge => 2 << 20,
         }
     }
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Addr {
-    /// `page` pages and `offset` bytes into a region (may run past its end).
-    Region { region: u8, page: u8, offset: u16 },
-    /// `back` bytes before the end of a region.
-    End { region: u8, back: u16 },
-    /// A data slot.
-    Data(u8),
-    /// An indirect table slot.
-    Table(u8),
-    /// Anywhere in the scratch area.
-    Scratch(u16),
-    /// Anything.
-    Raw(u64),
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Len {
-    Pages(u8),
-    Jitter {
-        pages: u8,
-        delta: i16,
-    },
-    /// `u32::MAX - x`: overflows `addr + len` near the top, and the 4 GiB chain limit.
-    Huge(u8),
-    Raw(u32),
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -271,16 +240,6 @@ enum Pfn {
     },
     /// `u32::MAX - x`.
     Huge(u8),
-    Raw(u32),
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum CmdChoice {
-    Current,
-    Previous,
-    Next,
-    Stop,
-    Done,
     Raw(u32),
 }
 
@@ -312,20 +271,6 @@ struct Good {
     at: Option<Addr>,
     /// Through the indirect table in this slot.
     indirect: Option<u8>,
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-struct RawDesc {
-    addr: Addr,
-    len: Len,
-    flags: u16,
-    next: u16,
-}
-
-#[derive(Arbitrary, Debug, Clone)]
-struct RawTable {
-    at: Addr,
-    entries: Vec<RawDesc>,
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -473,7 +418,7 @@ enum Op {
 #[derive(Arbitrary, Debug)]
 struct Input {
     placement: Placement,
-    regions: Vec<RegionSpec>,
+    regions: Vec<MappedRegionSpec>,
     ring_region: u8,
     host_page: HostPage,
     /// Inflate, deflate and statistics queues: `1 << (x % 5)` entries.
@@ -490,136 +435,31 @@ struct Input {
 // ---------------------------------------------------------------------------------------
 // Guest memory layout.
 
-#[derive(Debug, Clone)]
-struct Layout {
-    /// `(start, len)` in ascending order; every region ends at or below `u64::MAX`.
-    regions: Vec<(u64, u64)>,
-    /// Pages past a 2 MiB boundary at which each region's mapping starts.
-    host_shift: Vec<u64>,
-    ring: u64,
+/// Pages past a 2 MiB boundary at which each region's mapping starts.
+fn host_shifts(input: &Input, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| match input.regions.get(i) {
+            Some(spec) if spec.host_shift & 0x8000 != 0 => {
+                u64::from(spec.host_shift) % (HUGE / PAGE)
+            }
+            _ => 0,
+        })
+        .collect()
 }
 
-fn align_down(a: u64) -> u64 {
-    a & !(PAGE - 1)
+/// The rings of the queues and the PFNs of the input, in a layout.
+trait BalloonLayout {
+    /// Queue `q`'s descriptor table in the ring region.
+    fn desc_addr(&self, q: usize) -> u64;
+    /// Queue `q`'s available ring in the ring region.
+    fn avail_addr(&self, q: usize) -> u64;
+    /// Queue `q`'s used ring in the ring region.
+    fn used_addr(&self, q: usize) -> u64;
+    /// The PFNs `p` stands for.
+    fn pfn(&self, p: Pfn) -> Vec<u32>;
 }
 
-fn layout(input: &Input) -> Layout {
-    let n = input.regions.len().clamp(1, MAX_REGIONS);
-    let ring_index = usize::from(input.ring_region) % n;
-    let default = RegionSpec {
-        gap_pages: 0,
-        pages: 0,
-        trim: 0,
-        skew: 0,
-        host_shift: 0,
-    };
-    // Offsets from the layout's start (page aligned), in u128.
-    let mut rel = Vec::with_capacity(n);
-    let mut host_shift = Vec::with_capacity(n);
-    let mut cursor = 0u128;
-    for i in 0..n {
-        let spec = input.regions.get(i).unwrap_or(&default);
-        cursor += u128::from(spec.gap_pages) * u128::from(PAGE);
-        let pages = 1 + u64::from(spec.pages) % MAX_REGION_PAGES;
-        let mut len = pages * PAGE;
-        if i == ring_index {
-            len = pages.max(RING_REGION_PAGES) * PAGE;
-            cursor = cursor.next_multiple_of(u128::from(PAGE));
-        } else {
-            if spec.skew & 0x8000 != 0 && i > 0 {
-                cursor += u128::from(spec.skew % 4096);
-            }
-            if spec.trim & 0x8000 != 0 {
-                len -= u64::from(spec.trim % 4096);
-            }
-        }
-        rel.push((cursor, len));
-        cursor += u128::from(len);
-        host_shift.push(if spec.host_shift & 0x8000 != 0 {
-            u64::from(spec.host_shift) % (HUGE / PAGE)
-        } else {
-            0
-        });
-    }
-    let total = cursor;
-    // The last byte of a region can be at most u64::MAX - 1 (start + len must fit in u64).
-    let max_base = align_down((u128::from(u64::MAX) - total) as u64);
-    let base = match input.placement {
-        Placement::Low(p) => (u64::from(p) * PAGE).min(max_base),
-        Placement::At(a) => align_down(a).min(max_base),
-        Placement::Top(k) => max_base.saturating_sub(u64::from(k) * PAGE),
-    };
-    let regions: Vec<(u64, u64)> = rel
-        .iter()
-        .map(|&(off, len)| (base + off as u64, len))
-        .collect();
-    Layout {
-        ring: regions[ring_index].0,
-        regions,
-        host_shift,
-    }
-}
-
-impl Layout {
-    fn region(&self, i: u8) -> (u64, u64) {
-        self.regions[usize::from(i) % self.regions.len()]
-    }
-
-    /// The region holding all of `[addr, addr + len)`.
-    fn containing(&self, addr: u64, len: u64) -> Option<usize> {
-        let end = u128::from(addr) + u128::from(len);
-        self.regions
-            .iter()
-            .position(|&(s, l)| addr >= s && end <= u128::from(s) + u128::from(l))
-    }
-
-    /// Whether every byte of `[addr, addr + len)` is RAM (regions may be adjacent).
-    fn in_ram(&self, addr: u64, len: u64) -> bool {
-        let end = u128::from(addr) + u128::from(len);
-        let mut cur = u128::from(addr);
-        while cur < end {
-            let Some(&(s, l)) = self
-                .regions
-                .iter()
-                .find(|&&(s, l)| cur >= u128::from(s) && cur < u128::from(s) + u128::from(l))
-            else {
-                return false;
-            };
-            cur = u128::from(s) + u128::from(l);
-        }
-        true
-    }
-
-    fn addr(&self, a: Addr) -> u64 {
-        match a {
-            Addr::Region {
-                region,
-                page,
-                offset,
-            } => {
-                let (s, _) = self.region(region);
-                s.wrapping_add(u64::from(page) * PAGE)
-                    .wrapping_add(u64::from(offset))
-            }
-            Addr::End { region, back } => {
-                let (s, l) = self.region(region);
-                (s + l).wrapping_sub(u64::from(back))
-            }
-            Addr::Data(slot) => self.data_slot(u64::from(slot)),
-            Addr::Table(slot) => self.table_slot(u64::from(slot)),
-            Addr::Scratch(x) => self.ring + SCRATCH_OFF + u64::from(x) % SCRATCH_LEN,
-            Addr::Raw(a) => a,
-        }
-    }
-
-    fn data_slot(&self, slot: u64) -> u64 {
-        self.ring + DATA_OFF + (slot % DATA_SLOTS) * DATA_SLOT
-    }
-
-    fn table_slot(&self, slot: u64) -> u64 {
-        self.ring + TABLE_OFF + (slot % TABLE_SLOTS) * (TABLE_ENTRIES as u64 * 16)
-    }
-
+impl BalloonLayout for Layout {
     fn desc_addr(&self, q: usize) -> u64 {
         self.ring + q as u64 * PAGE + DESC_OFF
     }
@@ -660,30 +500,19 @@ impl Layout {
     }
 }
 
-fn len_of(l: Len) -> u32 {
-    match l {
-        Len::Pages(p) => u32::from(p) * PAGE as u32,
-        Len::Jitter { pages, delta } => {
-            (u32::from(pages) * PAGE as u32).wrapping_add_signed(i32::from(delta))
-        }
-        Len::Huge(x) => u32::MAX - u32::from(x),
-        Len::Raw(x) => x,
-    }
-}
-
 /// The anonymous mapping every region is carved from (dropped after the guest memory).
 struct Arena {
     _map: MmapRegion<()>,
 }
 
-fn build_memory(lay: &Layout) -> (Arena, GuestMemoryMmap) {
+fn build_memory(lay: &Layout, host_shift: &[u64]) -> (Arena, GuestMemoryMmap) {
     let size = MAX_REGIONS as u64 * ARENA_SLOT + HUGE;
     let map = MmapRegion::<()>::new(size as usize).expect("arena mapping");
     let base = (map.as_ptr() as u64).next_multiple_of(HUGE);
     let regions = lay
         .regions
         .iter()
-        .zip(&lay.host_shift)
+        .zip(host_shift)
         .enumerate()
         .map(|(i, (&(start, len), &shift))| {
             let host = base + i as u64 * ARENA_SLOT + shift * PAGE;
@@ -721,24 +550,6 @@ fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> Option<u32> {
         .map(u32::from_le)
 }
 
-/// A write by the guest model outside the rings: skipped where it would touch them (the
-/// model keeps them consistent itself), byte by byte so it is partial where it leaves RAM.
-fn guest_write(lay: &Layout, mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
-    let end = u128::from(addr) + bytes.len() as u128;
-    let (ring_lo, ring_hi) = (u128::from(lay.ring), u128::from(lay.ring + SCRATCH_OFF));
-    if u128::from(addr) < ring_hi && end > ring_lo {
-        return;
-    }
-    if mem.write_slice(bytes, GuestAddress(addr)).is_ok() {
-        return;
-    }
-    for (i, &b) in bytes.iter().enumerate() {
-        if let Some(a) = addr.checked_add(i as u64) {
-            let _ = mem.write_obj(b, GuestAddress(a));
-        }
-    }
-}
-
 /// Zeroes what RAM there is in `[addr, addr + len)`.
 fn zero(mem: &GuestMemoryMmap, addr: u64, len: u64) {
     let zeros = vec![0u8; len as usize];
@@ -751,93 +562,10 @@ fn zero(mem: &GuestMemoryMmap, addr: u64, len: u64) {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
-
-impl Desc {
-    fn bytes(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&self.next.to_le_bytes());
-        b
-    }
-
-    fn writable(&self) -> bool {
-        self.flags & F_WRITE != 0
-    }
-}
-
 fn read_desc(mem: &GuestMemoryMmap, addr: u64) -> Option<Desc> {
     let mut b = [0u8; 16];
     mem.read_slice(&mut b, GuestAddress(addr)).ok()?;
-    Some(Desc {
-        addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
-        len: u32::from_le_bytes(b[8..12].try_into().unwrap()),
-        flags: u16::from_le_bytes(b[12..14].try_into().unwrap()),
-        next: u16::from_le_bytes(b[14..16].try_into().unwrap()),
-    })
-}
-
-/// The descriptors a split-ring chain yields (virtio-queue's rules): NEXT within the table
-/// (at most as many steps as it has entries), one switch into an indirect table (length a
-/// multiple of 16), no indirect table inside one, stop at an index past the table, at an
-/// unreadable descriptor, or when the total length would pass 4 GiB. Stops after `cap`
-/// descriptors (enough to tell a chain longer than the queue). `reads` gets the guest
-/// address of every table entry read.
-fn walk(
-    mem: &GuestMemoryMmap,
-    table: u64,
-    size: u16,
-    head: u16,
-    cap: usize,
-    reads: &mut Vec<(u64, u64)>,
-) -> Vec<Desc> {
-    let mut out = Vec::new();
-    let (mut table, mut size, mut next, mut ttl) = (table, size, head, size);
-    let mut indirect = false;
-    let mut total = 0u32;
-    while out.len() < cap {
-        if ttl == 0 || next >= size {
-            break;
-        }
-        let Some(at) = table.checked_add(u64::from(next) * 16) else {
-            break;
-        };
-        reads.push((at, 16));
-        let Some(d) = read_desc(mem, at) else {
-            break;
-        };
-        if d.flags & F_INDIRECT != 0 {
-            if indirect || d.len % 16 != 0 || d.len / 16 > u32::from(u16::MAX) {
-                break;
-            }
-            table = d.addr;
-            size = (d.len / 16) as u16;
-            next = 0;
-            ttl = size;
-            indirect = true;
-            continue;
-        }
-        let Some(t) = total.checked_add(d.len) else {
-            break;
-        };
-        total = t;
-        if d.flags & F_NEXT != 0 {
-            next = d.next;
-            ttl -= 1;
-        } else {
-            ttl = 0;
-        }
-        out.push(d);
-    }
-    out
+    Some(Desc::from_bytes(b))
 }
 
 /// The device's `check_chain`: at least one descriptor, at most a queue size of them, and
@@ -922,13 +650,6 @@ fn stats_of(
     Some(out)
 }
 
-fn next_cmd_id(prev: u32) -> u32 {
-    match prev.checked_add(1) {
-        Some(id) if id >= 2 => id,
-        _ => 2,
-    }
-}
-
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     let (a0, a1) = (u128::from(a.0), u128::from(a.0) + u128::from(a.1));
     let (b0, b1) = (u128::from(b.0), u128::from(b.0) + u128::from(b.1));
@@ -936,7 +657,7 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// The recording backend and sink.
+// The recording backend.
 
 #[derive(Debug, Clone, Copy)]
 struct Call {
@@ -978,38 +699,6 @@ impl MemoryBackend for RecordingBackend {
 
     fn populate(&self, range: &HostRange<'_>) -> io::Result<()> {
         self.record(false, range)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hint {
-    cmd_id: u32,
-    gpa: u64,
-    len: u64,
-}
-
-/// Records every hint, and checks on the spot what needs no knowledge of the element.
-struct RecordingSink {
-    regions: Vec<(u64, u64)>,
-    hints: Mutex<Vec<Hint>>,
-}
-
-impl FreePageSink for RecordingSink {
-    fn free_page_hint(&self, cmd_id: u32, gpa: GuestAddress, len: u64) {
-        let gpa = gpa.0;
-        assert!(len > 0, "empty hint at {gpa:#x}");
-        assert_eq!(gpa % PAGE, 0, "unaligned hint start {gpa:#x}+{len:#x}");
-        assert_eq!(len % PAGE, 0, "unaligned hint length {gpa:#x}+{len:#x}");
-        let end = u128::from(gpa) + u128::from(len);
-        assert!(
-            self.regions
-                .iter()
-                .any(|&(s, l)| gpa >= s && end <= u128::from(s) + u128::from(l)),
-            "hint {gpa:#x}+{len:#x} is not inside one RAM region of {:x?}",
-            self.regions
-        );
-        assert!(cmd_id >= 2, "hint under reserved id {cmd_id}");
-        self.hints.lock().unwrap().push(Hint { cmd_id, gpa, len });
     }
 }
 
@@ -1418,15 +1107,7 @@ impl Harness {
     }
 
     fn resolve(&self, c: CmdChoice) -> u32 {
-        let id = self.dev().hint_control().status().cmd_id;
-        match c {
-            CmdChoice::Current => id,
-            CmdChoice::Previous => id.wrapping_sub(1),
-            CmdChoice::Next => next_cmd_id(id),
-            CmdChoice::Stop => 0,
-            CmdChoice::Done => 1,
-            CmdChoice::Raw(x) => x,
-        }
+        c.resolve(self.dev().hint_control().status().cmd_id)
     }
 
     fn payload_bytes(&self, p: &Payload, tail: u8) -> Vec<u8> {
@@ -1479,7 +1160,7 @@ impl Harness {
                         Some(a) => self.lay.addr(a),
                         None => {
                             self.next_data += 1;
-                            self.lay.data_slot(self.next_data)
+                            self.lay.slot(self.next_data)
                         }
                     };
                     guest_write(&self.lay, &self.mem, at, &bytes);
@@ -1510,50 +1191,12 @@ impl Harness {
                     parts.extend(readable);
                     parts.extend(writable);
                 }
-                if parts.is_empty() {
-                    parts.push((0, 0, 0));
-                }
-                let n = parts.len();
                 let start = ring.next_desc % size;
-                let descs = parts.iter().enumerate().map(|(i, &(addr, len, flags))| {
-                    let flags = if i + 1 < n { flags | F_NEXT } else { flags };
-                    (addr, len, flags)
-                });
-                match g.indirect {
-                    Some(slot) => {
-                        let t = self.lay.table_slot(u64::from(slot));
-                        for (i, (addr, len, flags)) in descs.enumerate() {
-                            let d = Desc {
-                                addr,
-                                len,
-                                flags,
-                                next: i as u16 + 1,
-                            };
-                            self.write_desc(t, i as u16, d);
-                        }
-                        let d = Desc {
-                            addr: t,
-                            len: n as u32 * 16,
-                            flags: F_INDIRECT,
-                            next: 0,
-                        };
-                        self.write_desc(table, start, d);
-                        self.rings[q].next_desc = start.wrapping_add(1);
-                    }
-                    None => {
-                        let idx = |i: usize| ((usize::from(start) + i) % usize::from(size)) as u16;
-                        for (i, (addr, len, flags)) in descs.enumerate() {
-                            let d = Desc {
-                                addr,
-                                len,
-                                flags,
-                                next: idx(i + 1),
-                            };
-                            self.write_desc(table, idx(i), d);
-                        }
-                        self.rings[q].next_desc = idx(n);
-                    }
-                }
+                let indirect = g.indirect.map(|slot| self.lay.table_slot(u64::from(slot)));
+                self.rings[q].next_desc =
+                    write_chain(parts, table, size, start, indirect, |t, i, d| {
+                        self.write_desc(t, i, d)
+                    });
                 start
             }
             Element::Raw {
@@ -1562,34 +1205,19 @@ impl Harness {
                 tables,
                 bytes,
             } => {
-                let raw = |d: &RawDesc| Desc {
-                    addr: self.lay.addr(d.addr),
-                    len: len_of(d.len),
-                    flags: d.flags,
-                    next: d.next,
-                };
-                for (idx, d) in writes.iter().take(MAX_RAW_WRITES) {
-                    self.write_desc(table, idx % size, raw(d));
-                }
-                for t in tables.iter().take(MAX_RAW_TABLES) {
-                    let at = self.lay.addr(t.at);
-                    for (i, d) in t.entries.iter().take(TABLE_ENTRIES).enumerate() {
-                        guest_write(
-                            &self.lay,
-                            &self.mem,
-                            at.wrapping_add(16 * i as u64),
-                            &raw(d).bytes(),
-                        );
-                    }
-                }
+                write_raw(
+                    &self.lay,
+                    &self.mem,
+                    table,
+                    size,
+                    writes,
+                    tables,
+                    |t, i, d| self.write_desc(t, i, d),
+                );
                 for (a, b) in bytes.iter().take(MAX_RAW_BYTES) {
                     guest_write(&self.lay, &self.mem, self.lay.addr(*a), b);
                 }
-                if head & 0x8000 != 0 {
-                    *head
-                } else {
-                    head % size
-                }
+                raw_head(*head, size)
             }
         };
         let ring = &mut self.rings[q];
@@ -1641,13 +1269,17 @@ impl Harness {
             if usize::from(k) < budget {
                 b.heads.push(head);
             }
+            // Stops after a queue size and one (enough to tell a chain longer than the queue);
+            // `reads` gets the guest address of every table entry read.
             let descs = walk(
-                &self.mem,
                 queue.desc_table(),
                 size,
                 head,
                 usize::from(size) + 1,
-                &mut reads,
+                |at| {
+                    reads.push((at, 16));
+                    read_desc(&self.mem, at)
+                },
             );
             if !chain_ok(&descs, size) {
                 continue;
@@ -1671,7 +1303,7 @@ impl Harness {
     }
 
     fn take_hints(&self) -> Vec<Hint> {
-        std::mem::take(&mut *self.sink.hints.lock().unwrap())
+        self.sink.take()
     }
 
     /// Checks what any backend call must satisfy.
@@ -2342,13 +1974,10 @@ fn corrupt_state(s: &mut BalloonState, mmio_status: &mut u8, c: Corruption) {
 }
 
 fn build(input: &Input) -> Harness {
-    let lay = layout(input);
-    let (arena, mem) = build_memory(&lay);
+    let lay = Layout::new(&input.placement, &input.regions, input.ring_region, SCRATCH);
+    let (arena, mem) = build_memory(&lay, &host_shifts(input, lay.regions.len()));
     let mem = Arc::new(mem);
-    let sink = Arc::new(RecordingSink {
-        regions: lay.regions.clone(),
-        hints: Mutex::new(Vec::new()),
-    });
+    let sink = Arc::new(RecordingSink::new(lay.regions.clone()));
     let backend = Arc::new(RecordingBackend {
         page: input.host_page.size(),
         calls: Mutex::new(Vec::new()),

@@ -41,21 +41,25 @@
 #![no_main]
 
 use std::num::Wrapping;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use virtio_balloon::sink::FreePageSink;
 use virtio_balloon::spec::{features as f, mmio, status};
 use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintMetrics, HintState, QueueRole};
+use virtio_balloon_fuzz::desc::{
+    raw_head, walk, write_chain, write_raw, Desc, RawDesc, RawTable, F_NEXT, F_WRITE,
+};
+use virtio_balloon_fuzz::hint::{next_cmd_id, CmdChoice, Hint, RecordingSink};
+use virtio_balloon_fuzz::layout::{
+    align_down, align_up, guest_write, len_of, Addr, Layout, Len, Placement, RegionSpec, Scratch,
+    PAGE, RING_REGION_PAGES,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const PAGE: u64 = 4096;
-const MAX_REGIONS: usize = 4;
-const MAX_REGION_PAGES: u64 = 256;
-/// The ring region: descriptor table, available ring, used ring, then scratch pages.
-const RING_REGION_PAGES: u64 = 16;
+// The ring region (at least `RING_REGION_PAGES`): descriptor table, available ring, used
+// ring, then scratch pages.
 const DESC_OFF: u64 = 0;
 const AVAIL_OFF: u64 = 0x1000;
 const USED_OFF: u64 = 0x2000;
@@ -68,82 +72,25 @@ const CMD_SLOTS: u64 = 64;
 /// Indirect table slots (16 entries each) from the second scratch page.
 const TABLE_OFF: u64 = 0x4000;
 const TABLE_SLOTS: u64 = 32;
-const TABLE_ENTRIES: usize = 16;
+/// The scratch area as `Layout` sees it (`Addr::Slot` is a command slot).
+const SCRATCH: Scratch = Scratch {
+    off: SCRATCH_OFF,
+    len: SCRATCH_LEN,
+    slot_off: CMD_OFF,
+    slot_size: 8,
+    slots: CMD_SLOTS,
+    table_off: TABLE_OFF,
+    table_slots: TABLE_SLOTS,
+};
 
 const MAX_OPS: usize = 64;
 const MAX_HINTS: usize = 8;
-const MAX_RAW_WRITES: usize = 16;
-const MAX_RAW_TABLES: usize = 2;
 const MAX_RAW_CMDS: usize = 4;
 const MAX_PREPOST: usize = 4;
 const MAX_ROUND_ELEMENTS: usize = 4;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-
 // ---------------------------------------------------------------------------------------
 // Input.
-
-#[derive(Arbitrary, Debug)]
-struct RegionSpec {
-    /// Hole before the region, in pages (0: adjacent to the previous one).
-    gap_pages: u8,
-    /// Length in pages, 1..=256 (at least 16 for the ring region).
-    pages: u8,
-    /// Bytes cut from the end (only if the top bit is set), for a partial last page.
-    trim: u16,
-    /// Bytes added to the start (only if the top bit is set; never for the ring region).
-    skew: u16,
-}
-
-#[derive(Arbitrary, Debug)]
-enum Placement {
-    /// The layout starts at this page number (below 2^44).
-    Low(u32),
-    /// The layout starts at this address, rounded down to a page and clamped so it fits.
-    At(u64),
-    /// The layout ends this many pages below the highest address a region can reach.
-    Top(u16),
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Addr {
-    /// `page` pages and `offset` bytes into a region (may run past its end).
-    Region { region: u8, page: u8, offset: u16 },
-    /// `back` bytes before the end of a region.
-    End { region: u8, back: u16 },
-    /// A command slot.
-    Cmd(u8),
-    /// An indirect table slot.
-    Table(u8),
-    /// Anywhere in the scratch area.
-    Scratch(u16),
-    /// Anything.
-    Raw(u64),
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Len {
-    Pages(u8),
-    Jitter {
-        pages: u8,
-        delta: i16,
-    },
-    /// `u32::MAX - x`: overflows `addr + len` near the top, and the 4 GiB chain limit.
-    Huge(u8),
-    Raw(u32),
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum CmdChoice {
-    Current,
-    Previous,
-    Next,
-    Stop,
-    Done,
-    Raw(u32),
-}
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum CmdShape {
@@ -172,20 +119,6 @@ struct CmdSpec {
 struct HintSpec {
     addr: Addr,
     len: Len,
-}
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-struct RawDesc {
-    addr: Addr,
-    len: Len,
-    flags: u16,
-    next: u16,
-}
-
-#[derive(Arbitrary, Debug)]
-struct RawTable {
-    at: Addr,
-    entries: Vec<RawDesc>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -266,166 +199,10 @@ struct Input {
 }
 
 // ---------------------------------------------------------------------------------------
-// Guest memory layout.
-
-#[derive(Debug, Clone)]
-struct Layout {
-    /// `(start, len)` in ascending order; every region ends at or below `u64::MAX`.
-    regions: Vec<(u64, u64)>,
-    ring: u64,
-}
-
-fn align_up(a: u64) -> Option<u64> {
-    a.checked_add(PAGE - 1).map(|a| a & !(PAGE - 1))
-}
-
-fn align_down(a: u64) -> u64 {
-    a & !(PAGE - 1)
-}
-
-fn layout(input: &Input) -> Layout {
-    let n = input.regions.len().clamp(1, MAX_REGIONS);
-    let ring_index = usize::from(input.ring_region) % n;
-    let default = RegionSpec {
-        gap_pages: 0,
-        pages: 0,
-        trim: 0,
-        skew: 0,
-    };
-    // Offsets from the layout's start (page aligned), in u128.
-    let mut rel = Vec::with_capacity(n);
-    let mut cursor = 0u128;
-    for i in 0..n {
-        let spec = input.regions.get(i).unwrap_or(&default);
-        cursor += u128::from(spec.gap_pages) * u128::from(PAGE);
-        let mut pages = 1 + u64::from(spec.pages) % MAX_REGION_PAGES;
-        let mut len = pages * PAGE;
-        if i == ring_index {
-            pages = pages.max(RING_REGION_PAGES);
-            len = pages * PAGE;
-            cursor = cursor.next_multiple_of(u128::from(PAGE));
-        } else {
-            if spec.skew & 0x8000 != 0 && i > 0 {
-                cursor += u128::from(spec.skew % 4096);
-            }
-            if spec.trim & 0x8000 != 0 {
-                len -= u64::from(spec.trim % 4096);
-            }
-        }
-        rel.push((cursor, len));
-        cursor += u128::from(len);
-    }
-    let total = cursor;
-    // The last byte of a region can be at most u64::MAX - 1 (start + len must fit in u64).
-    let max_base = align_down((u128::from(u64::MAX) - total) as u64);
-    let base = match input.placement {
-        Placement::Low(p) => (u64::from(p) * PAGE).min(max_base),
-        Placement::At(a) => align_down(a).min(max_base),
-        Placement::Top(k) => max_base.saturating_sub(u64::from(k) * PAGE),
-    };
-    let regions: Vec<(u64, u64)> = rel
-        .iter()
-        .map(|&(off, len)| (base + off as u64, len))
-        .collect();
-    Layout {
-        ring: regions[ring_index].0,
-        regions,
-    }
-}
-
-impl Layout {
-    fn region(&self, i: u8) -> (u64, u64) {
-        self.regions[usize::from(i) % self.regions.len()]
-    }
-
-    fn contains(&self, addr: u64, len: u64) -> Option<usize> {
-        let end = u128::from(addr) + u128::from(len);
-        self.regions
-            .iter()
-            .position(|&(s, l)| addr >= s && end <= u128::from(s) + u128::from(l))
-    }
-
-    fn addr(&self, a: Addr) -> u64 {
-        match a {
-            Addr::Region {
-                region,
-                page,
-                offset,
-            } => {
-                let (s, _) = self.region(region);
-                s.wrapping_add(u64::from(page) * PAGE)
-                    .wrapping_add(u64::from(offset))
-            }
-            Addr::End { region, back } => {
-                let (s, l) = self.region(region);
-                (s + l).wrapping_sub(u64::from(back))
-            }
-            Addr::Cmd(slot) => self.cmd_slot(slot),
-            Addr::Table(slot) => self.table_slot(slot),
-            Addr::Scratch(x) => self.ring + SCRATCH_OFF + u64::from(x) % SCRATCH_LEN,
-            Addr::Raw(a) => a,
-        }
-    }
-
-    fn cmd_slot(&self, slot: u8) -> u64 {
-        self.ring + CMD_OFF + (u64::from(slot) % CMD_SLOTS) * 8
-    }
-
-    fn table_slot(&self, slot: u8) -> u64 {
-        self.ring + TABLE_OFF + (u64::from(slot) % TABLE_SLOTS) * (TABLE_ENTRIES as u64 * 16)
-    }
-}
-
-fn len_of(l: Len) -> u32 {
-    match l {
-        Len::Pages(p) => u32::from(p) * PAGE as u32,
-        Len::Jitter { pages, delta } => {
-            (u32::from(pages) * PAGE as u32).wrapping_add_signed(i32::from(delta))
-        }
-        Len::Huge(x) => u32::MAX - u32::from(x),
-        Len::Raw(x) => x,
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The sink.
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Hint {
-    cmd_id: u32,
-    gpa: u64,
-    len: u64,
-}
-
-/// Records every hint, and checks on the spot what needs no knowledge of the element.
-struct CheckingSink {
-    regions: Vec<(u64, u64)>,
-    hints: Mutex<Vec<Hint>>,
-}
-
-impl FreePageSink for CheckingSink {
-    fn free_page_hint(&self, cmd_id: u32, gpa: GuestAddress, len: u64) {
-        let gpa = gpa.0;
-        assert!(len > 0, "empty hint at {gpa:#x}");
-        assert_eq!(gpa % PAGE, 0, "unaligned hint start {gpa:#x}+{len:#x}");
-        assert_eq!(len % PAGE, 0, "unaligned hint length {gpa:#x}+{len:#x}");
-        let end = u128::from(gpa) + u128::from(len);
-        assert!(
-            self.regions
-                .iter()
-                .any(|&(s, l)| gpa >= s && end <= u128::from(s) + u128::from(l)),
-            "hint {gpa:#x}+{len:#x} is not inside one RAM region of {:x?}",
-            self.regions
-        );
-        assert!(cmd_id >= 2, "hint under reserved id {cmd_id}");
-        self.hints.lock().unwrap().push(Hint { cmd_id, gpa, len });
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Guest memory access for the guest model and the reference walker (byte by byte, so a
-// read or write crossing into an adjacent region works and one crossing a hole fails,
-// independently of vm-memory's multi-region helpers).
+// Guest memory reads for the guest model and the reference walker (byte by byte, so a
+// read crossing into an adjacent region works and one crossing a hole fails, independently
+// of vm-memory's multi-region helpers). The walker is the library's `walk` over
+// `read_desc`; the guest model writes with the library's `guest_write`.
 
 fn read_bytes(mem: &GuestMemoryMmap, addr: u64, buf: &mut [u8]) -> bool {
     for (i, b) in buf.iter_mut().enumerate() {
@@ -452,100 +229,18 @@ fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
-/// A raw write by the guest model: skipped where it would touch the rings (the model keeps
-/// them consistent itself), partial where it leaves RAM.
-fn guest_write(lay: &Layout, mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
-    let end = u128::from(addr) + bytes.len() as u128;
-    let (ring_lo, ring_hi) = (u128::from(lay.ring), u128::from(lay.ring + SCRATCH_OFF));
-    if u128::from(addr) < ring_hi && end > ring_lo {
-        return;
-    }
-    for (i, &b) in bytes.iter().enumerate() {
-        if let Some(a) = addr.checked_add(i as u64) {
-            let _ = mem.write_obj(b, GuestAddress(a));
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
-
-impl Desc {
-    fn bytes(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&self.next.to_le_bytes());
-        b
-    }
-}
-
-fn read_desc(mem: &GuestMemoryMmap, table: u64, index: u16) -> Option<Desc> {
-    let addr = table.checked_add(u64::from(index) * 16)?;
+/// The descriptor at `addr`, read byte by byte.
+fn read_desc(mem: &GuestMemoryMmap, addr: u64) -> Option<Desc> {
     let mut b = [0u8; 16];
     if !read_bytes(mem, addr, &mut b) {
         return None;
     }
-    Some(Desc {
-        addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
-        len: u32::from_le_bytes(b[8..12].try_into().unwrap()),
-        flags: u16::from_le_bytes(b[12..14].try_into().unwrap()),
-        next: u16::from_le_bytes(b[14..16].try_into().unwrap()),
-    })
+    Some(Desc::from_bytes(b))
 }
 
 // ---------------------------------------------------------------------------------------
 // The reference walker: what a split-ring chain yields (virtio-queue's rules), and whether
 // it is a well-formed free page element.
-
-/// The descriptors a chain yields, in order: follows NEXT within the table (at most as many
-/// steps as the table has entries), switches once into an indirect table (whose length must
-/// be a multiple of 16; the indirect descriptor's other flags and its next are ignored),
-/// refuses an indirect table inside an indirect table, stops at an index past the table, at
-/// an unreadable descriptor, or when the total length would pass 4 GiB.
-fn walk(mem: &GuestMemoryMmap, table: u64, size: u16, head: u16) -> Vec<Desc> {
-    let mut out = Vec::new();
-    let (mut table, mut size, mut next, mut ttl) = (table, size, head, size);
-    let mut indirect = false;
-    let mut total = 0u32;
-    loop {
-        if ttl == 0 || next >= size {
-            break;
-        }
-        let Some(d) = read_desc(mem, table, next) else {
-            break;
-        };
-        if d.flags & F_INDIRECT != 0 {
-            if indirect || d.len % 16 != 0 || d.len / 16 > u32::from(u16::MAX) {
-                break;
-            }
-            table = d.addr;
-            size = (d.len / 16) as u16;
-            next = 0;
-            ttl = size;
-            indirect = true;
-            continue;
-        }
-        let Some(t) = total.checked_add(d.len) else {
-            break;
-        };
-        total = t;
-        if d.flags & F_NEXT != 0 {
-            next = d.next;
-            ttl -= 1;
-        } else {
-            ttl = 0;
-        }
-        out.push(d);
-    }
-    out
-}
 
 /// A well-formed element: at most as many descriptors as the queue has entries, readable
 /// descriptors (at least 4 bytes, or none) before writable ones, and a last descriptor
@@ -614,13 +309,6 @@ fn pieces(lay: &Layout, addr: u64, len: u64) -> Vec<(u64, u64)> {
 
 // ---------------------------------------------------------------------------------------
 // The reference model of the device.
-
-fn next_cmd_id(prev: u32) -> u32 {
-    match prev.checked_add(1) {
-        Some(id) if id >= 2 => id,
-        _ => 2,
-    }
-}
 
 /// What the per-element counters should have moved by.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -707,14 +395,7 @@ impl Model {
     }
 
     fn resolve(&self, c: CmdChoice) -> u32 {
-        match c {
-            CmdChoice::Current => self.cmd_id,
-            CmdChoice::Previous => self.cmd_id.wrapping_sub(1),
-            CmdChoice::Next => next_cmd_id(self.cmd_id),
-            CmdChoice::Stop => 0,
-            CmdChoice::Done => 1,
-            CmdChoice::Raw(x) => x,
-        }
+        c.resolve(self.cmd_id)
     }
 }
 
@@ -722,7 +403,7 @@ impl Model {
 struct Harness {
     lay: Layout,
     mem: Arc<GuestMemoryMmap>,
-    sink: Arc<CheckingSink>,
+    sink: Arc<RecordingSink>,
     t: MmioTransport<Balloon<Arc<GuestMemoryMmap>>>,
     fpq: usize,
     driver_features: u64,
@@ -863,12 +544,12 @@ impl Harness {
                 indirect,
                 hints_first,
             } => {
-                // (addr, len, writable)
-                let mut parts: Vec<(u64, u32, bool)> = Vec::new();
+                // (addr, len, flags without NEXT)
+                let mut parts: Vec<(u64, u32, u16)> = Vec::new();
                 let mut cmd_parts = Vec::new();
                 if let Some(c) = cmd {
                     let value = self.model.resolve(c.value).to_le_bytes();
-                    let slot = self.lay.cmd_slot(c.slot);
+                    let slot = self.lay.slot(u64::from(c.slot));
                     let mut at = slot;
                     match c.shape {
                         CmdShape::Whole => cmd_parts.push((slot, 4)),
@@ -893,8 +574,8 @@ impl Harness {
                 let hint_parts = hints
                     .iter()
                     .take(MAX_HINTS)
-                    .map(|h| (self.lay.addr(h.addr), len_of(h.len), true));
-                let cmd_parts = cmd_parts.into_iter().map(|(a, l)| (a, l, false));
+                    .map(|h| (self.lay.addr(h.addr), len_of(h.len), F_WRITE));
+                let cmd_parts = cmd_parts.into_iter().map(|(a, l)| (a, l, 0));
                 if *hints_first {
                     parts.extend(hint_parts);
                     parts.extend(cmd_parts);
@@ -902,51 +583,11 @@ impl Harness {
                     parts.extend(cmd_parts);
                     parts.extend(hint_parts);
                 }
-                if parts.is_empty() {
-                    parts.push((0, 0, false));
-                }
-                let n = parts.len();
-                let descs = parts.iter().enumerate().map(|(i, &(addr, len, w))| {
-                    let mut flags = if w { F_WRITE } else { 0 };
-                    if i + 1 < n {
-                        flags |= F_NEXT;
-                    }
-                    (addr, len, flags)
-                });
                 let start = *start % size;
-                match indirect {
-                    Some(slot) => {
-                        let t = self.lay.table_slot(*slot);
-                        for (i, (addr, len, flags)) in descs.enumerate() {
-                            let d = Desc {
-                                addr,
-                                len,
-                                flags,
-                                next: i as u16 + 1,
-                            };
-                            self.write_desc(t, i as u16, d);
-                        }
-                        let d = Desc {
-                            addr: t,
-                            len: n as u32 * 16,
-                            flags: F_INDIRECT,
-                            next: 0,
-                        };
-                        self.write_desc(table, start, d);
-                    }
-                    None => {
-                        let idx = |i: usize| ((usize::from(start) + i) % usize::from(size)) as u16;
-                        for (i, (addr, len, flags)) in descs.enumerate() {
-                            let d = Desc {
-                                addr,
-                                len,
-                                flags,
-                                next: idx(i + 1),
-                            };
-                            self.write_desc(table, idx(i), d);
-                        }
-                    }
-                }
+                let indirect = indirect.map(|slot| self.lay.table_slot(u64::from(slot)));
+                write_chain(parts, table, size, start, indirect, |t, i, d| {
+                    self.write_desc(t, i, d)
+                });
                 start
             }
             Chain::Raw {
@@ -955,35 +596,20 @@ impl Harness {
                 tables,
                 cmds,
             } => {
-                let raw = |d: &RawDesc| Desc {
-                    addr: self.lay.addr(d.addr),
-                    len: len_of(d.len),
-                    flags: d.flags,
-                    next: d.next,
-                };
-                for (idx, d) in writes.iter().take(MAX_RAW_WRITES) {
-                    self.write_desc(table, idx % size, raw(d));
-                }
-                for t in tables.iter().take(MAX_RAW_TABLES) {
-                    let at = self.lay.addr(t.at);
-                    for (i, d) in t.entries.iter().take(TABLE_ENTRIES).enumerate() {
-                        guest_write(
-                            &self.lay,
-                            &self.mem,
-                            at.wrapping_add(16 * i as u64),
-                            &raw(d).bytes(),
-                        );
-                    }
-                }
+                write_raw(
+                    &self.lay,
+                    &self.mem,
+                    table,
+                    size,
+                    writes,
+                    tables,
+                    |t, i, d| self.write_desc(t, i, d),
+                );
                 for (a, c) in cmds.iter().take(MAX_RAW_CMDS) {
                     let v = self.model.resolve(*c).to_le_bytes();
                     guest_write(&self.lay, &self.mem, self.lay.addr(*a), &v);
                 }
-                if head & 0x8000 != 0 {
-                    *head
-                } else {
-                    head % size
-                }
+                raw_head(*head, size)
             }
         };
         let slot = self.avail_addr() + 4 + 2 * u64::from(self.avail.0 % size);
@@ -1020,7 +646,10 @@ impl Harness {
             self.model.next_used += 1;
         }
         counters.elements += 1;
-        let descs = walk(&self.mem, self.lay.ring + DESC_OFF, size, head);
+        let mem = &self.mem;
+        let descs = walk(self.lay.ring + DESC_OFF, size, head, usize::MAX, |at| {
+            read_desc(mem, at)
+        });
         let mut expected = Vec::new();
         let Some(el) = inspect(&self.mem, &descs, size) else {
             counters.malformed_elements += 1;
@@ -1118,7 +747,7 @@ impl Harness {
     }
 
     fn take_hints(&self) -> Vec<Hint> {
-        std::mem::take(&mut *self.sink.hints.lock().unwrap())
+        self.sink.take()
     }
 
     fn process(&mut self) {
@@ -1144,7 +773,7 @@ impl Harness {
             );
             assert_eq!(h.cmd_id, self.model.cmd_id, "hint {h:x?} under a stale id");
             assert!(
-                self.lay.contains(h.gpa, h.len).is_some(),
+                self.lay.containing(h.gpa, h.len).is_some(),
                 "hint {h:x?} outside RAM"
             );
             let end = u128::from(h.gpa) + u128::from(h.len);
@@ -1291,7 +920,7 @@ impl Harness {
             }
             Op::WriteCmd { slot, value } => {
                 let v = self.model.resolve(*value).to_le_bytes();
-                let at = self.lay.cmd_slot(*slot);
+                let at = self.lay.slot(u64::from(*slot));
                 guest_write(&self.lay, &self.mem, at, &v);
             }
             Op::AvailIdx(x) => {
@@ -1321,17 +950,14 @@ impl Harness {
 }
 
 fn build(input: &Input) -> Option<Harness> {
-    let lay = layout(input);
+    let lay = Layout::new(&input.placement, &input.regions, input.ring_region, SCRATCH);
     let ranges: Vec<(GuestAddress, usize)> = lay
         .regions
         .iter()
         .map(|&(s, l)| (GuestAddress(s), l as usize))
         .collect();
     let mem = Arc::new(GuestMemoryMmap::from_ranges(&ranges).expect("valid layout"));
-    let sink = Arc::new(CheckingSink {
-        regions: lay.regions.clone(),
-        hints: Mutex::new(Vec::new()),
-    });
+    let sink = Arc::new(RecordingSink::new(lay.regions.clone()));
     let max_size = 2u16 << (input.max_size_log % 8);
     let size = (max_size >> (input.size_shift % 3)).max(1);
     let cfg = BalloonConfig {

@@ -1,0 +1,245 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Split-ring descriptors: what the guest model writes (well-formed chains, raw table
+//! entries and indirect tables) and how a chain is walked (virtio-queue's rules).
+
+use arbitrary::Arbitrary;
+use vm_memory::GuestMemoryMmap;
+
+use crate::layout::{guest_write, len_of, Addr, Layout, Len, TABLE_ENTRIES};
+
+/// The descriptor continues through `next`.
+pub const F_NEXT: u16 = 1;
+/// The buffer is device-writable.
+pub const F_WRITE: u16 = 2;
+/// The buffer is an indirect table.
+pub const F_INDIRECT: u16 = 4;
+
+/// The most raw descriptor table writes of one element.
+pub const MAX_RAW_WRITES: usize = 16;
+/// The most raw indirect tables of one element.
+pub const MAX_RAW_TABLES: usize = 2;
+
+/// A split-ring descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// The buffer's guest address.
+    pub addr: u64,
+    /// The buffer's length.
+    pub len: u32,
+    /// `F_NEXT`, `F_WRITE`, `F_INDIRECT`, anything else.
+    pub flags: u16,
+    /// The next descriptor's index (with `F_NEXT`).
+    pub next: u16,
+}
+
+impl Desc {
+    /// The descriptor as it lies in guest memory.
+    pub fn bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&self.next.to_le_bytes());
+        b
+    }
+
+    /// The descriptor `b` holds.
+    pub fn from_bytes(b: [u8; 16]) -> Desc {
+        Desc {
+            addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            len: u32::from_le_bytes(b[8..12].try_into().unwrap()),
+            flags: u16::from_le_bytes(b[12..14].try_into().unwrap()),
+            next: u16::from_le_bytes(b[14..16].try_into().unwrap()),
+        }
+    }
+
+    /// Whether the buffer is device-writable.
+    pub fn writable(&self) -> bool {
+        self.flags & F_WRITE != 0
+    }
+}
+
+/// The descriptors a split-ring chain yields, in order (virtio-queue's rules): follows NEXT
+/// within the table (at most as many steps as the table has entries), switches once into an
+/// indirect table (whose length must be a multiple of 16; the indirect descriptor's other
+/// flags and its next are ignored), refuses an indirect table inside an indirect table,
+/// stops at an index past the table, at an unreadable descriptor, or when the total length
+/// would pass 4 GiB. Stops after `cap` descriptors. `read` reads the table entry at a guest
+/// address (`None`: unreadable).
+pub fn walk(
+    table: u64,
+    size: u16,
+    head: u16,
+    cap: usize,
+    mut read: impl FnMut(u64) -> Option<Desc>,
+) -> Vec<Desc> {
+    let mut out = Vec::new();
+    let (mut table, mut size, mut next, mut ttl) = (table, size, head, size);
+    let mut indirect = false;
+    let mut total = 0u32;
+    while out.len() < cap {
+        if ttl == 0 || next >= size {
+            break;
+        }
+        let Some(at) = table.checked_add(u64::from(next) * 16) else {
+            break;
+        };
+        let Some(d) = read(at) else {
+            break;
+        };
+        if d.flags & F_INDIRECT != 0 {
+            if indirect || d.len % 16 != 0 || d.len / 16 > u32::from(u16::MAX) {
+                break;
+            }
+            table = d.addr;
+            size = (d.len / 16) as u16;
+            next = 0;
+            ttl = size;
+            indirect = true;
+            continue;
+        }
+        let Some(t) = total.checked_add(d.len) else {
+            break;
+        };
+        total = t;
+        if d.flags & F_NEXT != 0 {
+            next = d.next;
+            ttl -= 1;
+        } else {
+            ttl = 0;
+        }
+        out.push(d);
+    }
+    out
+}
+
+/// Writes a well-formed chain the way a driver does: `parts` are `(addr, len, flags)`
+/// without `F_NEXT`, which every part but the last gets (no parts: one empty readable
+/// descriptor). Directly into the descriptor table at `table` from index `start` (wrapping
+/// at `size`), or, with `indirect`, into the indirect table at that address, referenced by
+/// descriptor `start`. `write(table, index, desc)` writes one descriptor. Returns the index
+/// after the last descriptor used in the descriptor table.
+pub fn write_chain(
+    mut parts: Vec<(u64, u32, u16)>,
+    table: u64,
+    size: u16,
+    start: u16,
+    indirect: Option<u64>,
+    mut write: impl FnMut(u64, u16, Desc),
+) -> u16 {
+    if parts.is_empty() {
+        parts.push((0, 0, 0));
+    }
+    let n = parts.len();
+    let descs = parts.iter().enumerate().map(|(i, &(addr, len, flags))| {
+        let flags = if i + 1 < n { flags | F_NEXT } else { flags };
+        (addr, len, flags)
+    });
+    match indirect {
+        Some(t) => {
+            for (i, (addr, len, flags)) in descs.enumerate() {
+                let d = Desc {
+                    addr,
+                    len,
+                    flags,
+                    next: i as u16 + 1,
+                };
+                write(t, i as u16, d);
+            }
+            let d = Desc {
+                addr: t,
+                len: n as u32 * 16,
+                flags: F_INDIRECT,
+                next: 0,
+            };
+            write(table, start, d);
+            start.wrapping_add(1)
+        }
+        None => {
+            let idx = |i: usize| ((usize::from(start) + i) % usize::from(size)) as u16;
+            for (i, (addr, len, flags)) in descs.enumerate() {
+                let d = Desc {
+                    addr,
+                    len,
+                    flags,
+                    next: idx(i + 1),
+                };
+                write(table, idx(i), d);
+            }
+            idx(n)
+        }
+    }
+}
+
+/// A descriptor with any contents.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+pub struct RawDesc {
+    /// The buffer's address.
+    pub addr: Addr,
+    /// The buffer's length.
+    pub len: Len,
+    /// Any flags.
+    pub flags: u16,
+    /// Any next index.
+    pub next: u16,
+}
+
+/// Descriptors written anywhere, as an indirect table would be.
+#[derive(Arbitrary, Debug, Clone)]
+pub struct RawTable {
+    /// Where the first entry goes.
+    pub at: Addr,
+    /// The entries (the first `TABLE_ENTRIES`).
+    pub entries: Vec<RawDesc>,
+}
+
+impl RawDesc {
+    /// The descriptor this stands for in `lay`.
+    pub fn desc(&self, lay: &Layout) -> Desc {
+        Desc {
+            addr: lay.addr(self.addr),
+            len: len_of(self.len),
+            flags: self.flags,
+            next: self.next,
+        }
+    }
+}
+
+/// Writes the descriptor table entries (`index % size`, with `write` as in `write_chain`)
+/// and the tables (with `guest_write`) of a raw element.
+pub fn write_raw(
+    lay: &Layout,
+    mem: &GuestMemoryMmap,
+    table: u64,
+    size: u16,
+    writes: &[(u16, RawDesc)],
+    tables: &[RawTable],
+    mut write: impl FnMut(u64, u16, Desc),
+) {
+    for (idx, d) in writes.iter().take(MAX_RAW_WRITES) {
+        write(table, idx % size, d.desc(lay));
+    }
+    for t in tables.iter().take(MAX_RAW_TABLES) {
+        let at = lay.addr(t.at);
+        for (i, d) in t.entries.iter().take(TABLE_ENTRIES).enumerate() {
+            guest_write(
+                lay,
+                mem,
+                at.wrapping_add(16 * i as u64),
+                &d.desc(lay).bytes(),
+            );
+        }
+    }
+}
+
+/// The head a raw element publishes: values with the top bit set as they are (past the
+/// table), others modulo the queue size.
+pub fn raw_head(head: u16, size: u16) -> u16 {
+    if head & 0x8000 != 0 {
+        head
+    } else {
+        head % size
+    }
+}
