@@ -15,8 +15,6 @@
 //! Nothing runs before the driver sets DRIVER_OK or while the device is
 //! [paused](crate::Balloon::pause).
 
-use std::os::fd::AsRawFd;
-
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
@@ -25,7 +23,7 @@ use crate::device::descriptor::check_chain;
 use crate::device::pages::{for_each_pfn_chunk, for_each_run, log_pfn_stop};
 use crate::device::queue::serve;
 use crate::device::stats::{self, StatsReport};
-use crate::device::{Balloon, BalloonEvents, QueueRole, DISCARD_FLUSH_DELAY};
+use crate::device::{Balloon, BalloonEvents, DeviceEvent, QueueRole, DISCARD_FLUSH_DELAY};
 use crate::ratelimit::{warn_limited, RateLimit};
 
 static BAD_EVENT: RateLimit = RateLimit::new();
@@ -43,16 +41,8 @@ where
     M::M: GuestMemoryBackend,
 {
     fn init(&mut self, ops: &mut EventOps) {
-        let fds = self
-            .queue_evts
-            .iter()
-            .enumerate()
-            .map(|(index, evt)| (evt.as_raw_fd(), index as u32))
-            .chain([
-                (self.stats.timer.as_raw_fd(), STATS_TIMER_EVENT),
-                (self.flush_timer.as_raw_fd(), FLUSH_TIMER_EVENT),
-            ]);
-        for (fd, data) in fds {
+        for (fd, event) in self.event_fds() {
+            let data = event_data(event);
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 warn_limited!(
                     REGISTER_FAILED,
@@ -74,28 +64,26 @@ where
             let _ = ops.remove(events);
             return;
         }
-        match data {
-            STATS_TIMER_EVENT => {
-                if self.stats.timer.consume(true) > 0 {
-                    self.request_stats();
-                }
-            }
-            FLUSH_TIMER_EVENT => {
-                if self.flush_timer.consume(false) > 0 {
-                    self.flush_discards();
-                }
-            }
+        let event = match data {
+            STATS_TIMER_EVENT => DeviceEvent::StatsTimer,
+            FLUSH_TIMER_EVENT => DeviceEvent::FlushTimer,
+            index if (index as usize) < self.queue_evts.len() => DeviceEvent::Queue(index as usize),
             _ => {
-                let index = data as usize;
-                let Some(evt) = self.queue_evts.get(index) else {
-                    warn_limited!(BAD_EVENT, "balloon: event for unknown queue {}", index);
-                    return;
-                };
-                // Clear the counter; an empty counter (a spurious wakeup) is fine.
-                let _ = evt.read();
-                self.process_queue(index);
+                warn_limited!(BAD_EVENT, "balloon: event for unknown queue {}", data);
+                return;
             }
-        }
+        };
+        self.handle_event(event);
+    }
+}
+
+/// The event data the subscriber registers `event` with.
+fn event_data(event: DeviceEvent) -> u32 {
+    match event {
+        // Queue indices are below 8 (the layout has at most five queues).
+        DeviceEvent::Queue(index) => u32::try_from(index).unwrap_or(u32::MAX),
+        DeviceEvent::StatsTimer => STATS_TIMER_EVENT,
+        DeviceEvent::FlushTimer => FLUSH_TIMER_EVENT,
     }
 }
 

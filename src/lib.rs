@@ -86,8 +86,8 @@ pub mod transport;
 
 pub use device::{
     Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonState,
-    BalloonStats, HintControl, HintMetrics, HintState, HintStatus, QueueLayout, QueueRole,
-    RestoreError, StatsReport,
+    BalloonStats, DeviceEvent, HintControl, HintMetrics, HintState, HintStatus, QueueLayout,
+    QueueRole, RestoreError, StatsReport,
 };
 
 /// The README's code blocks, compiled and run as doc tests so they stay true.

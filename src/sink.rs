@@ -21,17 +21,62 @@ use vm_memory::GuestAddress;
 pub trait FreePageSink: Send + Sync {
     /// The guest reports `[gpa, gpa + len)` as free in the round `cmd_id`.
     fn free_page_hint(&self, cmd_id: u32, gpa: GuestAddress, len: u64);
+
+    /// Whether the sink wants [`free_page_element`](Self::free_page_element) calls. Asked
+    /// once, when the device is created; the default (false) keeps the hint path free of
+    /// the extra descriptor read.
+    fn records_elements(&self) -> bool {
+        false
+    }
+
+    /// Every element popped from the free page queue, as the driver posted it, before the
+    /// device handles it (whatever the hint state). For tools that capture real rounds so
+    /// they can be replayed; called only if [`records_elements`](Self::records_elements)
+    /// said so. Nothing in `element` is validated.
+    fn free_page_element(&self, _element: &FreePageElement) {}
+}
+
+/// One element of the free page queue as the driver made it available: its position in the
+/// available ring, its head and the head descriptor's fields (unvalidated guest values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreePageElement {
+    /// The position in the available ring (the ring index, wrapping at 65536).
+    pub position: u16,
+    /// The head descriptor's index.
+    pub head: u16,
+    /// The head descriptor's address.
+    pub addr: u64,
+    /// The head descriptor's length.
+    pub len: u32,
+    /// The head descriptor's flags (`VRING_DESC_F_WRITE` is 2).
+    pub flags: u16,
 }
 
 impl<T: FreePageSink + ?Sized> FreePageSink for Arc<T> {
     fn free_page_hint(&self, cmd_id: u32, gpa: GuestAddress, len: u64) {
         (**self).free_page_hint(cmd_id, gpa, len)
     }
+
+    fn records_elements(&self) -> bool {
+        (**self).records_elements()
+    }
+
+    fn free_page_element(&self, element: &FreePageElement) {
+        (**self).free_page_element(element)
+    }
 }
 
 impl<T: FreePageSink + ?Sized> FreePageSink for &T {
     fn free_page_hint(&self, cmd_id: u32, gpa: GuestAddress, len: u64) {
         (**self).free_page_hint(cmd_id, gpa, len)
+    }
+
+    fn records_elements(&self) -> bool {
+        (**self).records_elements()
+    }
+
+    fn free_page_element(&self, element: &FreePageElement) {
+        (**self).free_page_element(element)
     }
 }
 

@@ -47,7 +47,7 @@ use super::descriptor::{for_each_hint, inspect, HintOutcome};
 use super::queue::serve;
 use crate::migration::{NotifierError, PrecopyContext, PrecopyEvent, PrecopyNotifier};
 use crate::ratelimit::{warn_limited, RateLimit};
-use crate::sink::FreePageSink;
+use crate::sink::{FreePageElement, FreePageSink};
 use crate::spec::cmd_id;
 use crate::transport::Interrupt;
 
@@ -156,6 +156,8 @@ pub(crate) struct HintCore {
     /// The id of the last round the guest ended with its STOP.
     completed: Option<u32>,
     sink: Arc<dyn FreePageSink>,
+    /// The sink asked for every element ([`FreePageSink::records_elements`]).
+    record_elements: bool,
     file_backed_ok: bool,
     metrics: HintMetrics,
 }
@@ -177,6 +179,17 @@ impl HintCore {
         M::Target: GuestMemoryBackend,
     {
         self.metrics.elements += 1;
+        if self.record_elements {
+            if let Some(d) = chain.clone().next() {
+                self.sink.free_page_element(&FreePageElement {
+                    position: pos.0,
+                    head: chain.head_index(),
+                    addr: d.addr().0,
+                    len: d.len(),
+                    flags: d.flags(),
+                });
+            }
+        }
         let element = match inspect(chain, max_len) {
             Ok(e) => e,
             Err(e) => {
@@ -327,6 +340,7 @@ impl HintShared {
                     cmd_id: 0,
                     fence: None,
                     completed: None,
+                    record_elements: sink.records_elements(),
                     sink,
                     file_backed_ok,
                     metrics: HintMetrics::default(),

@@ -21,10 +21,11 @@ mod timer;
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -33,7 +34,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{MadviseBackend, MemoryBackend};
 use crate::sink::FreePageSink;
 use crate::spec::{self, features as f};
-use crate::transport::{ActivateError, FeatureError, Interrupt, VirtioDevice};
+use crate::transport::{
+    ActivateError, FeatureError, Interrupt, InterruptDelivery, QueueHandover, VirtioDevice,
+};
 use config::ConfigSpace;
 use hint::{FreePageQueue, HintShared};
 pub use hint::{HintControl, HintMetrics, HintState, HintStatus};
@@ -46,6 +49,18 @@ use timer::Timer;
 /// How long inflated pages may wait to be merged with the next inflate element before they
 /// are discarded.
 pub const DISCARD_FLUSH_DELAY: Duration = Duration::from_millis(100);
+
+/// What the device waits for: one of the file descriptors from [`Balloon::event_fds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceEvent {
+    /// The kick eventfd of the queue with this index.
+    Queue(usize),
+    /// The statistics polling timer ([`Balloon::set_stats_interval`]).
+    StatsTimer,
+    /// The timer that discards inflated pages left waiting to be merged
+    /// ([`DISCARD_FLUSH_DELAY`]).
+    FlushTimer,
+}
 
 /// Things that happened on the device that a VMM may want to react to, from
 /// [`Balloon::take_events`]. The device signals [`Balloon::events_fd`] when one is added.
@@ -436,6 +451,115 @@ where
         })
     }
 
+    /// Activates the device from queues a VMM set up itself, for transports without a
+    /// DRIVER_OK register (vhost-user) and for VMMs that own their queue state.
+    ///
+    /// `queues[i]` is queue `i` of the [`QueueLayout`] (fewer than the device has is fine:
+    /// the rest stay unready). The features must have been negotiated
+    /// ([`VirtioDevice::ack_features`]). Each queue's state is checked, and each VMM kick
+    /// eventfd takes the place of the device's own ([`Balloon::queue_event`](
+    /// VirtioDevice::queue_event) then returns it), before anything changes: on an error the
+    /// device is left as it was. Then the device activates as on DRIVER_OK and looks at
+    /// every queue once, since a driver may post buffers (Linux: the statistics buffer)
+    /// before it is live.
+    ///
+    /// Interrupts go wherever [`set_interrupt_delivery`](Self::set_interrupt_delivery)
+    /// said, by default to the [`Interrupt`]'s eventfd. A VMM that registered the device
+    /// with an `EventManager` hands over no kick eventfds (`kick: None`): the subscriber
+    /// watches the device's own.
+    pub fn activate_with(&mut self, queues: Vec<QueueHandover>) -> Result<(), ActivateError> {
+        if self.activated {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() > self.queues.len() {
+            return Err(ActivateError::TooManyQueues {
+                given: queues.len(),
+                max: self.queues.len(),
+            });
+        }
+        let mut staged = Vec::with_capacity(queues.len());
+        for (index, handover) in queues.into_iter().enumerate() {
+            let mut state = handover.state;
+            state.max_size = self.queues[index].max_size();
+            let queue =
+                Queue::try_from(state).map_err(|_| ActivateError::InvalidQueue { index })?;
+            staged.push((queue, handover.kick));
+        }
+        let mut previous = Vec::with_capacity(staged.len());
+        for (index, (queue, kick)) in staged.into_iter().enumerate() {
+            let old_queue = std::mem::replace(&mut self.queues[index], queue);
+            let old_kick = kick.map(|k| std::mem::replace(&mut self.queue_evts[index], k));
+            previous.push((old_queue, old_kick));
+        }
+        if let Err(e) = self.activate() {
+            for (index, (queue, kick)) in previous.into_iter().enumerate() {
+                self.queues[index] = queue;
+                if let Some(k) = kick {
+                    self.queue_evts[index] = k;
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The state of queue `index` as the device serves it: where it stopped reading the
+    /// available ring (`next_avail`) and writing the used ring. A vhost-user backend answers
+    /// `GET_VRING_BASE` with it; the queue the transport shows may lag for the free page
+    /// queue, which the event loop owns while the device is active.
+    pub fn live_queue_state(&self, index: usize) -> Option<QueueState> {
+        if self.activated && self.layout.role(index) == Some(QueueRole::FreePage) {
+            if let (_, _, Some(state), _) = self.hint.snapshot() {
+                return Some(state);
+            }
+        }
+        self.queues.get(index).map(|q| q.state())
+    }
+
+    /// The file descriptors the device needs watched for readability, with what each one
+    /// is: every queue's kick eventfd (the VMM's own after
+    /// [`activate_with`](Self::activate_with)) and the device's two timers. They do not
+    /// change while the device lives, except the kick eventfds a VMM hands over. Pass each
+    /// event to [`handle_event`](Self::handle_event); the event-manager subscriber
+    /// ([`handler`](crate::handler)) does exactly that.
+    pub fn event_fds(&self) -> Vec<(RawFd, DeviceEvent)> {
+        self.queue_evts
+            .iter()
+            .enumerate()
+            .map(|(index, evt)| (evt.as_raw_fd(), DeviceEvent::Queue(index)))
+            .chain([
+                (self.stats.timer.as_raw_fd(), DeviceEvent::StatsTimer),
+                (self.flush_timer.as_raw_fd(), DeviceEvent::FlushTimer),
+            ])
+            .collect()
+    }
+
+    /// Handles `event` after its file descriptor became readable: consumes the counter,
+    /// then serves the queue, asks for statistics or discards waiting pages. A VMM whose
+    /// own loop already consumed a kick (vhost-user-backend does) calls
+    /// [`process_queue`](Self::process_queue) instead.
+    pub fn handle_event(&mut self, event: DeviceEvent) {
+        match event {
+            DeviceEvent::Queue(index) => {
+                if let Some(evt) = self.queue_evts.get(index) {
+                    // Clear the counter; an empty counter (a spurious wakeup) is fine.
+                    let _ = evt.read();
+                    self.process_queue(index);
+                }
+            }
+            DeviceEvent::StatsTimer => {
+                if self.stats.timer.consume(true) > 0 {
+                    self.request_stats();
+                }
+            }
+            DeviceEvent::FlushTimer => {
+                if self.flush_timer.consume(false) > 0 {
+                    self.flush_discards();
+                }
+            }
+        }
+    }
+
     /// Sets the target size in 4 KiB pages (`num_pages`) and tells the driver (configuration
     /// interrupt). The driver inflates or deflates towards it and reports its progress in
     /// `actual`; [`BalloonEvents::TARGET_REACHED`] follows when they meet.
@@ -476,7 +600,7 @@ where
         self.stats.held = None;
         self.metrics.stats_requests += 1;
         if queue.needs_notification(mem).unwrap_or(true) {
-            self.irq.signal_used_queue();
+            self.irq.signal_used(index);
         }
         true
     }
@@ -515,6 +639,12 @@ impl<M> Balloon<M> {
     /// The queue layout.
     pub fn queue_layout(&self) -> &QueueLayout {
         &self.layout
+    }
+
+    /// Sends the device's interrupts to `delivery` (per-queue used-buffer notifications and
+    /// configuration changes) instead of the [`Interrupt`]'s eventfd.
+    pub fn set_interrupt_delivery(&self, delivery: Arc<dyn InterruptDelivery>) {
+        self.irq.set_delivery(delivery);
     }
 
     /// The shared interrupt (also reachable through [`VirtioDevice::interrupt`]).

@@ -94,7 +94,7 @@ where
         }
     }
     if used && queue.needs_notification(mem).unwrap_or(true) {
-        irq.signal_used_queue();
+        irq.signal_used(index);
     }
     if more {
         if let Err(e) = evt.write(1) {

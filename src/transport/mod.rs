@@ -18,8 +18,9 @@ pub use mmio::{MmioState, MmioTransport};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::ratelimit::{warn_limited, RateLimit};
@@ -37,6 +38,13 @@ pub enum ActivateError {
     LegacyDriver,
     /// The device was already active.
     AlreadyActive,
+    /// More queues were handed over than the device has.
+    TooManyQueues {
+        /// The number handed over.
+        given: usize,
+        /// The device's number of queues.
+        max: usize,
+    },
 }
 
 impl fmt::Display for ActivateError {
@@ -49,6 +57,9 @@ impl fmt::Display for ActivateError {
                 write!(f, "the driver did not accept VIRTIO_F_VERSION_1")
             }
             ActivateError::AlreadyActive => write!(f, "the device is already active"),
+            ActivateError::TooManyQueues { given, max } => {
+                write!(f, "{given} queues handed over, the device has {max}")
+            }
         }
     }
 }
@@ -64,6 +75,8 @@ pub enum FeatureError {
     NoVersion1,
     /// The acknowledged features would number the queues differently from the device.
     QueueLayout(u64),
+    /// Features changed after the device was activated.
+    AfterActivation(u64),
 }
 
 impl fmt::Display for FeatureError {
@@ -80,11 +93,31 @@ impl fmt::Display for FeatureError {
                 f,
                 "without features {bits:#x} the driver would number the queues differently"
             ),
+            FeatureError::AfterActivation(bits) => write!(
+                f,
+                "features {bits:#x} acknowledged after the device was activated"
+            ),
         }
     }
 }
 
 impl std::error::Error for FeatureError {}
+
+/// One queue as a VMM that set up the ring itself hands it to a device: a vhost-user
+/// frontend's vring, a queue restored by the VMM, a transport without a DRIVER_OK register.
+///
+/// See [`Balloon::activate_with`](crate::Balloon::activate_with).
+#[derive(Debug)]
+pub struct QueueHandover {
+    /// The ring as the VMM set it up: size (chosen by the VMM or its frontend, a power of
+    /// two up to the device's maximum), addresses, `next_avail` and `next_used`, ready.
+    /// `max_size` is ignored: the device's own maximum applies.
+    pub state: QueueState,
+    /// The VMM's own kick eventfd for this queue, if it has one. The device then uses it
+    /// wherever it would use its own: it re-arms it after a partial batch, so the VMM
+    /// watches no eventfd besides the ones it registered. `None` keeps the device's.
+    pub kick: Option<EventFd>,
+}
 
 /// What a transport needs from a virtio device.
 ///
@@ -137,6 +170,27 @@ pub trait VirtioDevice: Send {
     /// Called once the transport accepted FEATURES_OK: the negotiated features are final.
     fn features_ok(&mut self) {}
 
+    /// Negotiates all 64 feature bits at once, for transports that carry them whole (a
+    /// vhost-user `SET_FEATURES`, a restored VMM): stores them, checks them with
+    /// [`validate_features`](Self::validate_features) and, if they pass, calls
+    /// [`features_ok`](Self::features_ok). A driver may negotiate again before the device
+    /// is activated (Linux's balloon acknowledges twice when it drops `PAGE_POISON`);
+    /// once the device is active the features are final and this refuses any change.
+    fn ack_features(&mut self, features: u64) -> Result<(), FeatureError> {
+        if self.is_activated() {
+            return if features == self.driver_features() {
+                Ok(())
+            } else {
+                Err(FeatureError::AfterActivation(features))
+            };
+        }
+        self.set_driver_features(0, features as u32);
+        self.set_driver_features(1, (features >> 32) as u32);
+        self.validate_features()?;
+        self.features_ok();
+        Ok(())
+    }
+
     /// One 32-bit page of the offered features.
     fn device_features_page(&self, page: u32) -> u32 {
         match page {
@@ -167,35 +221,103 @@ pub trait VirtioDevice: Send {
 
 static IRQ_WRITE_FAILED: RateLimit = RateLimit::new();
 
-/// The device's interrupt: status bits, configuration generation and an irqfd.
+/// Where a device's interrupts go: the VMM's side of the interrupt line.
 ///
-/// The `EventFd` is signalled whenever a bit is raised; a VMM registers it as an irqfd (or
-/// reads it and injects the interrupt itself). The configuration-change interrupt is only
-/// raised while the driver has DRIVER_OK set, as the virtio spec requires; the generation
-/// counter moves on every configuration change, so a driver reading the configuration in
-/// several accesses always notices a change in between.
-#[derive(Debug)]
-pub struct Interrupt {
-    evt: EventFd,
-    status: AtomicU8,
-    generation: AtomicU32,
-    driver_ok: AtomicBool,
+/// The device tells it *which* queue has new used buffers and, separately, that its
+/// configuration changed, so a VMM can map them onto whatever its transport has: one irqfd
+/// with an interrupt status register (virtio-mmio, PCI INTx: [`IrqFd`]), one MSI-X vector
+/// per queue and one for the configuration, a vhost-user frontend's call eventfds and its
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, or Firecracker's interrupt trait.
+///
+/// Called from the device's event loop thread and from the migration thread; it must not
+/// block for long. An error is logged (rate-limited) and otherwise ignored: the driver will
+/// see the used buffers or the configuration at its next look.
+pub trait InterruptDelivery: Send + Sync + fmt::Debug {
+    /// Queue `queue` has new used buffers the driver should be told about.
+    fn used_buffer(&self, queue: usize) -> io::Result<()>;
+
+    /// The device's configuration changed (the driver should read it again).
+    fn config_changed(&self) -> io::Result<()>;
 }
 
-impl Interrupt {
-    /// A new interrupt with a non-blocking eventfd.
+/// One eventfd for every interrupt, as a virtio-mmio device has one line: a VMM registers it
+/// as an irqfd and the driver reads the interrupt status register to tell used buffers from
+/// configuration changes. The default delivery of [`Interrupt`].
+#[derive(Debug)]
+pub struct IrqFd {
+    evt: EventFd,
+}
+
+impl IrqFd {
+    /// A new non-blocking eventfd.
     pub fn new() -> io::Result<Self> {
-        Ok(Interrupt {
+        Ok(IrqFd {
             evt: EventFd::new(EFD_NONBLOCK)?,
-            status: AtomicU8::new(0),
-            generation: AtomicU32::new(0),
-            driver_ok: AtomicBool::new(false),
         })
     }
 
     /// The eventfd to register as an irqfd.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt
+    }
+}
+
+impl InterruptDelivery for IrqFd {
+    fn used_buffer(&self, _queue: usize) -> io::Result<()> {
+        self.evt.write(1)
+    }
+
+    fn config_changed(&self) -> io::Result<()> {
+        self.evt.write(1)
+    }
+}
+
+/// The device's interrupt: status bits, configuration generation and where interrupts go.
+///
+/// By default every interrupt signals one eventfd ([`IrqFd`], [`eventfd`](Self::eventfd)),
+/// which a VMM registers as an irqfd (or reads and injects the interrupt itself);
+/// [`set_delivery`](Self::set_delivery) sends them elsewhere. The configuration-change
+/// interrupt is only raised while the driver has DRIVER_OK set (or the VMM activated the
+/// device), as the virtio spec requires; the generation counter moves on every
+/// configuration change, so a driver reading the configuration in several accesses always
+/// notices a change in between.
+#[derive(Debug)]
+pub struct Interrupt {
+    irqfd: Arc<IrqFd>,
+    delivery: RwLock<Arc<dyn InterruptDelivery>>,
+    status: AtomicU8,
+    generation: AtomicU32,
+    driver_ok: AtomicBool,
+}
+
+impl Interrupt {
+    /// A new interrupt delivered through a non-blocking eventfd.
+    pub fn new() -> io::Result<Self> {
+        let irqfd = Arc::new(IrqFd::new()?);
+        Ok(Interrupt {
+            delivery: RwLock::new(irqfd.clone()),
+            irqfd,
+            status: AtomicU8::new(0),
+            generation: AtomicU32::new(0),
+            driver_ok: AtomicBool::new(false),
+        })
+    }
+
+    /// The eventfd of the default delivery, to register as an irqfd. It is not signalled
+    /// once [`set_delivery`](Self::set_delivery) chose another delivery.
+    pub fn eventfd(&self) -> &EventFd {
+        self.irqfd.eventfd()
+    }
+
+    /// Sends every later interrupt to `delivery` instead (for example a vhost-user
+    /// frontend's call eventfds and configuration-change messages).
+    pub fn set_delivery(&self, delivery: Arc<dyn InterruptDelivery>) {
+        *self.delivery.write().unwrap_or_else(|e| e.into_inner()) = delivery;
+    }
+
+    /// Goes back to the default delivery through [`eventfd`](Self::eventfd).
+    pub fn reset_delivery(&self) {
+        self.set_delivery(self.irqfd.clone());
     }
 
     /// The interrupt status register (bit 0: used buffer, bit 1: configuration change).
@@ -213,9 +335,18 @@ impl Interrupt {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Tells the driver that a queue has new used buffers.
+    /// Tells the driver that a queue has new used buffers, on a transport with one
+    /// interrupt line (the same as [`signal_used`](Self::signal_used) for queue 0).
     pub fn signal_used_queue(&self) {
-        self.raise(interrupt::USED_BUFFER);
+        self.signal_used(0);
+    }
+
+    /// Tells the driver that queue `queue` has new used buffers.
+    pub fn signal_used(&self, queue: usize) {
+        self.status
+            .fetch_or(interrupt::USED_BUFFER, Ordering::AcqRel);
+        let result = self.delivery().used_buffer(queue);
+        Self::log_failure(result);
     }
 
     /// Records a device-initiated configuration change: bumps the generation and, once the
@@ -224,7 +355,10 @@ impl Interrupt {
     pub fn signal_config_change(&self) -> bool {
         self.generation.fetch_add(1, Ordering::AcqRel);
         if self.driver_ok.load(Ordering::Acquire) {
-            self.raise(interrupt::CONFIG_CHANGE);
+            self.status
+                .fetch_or(interrupt::CONFIG_CHANGE, Ordering::AcqRel);
+            let result = self.delivery().config_changed();
+            Self::log_failure(result);
             true
         } else {
             false
@@ -249,20 +383,26 @@ impl Interrupt {
     /// again so the driver sees them.
     pub(crate) fn restore(&self, status: u8, generation: u32) {
         self.generation.store(generation, Ordering::Release);
-        let status = status & (interrupt::USED_BUFFER | interrupt::CONFIG_CHANGE);
-        if status != 0 {
-            self.raise(status);
+        if status & interrupt::USED_BUFFER != 0 {
+            self.signal_used(0);
+        }
+        if status & interrupt::CONFIG_CHANGE != 0 {
+            self.status
+                .fetch_or(interrupt::CONFIG_CHANGE, Ordering::AcqRel);
+            Self::log_failure(self.delivery().config_changed());
         }
     }
 
-    fn raise(&self, bit: u8) {
-        self.status.fetch_or(bit, Ordering::AcqRel);
-        if let Err(e) = self.evt.write(1) {
-            warn_limited!(
-                IRQ_WRITE_FAILED,
-                "cannot signal the interrupt eventfd: {}",
-                e
-            );
+    fn delivery(&self) -> Arc<dyn InterruptDelivery> {
+        self.delivery
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn log_failure(result: io::Result<()>) {
+        if let Err(e) = result {
+            warn_limited!(IRQ_WRITE_FAILED, "cannot deliver an interrupt: {}", e);
         }
     }
 }
@@ -307,8 +447,14 @@ mod tests {
             .to_string()
             .contains("VERSION_1"));
         assert!(ActivateError::AlreadyActive.to_string().contains("active"));
+        assert!(ActivateError::TooManyQueues { given: 9, max: 5 }
+            .to_string()
+            .contains("9 queues"));
         assert!(FeatureError::NotOffered(0x40).to_string().contains("0x40"));
         assert!(FeatureError::NoVersion1.to_string().contains("VERSION_1"));
         assert!(FeatureError::QueueLayout(2).to_string().contains("0x2"));
+        assert!(FeatureError::AfterActivation(5)
+            .to_string()
+            .contains("after"));
     }
 }
