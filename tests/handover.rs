@@ -247,7 +247,10 @@ fn partial_batches_rearm_the_vmm_kick_and_nothing_else() {
     for (i, k) in s.kicks.iter().enumerate() {
         let (fd, event) = after[i];
         assert_eq!(event, DeviceEvent::Queue(i));
-        assert!(!own.contains(&fd), "queue {i} still lists the device's own eventfd");
+        assert!(
+            !own.contains(&fd),
+            "queue {i} still lists the device's own eventfd"
+        );
         // The listed descriptor is the VMM's eventfd: a write to it wakes the VMM's copy.
         let one = 1u64.to_ne_bytes();
         // SAFETY: `fd` is an eventfd the device keeps open while it lives; writing 8 bytes
@@ -361,4 +364,72 @@ fn a_round_requested_before_activation_is_announced_on_activation() {
     s.balloon.interrupt().reset_delivery();
     s.balloon.set_target(1);
     assert_eq!(*s.irq.config.lock().unwrap(), 1);
+}
+
+/// A sink that also records every element of the free page queue, as a capture tool does.
+#[derive(Debug, Default)]
+struct ElementSink {
+    elements: Mutex<Vec<virtio_balloon::sink::FreePageElement>>,
+}
+
+impl virtio_balloon::sink::FreePageSink for ElementSink {
+    fn free_page_hint(&self, _cmd_id: u32, _gpa: GuestAddress, _len: u64) {}
+    fn records_elements(&self) -> bool {
+        true
+    }
+    fn free_page_element(&self, element: &virtio_balloon::sink::FreePageElement) {
+        self.elements.lock().unwrap().push(*element);
+    }
+}
+
+#[test]
+fn a_sink_may_see_every_free_page_element_as_posted() {
+    let mut s = setup(8, 256);
+    let sink = Arc::new(ElementSink::default());
+    let mut balloon = Balloon::new(*s.balloon.config(), s.mem.clone(), sink.clone()).unwrap();
+    balloon.ack_features(balloon.device_features()).unwrap();
+    let handovers = s.handovers();
+    balloon.activate_with(handovers).unwrap();
+    let fpq = s.index(QueueRole::FreePage);
+    let hint = balloon.hint_control();
+    let id = hint.start_round();
+    s.mem.write_obj(id, GuestAddress(0xa000)).unwrap();
+    s.mem.write_obj(0u32, GuestAddress(0xa004)).unwrap();
+    // Twelve buffers through a ring of eight: positions run past the size, heads repeat.
+    let mut posted = vec![(0xa000u64, 4u32, 0u16)];
+    s.rings[fpq]
+        .add(&s.mem, &[Part::out(GuestAddress(0xa000), 4)], false, 0)
+        .unwrap();
+    balloon.process_queue(fpq);
+    for b in 0..10u64 {
+        let addr = 0x40_0000 + b * 0x1000;
+        s.rings[fpq]
+            .add(
+                &s.mem,
+                &[Part::input(GuestAddress(addr), 0x1000)],
+                false,
+                b + 1,
+            )
+            .unwrap();
+        posted.push((addr, 0x1000, 2));
+        balloon.process_queue(fpq);
+        s.rings[fpq].reclaim_all(&s.mem).unwrap();
+    }
+    s.rings[fpq]
+        .add(&s.mem, &[Part::out(GuestAddress(0xa004), 4)], false, 11)
+        .unwrap();
+    posted.push((0xa004, 4, 0));
+    balloon.process_queue(fpq);
+    assert!(hint.status().round_complete);
+    let seen = sink.elements.lock().unwrap().clone();
+    assert_eq!(seen.len(), 12);
+    for (i, (e, want)) in seen.iter().zip(&posted).enumerate() {
+        assert_eq!(e.position, i as u16);
+        assert!(e.head < 8);
+        assert_eq!((e.addr, e.len, e.flags), *want, "element {i}");
+    }
+    assert!(
+        seen.iter().filter(|e| e.head == seen[1].head).count() > 1,
+        "heads reused"
+    );
 }
