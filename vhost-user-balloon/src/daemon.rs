@@ -1,0 +1,334 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The daemon: a listening vhost-user socket, one frontend at a time, the shim in front of
+//! `vhost`'s request handler, the device's timers on the vring event loop and the control
+//! socket.
+//!
+//! Each frontend connection runs through the [`shim`](crate::shim): the daemon connects
+//! the shim to `vhost-user-backend` over a socket in a private directory (mode 0700) that
+//! exists only while the connection is set up. When the frontend goes away (or sends a
+//! message `vhost` refuses, which ends its connection) the device is reset and the daemon
+//! waits for the next frontend.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use log::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use virtio_balloon::{Balloon, BalloonConfig, DeviceEvent};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::{BalloonBackend, ExtraEvent};
+use crate::shim::{run_shim, ConfigChannel, ShimCounters};
+use crate::Mem;
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug)]
+pub enum DaemonError {
+    /// The device could not be created.
+    Balloon(virtio_balloon::BalloonError),
+    /// `vhost-user-backend` refused to start or serve.
+    Vhost(vhost_user_backend::Error),
+    /// A socket or file operation failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DaemonError::Balloon(e) => write!(f, "cannot create the balloon: {e}"),
+            DaemonError::Vhost(e) => write!(f, "vhost-user: {e}"),
+            DaemonError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+impl From<io::Error> for DaemonError {
+    fn from(e: io::Error) -> Self {
+        DaemonError::Io(e)
+    }
+}
+
+/// A running vhost-user balloon: the device and its connection handling.
+pub struct Daemon {
+    backend: Arc<BalloonBackend>,
+    mem: Mem,
+    timers: Vec<(RawFd, ExtraEvent)>,
+    channel: Arc<ConfigChannel>,
+    shim: Arc<ShimCounters>,
+    connections: u64,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("backend", &self.backend)
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A directory only this process can enter, removed when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new() -> io::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::temp_dir();
+        for _ in 0..64 {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("vhost-user-balloon-{}-{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(PrivateDir(path)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "no free name for a private directory",
+        ))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Daemon {
+    /// Creates the device over `mem` (which `SET_MEM_TABLE` fills) with the sink and memory
+    /// backend of the caller's choice, and the vring event loop with the device's timers on it.
+    pub fn new(
+        cfg: BalloonConfig,
+        mem: Mem,
+        sink: Arc<dyn virtio_balloon::sink::FreePageSink>,
+        discard: Arc<dyn virtio_balloon::backend::MemoryBackend>,
+    ) -> Result<Self, DaemonError> {
+        let balloon =
+            Balloon::with_backend(cfg, mem.clone(), sink, discard).map_err(DaemonError::Balloon)?;
+        let timers: Vec<_> = balloon
+            .event_fds()
+            .into_iter()
+            .filter_map(|(fd, ev)| match ev {
+                DeviceEvent::StatsTimer => Some((fd, ExtraEvent::StatsTimer)),
+                DeviceEvent::FlushTimer => Some((fd, ExtraEvent::FlushTimer)),
+                DeviceEvent::Queue(_) => None,
+            })
+            .collect();
+        let channel = Arc::new(ConfigChannel::new());
+        let backend = Arc::new(BalloonBackend::new(balloon, channel.clone()));
+        Ok(Daemon {
+            backend,
+            mem,
+            timers,
+            channel,
+            shim: Arc::new(ShimCounters::new()),
+            connections: 0,
+        })
+    }
+
+    /// What the shim passed and trimmed, over every connection.
+    pub fn shim_counters(&self) -> &Arc<ShimCounters> {
+        &self.shim
+    }
+
+    /// The vhost-user backend (the device, its hint handle and counters).
+    pub fn backend(&self) -> &Arc<BalloonBackend> {
+        &self.backend
+    }
+
+    /// A `vhost-user-backend` daemon for one connection (its handler remembers the owner
+    /// and the vrings of one frontend), with the device's timers on its event loop.
+    fn connection_daemon(&self) -> Result<VhostUserDaemon<Arc<BalloonBackend>>, DaemonError> {
+        let vu = VhostUserDaemon::new(
+            "vhost-user-balloon".into(),
+            self.backend.clone(),
+            self.mem.clone(),
+        )
+        .map_err(DaemonError::Vhost)?;
+        let handlers = vu.get_epoll_handlers();
+        let handler = handlers
+            .first()
+            .ok_or_else(|| io::Error::other("vhost-user-backend has no event loop"))?;
+        for &(fd, ev) in &self.timers {
+            handler.register_listener(fd, EventSet::IN, self.backend.extra_event_data(ev))?;
+        }
+        Ok(vu)
+    }
+
+    /// Serves one frontend connection until it goes away, then resets the device.
+    pub fn serve_connection(&mut self, frontend: UnixStream) -> Result<(), DaemonError> {
+        self.connections += 1;
+        let n = self.connections;
+        info!("vhost-user-balloon: frontend {n} connected");
+        let mut vu = self.connection_daemon()?;
+        let inner = {
+            let dir = PrivateDir::new()?;
+            let path = dir.0.join("vhost.sock");
+            let mut listener = Listener::new(&path, true)
+                .map_err(|e| io::Error::other(format!("inner listener: {e}")))?;
+            let inner = UnixStream::connect(&path)?;
+            vu.start(&mut listener).map_err(DaemonError::Vhost)?;
+            inner
+        };
+        let (channel, counters) = (self.channel.clone(), self.shim.clone());
+        let shim = thread::Builder::new()
+            .name("vhost-user-shim".into())
+            .spawn(move || run_shim(frontend, inner, channel, counters))?;
+        match vu.wait() {
+            Ok(()) => info!("vhost-user-balloon: frontend {n} disconnected"),
+            Err(e) => warn!("vhost-user-balloon: frontend {n}: connection ended: {e}"),
+        }
+        match shim.join() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("vhost-user-balloon: frontend {n}: shim: {e}"),
+            Err(_) => warn!("vhost-user-balloon: frontend {n}: shim thread panicked"),
+        }
+        // Dropping the connection's daemon ends its event loop (the backend's exit event),
+        // so nothing of this connection runs once the device is reset.
+        drop(vu);
+        self.channel.reset();
+        self.backend.disconnect();
+        Ok(())
+    }
+
+    /// Accepts frontends on `listener` one after the other until `stop` is set (checked
+    /// between connections) or, with `once`, after the first one.
+    pub fn run(
+        &mut self,
+        listener: &UnixListener,
+        stop: &AtomicBool,
+        once: bool,
+    ) -> Result<(), DaemonError> {
+        info!(
+            "vhost-user-balloon: listening (fd {})",
+            listener.as_raw_fd()
+        );
+        while !stop.load(Ordering::Acquire) {
+            let (frontend, _) = listener.accept()?;
+            self.serve_connection(frontend)?;
+            if once {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An empty guest memory for the daemon to start with (the frontend's memory table replaces
+/// it).
+pub fn empty_memory() -> Mem {
+    GuestMemoryAtomic::new(GuestMemoryMmap::new())
+}
+
+/// Binds the vhost-user socket at `path`, replacing a stale socket file left by an earlier
+/// run.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            std::fs::remove_file(path)?
+        }
+        _ => {}
+    }
+    UnixListener::bind(path)
+}
+
+/// The daemon's controller: the balloon's requests, with the daemon's own figures added to
+/// `status` (backend, shim and discard counters, and how much of each guest memory region the
+/// host really holds).
+pub struct DaemonController {
+    inner: crate::control::BalloonController,
+    backend: Arc<BalloonBackend>,
+    shim: Arc<ShimCounters>,
+    discards: Option<Arc<crate::discard::TrackingBackend>>,
+    mem: Mem,
+}
+
+impl std::fmt::Debug for DaemonController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonController")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DaemonController {
+    /// Adds the daemon's figures to `inner`'s answers. `discards` is the tracking backend
+    /// the device discards through, if any.
+    pub fn new(
+        inner: crate::control::BalloonController,
+        daemon: &Daemon,
+        discards: Option<Arc<crate::discard::TrackingBackend>>,
+    ) -> Self {
+        DaemonController {
+            inner,
+            backend: daemon.backend.clone(),
+            shim: daemon.shim.clone(),
+            discards,
+            mem: daemon.mem.clone(),
+        }
+    }
+}
+
+/// Each guest memory region: its address, size and the bytes of its backing file the host
+/// really holds (allocated blocks; `null` for anonymous memory).
+pub fn memory_regions(mem: &Mem) -> serde_json::Value {
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+    let guard = mem.memory();
+    let regions: Vec<serde_json::Value> = guard
+        .iter()
+        .map(|r| {
+            let allocated = r
+                .file_offset()
+                .and_then(|f| f.file().metadata().ok())
+                .map(|m| m.blocks().saturating_mul(512));
+            serde_json::json!({
+                "gpa": r.start_addr().0,
+                "size": r.len(),
+                "allocated_bytes": allocated,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(regions)
+}
+
+impl crate::control::Controller for DaemonController {
+    fn handle(&self, req: crate::control::Request) -> Result<serde_json::Value, String> {
+        let status = matches!(req, crate::control::Request::Status);
+        let mut value = self.inner.handle(req)?;
+        if status {
+            if let Some(obj) = value.as_object_mut() {
+                let to = |v: Result<serde_json::Value, serde_json::Error>| {
+                    v.unwrap_or(serde_json::Value::Null)
+                };
+                obj.insert(
+                    "backend".into(),
+                    to(serde_json::to_value(self.backend.counters())),
+                );
+                obj.insert(
+                    "shim".into(),
+                    to(serde_json::to_value(self.shim.snapshot())),
+                );
+                if let Some(d) = &self.discards {
+                    obj.insert("discards".into(), to(serde_json::to_value(d.stats())));
+                }
+                obj.insert("memory".into(), memory_regions(&self.mem));
+            }
+        }
+        Ok(value)
+    }
+}

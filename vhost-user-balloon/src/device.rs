@@ -1,0 +1,437 @@
+// Copyright 2026 The virtio-balloon maintainers.
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The vhost-user backend: the crate's [`Balloon`] behind `vhost-user-backend`.
+//!
+//! vhost-user has no DRIVER_OK register, so the device is activated from the vrings the
+//! frontend set up: as soon as every queue of the negotiated layout is ready (checked on each
+//! event and configuration access), their state and the frontend's kick eventfds are handed
+//! to [`Balloon::activate_with`]. From then on the device serves its queues on the kicks the
+//! vhost-user-backend event loop reads, re-arms those same kick eventfds after a partial
+//! batch, and sends its interrupts through [`VhostUserInterrupt`]: used buffers to the
+//! queue's call eventfd, configuration changes as `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on
+//! the backend channel the [`shim`](crate::shim) keeps.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{info, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_balloon::spec::features as f;
+use virtio_balloon::transport::{InterruptDelivery, QueueHandover, VirtioDevice};
+use virtio_balloon::{Balloon, DeviceEvent, HintControl, QueueRole};
+use virtio_queue::QueueT;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::shim::ConfigChannel;
+use crate::Mem;
+
+/// The largest configuration access answered (the balloon's space is 16 bytes).
+const MAX_CONFIG_ACCESS: u32 = 256;
+
+/// The vring type the daemon uses.
+pub type Vring = VringRwLock<Mem>;
+
+/// The events the backend registers besides the vrings' kicks, as offsets past the queue
+/// count (`vhost-user-backend` reserves the data values up to the queue count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraEvent {
+    /// The device's statistics polling timer.
+    StatsTimer = 1,
+    /// The device's discard flush timer.
+    FlushTimer = 2,
+}
+
+/// Interrupt delivery over vhost-user: a used buffer signals the queue's call eventfd, a
+/// configuration change becomes `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
+pub struct VhostUserInterrupt {
+    calls: Vec<Option<EventNotifier>>,
+    channel: Arc<ConfigChannel>,
+}
+
+impl fmt::Debug for VhostUserInterrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VhostUserInterrupt")
+            .field("calls", &self.calls.iter().filter(|c| c.is_some()).count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InterruptDelivery for VhostUserInterrupt {
+    fn used_buffer(&self, queue: usize) -> io::Result<()> {
+        match self.calls.get(queue) {
+            Some(Some(call)) => call.notify(),
+            // A frontend that polls (no call eventfd) needs no signal.
+            _ => Ok(()),
+        }
+    }
+
+    fn config_changed(&self) -> io::Result<()> {
+        if self.channel.send_config_change()? {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the frontend set up no backend channel for configuration changes",
+            ))
+        }
+    }
+}
+
+/// Duplicates a file descriptor the vring owns into one the device owns.
+fn dup_fd<T: AsRawFd>(fd: &T) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: `fd` is an open descriptor owned by the vring for the duration of this call;
+    // F_DUPFD_CLOEXEC creates a new descriptor and touches no memory.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just created by fcntl and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+fn dup_eventfd(fd: &EventConsumer) -> io::Result<EventFd> {
+    let owned = dup_fd(fd)?;
+    // SAFETY: `owned` is a fresh descriptor (from dup_fd) whose ownership moves into the
+    // EventFd; it refers to the frontend's kick eventfd.
+    Ok(unsafe { EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(owned)) })
+}
+
+fn dup_notifier(fd: &EventNotifier) -> io::Result<EventNotifier> {
+    let owned = dup_fd(fd)?;
+    // SAFETY: as in `dup_eventfd`: a fresh descriptor whose ownership moves into the notifier.
+    Ok(unsafe { EventNotifier::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(owned)) })
+}
+
+/// Counters of the backend's own work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BackendCounters {
+    /// Times the device was activated from the frontend's vrings.
+    pub activations: u64,
+    /// Activations refused (a vring the device cannot use).
+    pub activation_errors: u64,
+    /// Feature acknowledgements (Linux acknowledges twice).
+    pub feature_acks: u64,
+    /// Feature acknowledgements the device refused.
+    pub feature_errors: u64,
+    /// Device resets (frontend reset, stopped vrings, disconnect).
+    pub resets: u64,
+}
+
+struct BackendState {
+    vrings: Option<Vec<Vring>>,
+    counters: BackendCounters,
+}
+
+/// The balloon as a `vhost-user-backend` backend.
+pub struct BalloonBackend {
+    balloon: Arc<Mutex<Balloon<Mem>>>,
+    hint: HintControl,
+    channel: Arc<ConfigChannel>,
+    num_queues: usize,
+    max_queue_size: usize,
+    state: Mutex<BackendState>,
+}
+
+impl fmt::Debug for BalloonBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalloonBackend")
+            .field("num_queues", &self.num_queues)
+            .field("max_queue_size", &self.max_queue_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks a mutex, going on with its data after a panic elsewhere (every field stays valid
+/// on its own).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl BalloonBackend {
+    /// Serves `balloon`, configuration changes going through `channel`. The balloon's queue
+    /// sizes are the largest the frontend may choose.
+    pub fn new(balloon: Balloon<Mem>, channel: Arc<ConfigChannel>) -> Self {
+        let cfg = *balloon.config();
+        let max_queue_size = usize::from(
+            cfg.queue_size
+                .max(cfg.free_page_queue_size)
+                .max(cfg.reporting_queue_size),
+        );
+        BalloonBackend {
+            num_queues: balloon.queue_layout().len(),
+            hint: balloon.hint_control(),
+            balloon: Arc::new(Mutex::new(balloon)),
+            channel,
+            max_queue_size,
+            state: Mutex::new(BackendState {
+                vrings: None,
+                counters: BackendCounters::default(),
+            }),
+        }
+    }
+
+    /// The device, for the control socket.
+    pub fn balloon(&self) -> &Arc<Mutex<Balloon<Mem>>> {
+        &self.balloon
+    }
+
+    /// The hint handle, for the control socket and a VMM's migration.
+    pub fn hint_control(&self) -> HintControl {
+        self.hint.clone()
+    }
+
+    /// The backend's counters.
+    pub fn counters(&self) -> BackendCounters {
+        lock(&self.state).counters
+    }
+
+    /// The event data of an extra event.
+    pub fn extra_event_data(&self, event: ExtraEvent) -> u64 {
+        self.num_queues as u64 + event as u64
+    }
+
+    /// Whether vring `index` is set up far enough to be served.
+    fn vring_ready(vring: &Vring) -> bool {
+        let state = vring.get_ref();
+        state.get_queue().ready() && state.get_kick().is_some() && state.is_enabled()
+    }
+
+    /// Activates the device if it is not active yet and every queue the driver negotiated
+    /// is ready. Returns whether the device is active.
+    fn try_activate(&self, balloon: &mut Balloon<Mem>, vrings: &[Vring]) -> bool {
+        if balloon.is_activated() {
+            return true;
+        }
+        if !balloon.has_feature(f::VIRTIO_F_VERSION_1) {
+            return false;
+        }
+        let layout = balloon.queue_layout().clone();
+        let mut handovers = Vec::with_capacity(layout.len());
+        let mut calls = Vec::with_capacity(layout.len());
+        for index in 0..layout.len() {
+            let needed = match layout.role(index) {
+                Some(QueueRole::Stats) => balloon.has_feature(f::VIRTIO_BALLOON_F_STATS_VQ),
+                Some(QueueRole::FreePage) => {
+                    balloon.has_feature(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT)
+                }
+                Some(QueueRole::Reporting) => balloon.has_feature(f::VIRTIO_BALLOON_F_REPORTING),
+                _ => true,
+            };
+            let Some(vring) = vrings.get(index) else {
+                return false;
+            };
+            if needed && !Self::vring_ready(vring) {
+                return false;
+            }
+            let state = vring.get_ref();
+            let mut queue_state = state.get_queue().state();
+            queue_state.ready = needed && queue_state.ready;
+            let kick = match state.get_kick() {
+                Some(k) if needed => match dup_eventfd(k) {
+                    Ok(evt) => Some(evt),
+                    Err(e) => {
+                        warn!("vhost-user-balloon: cannot take vring {index}'s kick: {e}");
+                        return false;
+                    }
+                },
+                _ => None,
+            };
+            let call = match state.get_call() {
+                Some(c) => match dup_notifier(c) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        warn!("vhost-user-balloon: cannot take vring {index}'s call: {e}");
+                        None
+                    }
+                },
+                None => None,
+            };
+            calls.push(call);
+            handovers.push(QueueHandover {
+                state: queue_state,
+                kick,
+            });
+        }
+        balloon.set_interrupt_delivery(Arc::new(VhostUserInterrupt {
+            calls,
+            channel: self.channel.clone(),
+        }));
+        let result = balloon.activate_with(handovers);
+        let mut st = lock(&self.state);
+        match result {
+            Ok(()) => {
+                st.counters.activations += 1;
+                info!(
+                    "vhost-user-balloon: device active, features {:#x}",
+                    balloon.driver_features()
+                );
+                true
+            }
+            Err(e) => {
+                st.counters.activation_errors += 1;
+                warn!("vhost-user-balloon: cannot activate: {e}");
+                false
+            }
+        }
+    }
+
+    /// Activates the device from the vrings seen last, if it can be.
+    pub fn activate_if_ready(&self) -> bool {
+        let vrings = lock(&self.state).vrings.clone();
+        let mut balloon = lock(&self.balloon);
+        match vrings {
+            Some(v) => self.try_activate(&mut balloon, &v),
+            None => balloon.is_activated(),
+        }
+    }
+
+    /// Resets the device: the frontend reset it, stopped a vring or went away. The vring
+    /// positions the device reached are written back first, so `GET_VRING_BASE` tells the
+    /// frontend where the device stopped.
+    pub fn reset(&self) {
+        let vrings = lock(&self.state).vrings.clone();
+        let mut balloon = lock(&self.balloon);
+        if !balloon.is_activated() {
+            return;
+        }
+        for (index, vring) in vrings.iter().flatten().enumerate() {
+            if let Some(q) = balloon.live_queue_state(index) {
+                vring.set_queue_next_avail(q.next_avail);
+            }
+        }
+        balloon.reset();
+        balloon.interrupt().reset_delivery();
+        drop(balloon);
+        lock(&self.state).counters.resets += 1;
+    }
+
+    /// Forgets the frontend's vrings (it disconnected) and resets the device.
+    pub fn disconnect(&self) {
+        self.reset();
+        lock(&self.state).vrings = None;
+    }
+}
+
+impl VhostUserBackend for BalloonBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        lock(&self.balloon).device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let features = features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let result = lock(&self.balloon).ack_features(features);
+        let mut st = lock(&self.state);
+        st.counters.feature_acks += 1;
+        match result {
+            Ok(()) => info!("vhost-user-balloon: driver acknowledged features {features:#x}"),
+            Err(e) => {
+                st.counters.feature_errors += 1;
+                warn!("vhost-user-balloon: features {features:#x} refused: {e}");
+            }
+        }
+        drop(st);
+        // The vrings may all be ready already (kicked before the features came): the
+        // device then looks at every queue once it is active.
+        self.activate_if_ready();
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // No REPLY_ACK: a configuration change sent while the frontend waits for our reply
+        // to its GET_CONFIG would otherwise deadlock both sides.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&self) {
+        self.reset();
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The device takes VIRTIO_F_RING_EVENT_IDX from the negotiated features.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.activate_if_ready();
+        let mut data = vec![0u8; size.min(MAX_CONFIG_ACCESS) as usize];
+        lock(&self.balloon).read_config(u64::from(offset), &mut data);
+        data
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.activate_if_ready();
+        lock(&self.balloon).write_config(u64::from(offset), buf);
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: Mem) -> io::Result<()> {
+        // The device reaches memory through the same GuestMemoryAtomic the daemon updates.
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        info!("vhost-user-balloon: frontend stops vring {queue_index}");
+        self.reset();
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Each connection gets its own event loop; this lets vhost-user-backend end it when
+        // the connection's handler goes away.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("vhost-user-balloon: no exit event for the vring event loop: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        {
+            let mut st = lock(&self.state);
+            if st.vrings.as_ref().map(Vec::len) != Some(vrings.len()) {
+                st.vrings = Some(vrings.to_vec());
+            }
+        }
+        let mut balloon = lock(&self.balloon);
+        let active = self.try_activate(&mut balloon, vrings);
+        let index = usize::from(device_event);
+        if index < self.num_queues {
+            if active {
+                balloon.process_queue(index);
+            }
+        } else if index == self.num_queues + ExtraEvent::StatsTimer as usize {
+            balloon.handle_event(DeviceEvent::StatsTimer);
+        } else if index == self.num_queues + ExtraEvent::FlushTimer as usize {
+            balloon.handle_event(DeviceEvent::FlushTimer);
+        }
+        // Never an error: vhost-user-backend ends its event loop on one.
+        Ok(())
+    }
+}
