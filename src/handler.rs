@@ -126,6 +126,7 @@ where
         let pages = &mut self.pages;
         let stats = &mut self.stats;
         let metrics = &mut self.metrics;
+        let poison_latched = &mut self.poison_latched;
         let mut stats_arrived = false;
         serve(
             queue,
@@ -181,6 +182,8 @@ where
                         Some(head)
                     }
                     QueueRole::Reporting => {
+                        // The device acts on poison_val from now on.
+                        *poison_latched = true;
                         pages.metrics.reporting_elements += 1;
                         if skip_reports {
                             pages.metrics.reporting_elements_skipped += 1;

@@ -433,3 +433,31 @@ fn a_sink_may_see_every_free_page_element_as_posted() {
         "heads reused"
     );
 }
+
+#[test]
+fn poison_val_stays_writable_after_a_handover_until_first_used() {
+    let mut s = setup(256, 256);
+    s.balloon.ack_features(s.features()).unwrap();
+    let handovers = s.handovers();
+    s.balloon.activate_with(handovers).unwrap();
+    // Linux writes poison_val after it kicked its statistics buffer, before DRIVER_OK: the
+    // device activated from a handover takes it.
+    s.balloon.write_config(12, &0xaaaa_aaaau32.to_le_bytes());
+    assert_eq!(s.balloon.poison_val(), 0xaaaa_aaaa);
+    assert_eq!(s.balloon.metrics().late_poison_writes, 0);
+    // The first report fixes it: the element is skipped (a discard would break the poison).
+    let rq = s.index(QueueRole::Reporting);
+    s.rings[rq]
+        .add(
+            &s.mem,
+            &[Part::input(GuestAddress(0x40_0000), 0x40_0000)],
+            false,
+            1,
+        )
+        .unwrap();
+    s.balloon.process_queue(rq);
+    assert_eq!(s.balloon.metrics().pages.reporting_elements_skipped, 1);
+    s.balloon.write_config(12, &0u32.to_le_bytes());
+    assert_eq!(s.balloon.poison_val(), 0xaaaa_aaaa, "latched at first use");
+    assert_eq!(s.balloon.metrics().late_poison_writes, 1);
+}

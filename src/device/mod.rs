@@ -346,6 +346,9 @@ pub struct Balloon<M> {
     pub(crate) hint: Arc<HintShared>,
     pub(crate) mem: M,
     pub(crate) activated: bool,
+    /// `poison_val` no longer changes: set at DRIVER_OK, or for a device activated from a
+    /// handover (which has no DRIVER_OK) when the value is first used.
+    pub(crate) poison_latched: bool,
     pub(crate) stats: StatsState,
     pub(crate) pages: PageEngine,
     pub(crate) flush_timer: Timer,
@@ -437,6 +440,7 @@ where
             hint,
             mem,
             activated: false,
+            poison_latched: false,
             stats: StatsState {
                 held: None,
                 last: None,
@@ -500,6 +504,10 @@ where
             }
             return Err(e);
         }
+        // Without a DRIVER_OK the driver may still be probing: Linux writes `poison_val`
+        // after it kicked its statistics buffer. The value stays writable until the device
+        // first uses it (the first free page report).
+        self.poison_latched = false;
         Ok(())
     }
 
@@ -851,14 +859,14 @@ where
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // poison_val is latched at DRIVER_OK: the reporting decision must not change under
-        // the device.
+        // poison_val is latched at DRIVER_OK (after a handover: at its first use): the
+        // reporting decision must not change under the device.
         let negotiated = self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON);
-        let poison_ok = negotiated && !self.activated;
+        let poison_ok = negotiated && !self.poison_latched;
         let w = self
             .config
             .write(offset, data, self.hint.config_value(), poison_ok);
-        if negotiated && self.activated && w.poison_touched {
+        if negotiated && self.poison_latched && w.poison_touched {
             self.metrics.late_poison_writes += 1;
         }
         if w.actual_changed {
@@ -910,6 +918,7 @@ where
         self.hint.set_negotiated(fph);
         self.irq.set_driver_ok(true);
         self.activated = true;
+        self.poison_latched = true;
         if let Some((idx, evt, copy)) = free_page_queue {
             let queue = std::mem::replace(&mut self.queues[idx], copy);
             self.hint.activate(Box::new(FreePageQueue {
@@ -937,6 +946,7 @@ where
         self.config = ConfigSpace::new(self.cfg.config_len());
         self.config.num_pages = num_pages;
         self.activated = false;
+        self.poison_latched = false;
         self.stats.held = None;
         self.stats.last = None;
         // The new driver owns every page again: nothing inflated may be discarded later.
