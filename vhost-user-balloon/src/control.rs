@@ -16,7 +16,7 @@
 //! | `{"cmd":"stop_round"}` | the hint status |
 //! | `{"cmd":"finish_round"}` | the hint status (DONE: the guest may reuse hinted pages) |
 //! | `{"cmd":"wait_round","timeout_ms":N}` | whether the guest completed the round |
-//! | `{"cmd":"save_capture"}` | where the last round's capture was written |
+//! | `{"cmd":"save_capture"}` (optional `"description"`) | where the last round's capture was written |
 //! | `{"cmd":"shutdown"}` | nothing; the daemon stops |
 //!
 //! Every answer is one line: `{"ok":true, ...}` or `{"ok":false,"error":"..."}`. A bad
@@ -103,8 +103,13 @@ pub enum Request {
         /// The longest wait in milliseconds (at most [`MAX_WAIT_MS`]).
         timeout_ms: u64,
     },
-    /// Writes the capture of the last hint round to the configured capture file.
-    SaveCapture,
+    /// Writes the capture of the last hint round to the configured capture file, with an
+    /// optional description of the guest for its header (one line, at most 200 bytes).
+    SaveCapture {
+        /// Replaces the description given at start-up.
+        #[serde(default)]
+        description: Option<String>,
+    },
     /// Stops the daemon.
     Shutdown,
 }
@@ -471,11 +476,17 @@ impl BalloonController {
         json!({ "state": s.state.to_string(), "cmd_id": s.cmd_id, "round_complete": s.round_complete })
     }
 
-    fn save_capture(&self) -> Result<Value, String> {
+    fn save_capture(&self, description: Option<String>) -> Result<Value, String> {
         let (target, mem) = self
             .capture
             .as_ref()
             .ok_or("no capture file configured (--hint-sink capture --capture PATH)")?;
+        if let Some(d) = &description {
+            if d.len() > 200 || d.chars().any(char::is_control) {
+                return Err("the description must be one line of at most 200 bytes".into());
+            }
+        }
+        let description = description.as_deref().unwrap_or(&target.description);
         let counter = self
             .counter
             .as_ref()
@@ -493,7 +504,7 @@ impl BalloonController {
                 .map_or(0, |q| q.size())
         };
         let n = counter
-            .write_capture(&target.path, &regions, queue_size, &target.description)
+            .write_capture(&target.path, &regions, queue_size, description)
             .map_err(|e| format!("cannot write {}: {e}", target.path.display()))?;
         Ok(json!({ "path": target.path.display().to_string(), "elements": n }))
     }
@@ -592,7 +603,7 @@ impl Controller for BalloonController {
                 v["complete"] = Value::Bool(complete);
                 Ok(v)
             }
-            Request::SaveCapture => self.save_capture(),
+            Request::SaveCapture { description } => self.save_capture(description),
             Request::Shutdown => match &self.shutdown {
                 Some(hook) => {
                     hook();
@@ -1010,6 +1021,26 @@ mod tests {
             ask(&c, r#"{"cmd":"status"}"#)["hint_sink"]["round_hints"],
             1
         );
+        // A description for this capture only; one line, bounded.
+        let v = ask(
+            &c,
+            r#"{"cmd":"save_capture","description":"UML 6.1, 4 GiB"}"#,
+        );
+        assert_eq!(v["elements"], 3, "{v}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.starts_with("# guest UML 6.1, 4 GiB; free page vq size"),
+            "{text}"
+        );
+        assert_error(
+            &ask(&c, r#"{"cmd":"save_capture","description":"two\nlines"}"#),
+            "one line",
+        );
+        let long = format!(
+            r#"{{"cmd":"save_capture","description":"{}"}}"#,
+            "x".repeat(201)
+        );
+        assert_error(&ask(&c, &long), "one line");
     }
 
     #[test]
