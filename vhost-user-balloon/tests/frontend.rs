@@ -194,6 +194,39 @@ impl Guest {
     }
 }
 
+/// Sets up vring `i` at its place in `guest` (the used ring at the frontend address `used`
+/// instead, if given), enabled, with fresh kick and call eventfds.
+fn set_up_vring<'g>(
+    fe: &mut Frontend,
+    guest: &'g Guest,
+    i: usize,
+    used: Option<u64>,
+) -> (MockSplitQueue<'g, GuestMemoryMmap<()>>, EventFd, EventFd) {
+    let q = guest.queue(i);
+    let base = guest.host_base();
+    fe.set_vring_num(i, QUEUE_SIZE).unwrap();
+    fe.set_vring_addr(
+        i,
+        &VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: base + q.desc_table_addr().0,
+            used_ring_addr: used.unwrap_or(base + q.used_addr().0),
+            avail_ring_addr: base + q.avail_addr().0,
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    fe.set_vring_base(i, 0).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_call(i, &call).unwrap();
+    fe.set_vring_kick(i, &kick).unwrap();
+    fe.set_vring_enable(i, true).unwrap();
+    (q, kick, call)
+}
+
 /// A frontend connection set up the way QEMU or UML does it.
 struct Conn<'g> {
     fe: Frontend,
@@ -245,28 +278,7 @@ impl<'g> Conn<'g> {
         let mut calls = Vec::new();
         let mut queues = Vec::new();
         for i in 0..4 {
-            let q = guest.queue(i);
-            let base = guest.host_base();
-            fe.set_vring_num(i, QUEUE_SIZE).unwrap();
-            fe.set_vring_addr(
-                i,
-                &VringConfigData {
-                    queue_max_size: QUEUE_SIZE,
-                    queue_size: QUEUE_SIZE,
-                    flags: 0,
-                    desc_table_addr: base + q.desc_table_addr().0,
-                    used_ring_addr: base + q.used_addr().0,
-                    avail_ring_addr: base + q.avail_addr().0,
-                    log_addr: None,
-                },
-            )
-            .unwrap();
-            fe.set_vring_base(i, 0).unwrap();
-            let call = EventFd::new(EFD_NONBLOCK).unwrap();
-            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-            fe.set_vring_call(i, &call).unwrap();
-            fe.set_vring_kick(i, &kick).unwrap();
-            fe.set_vring_enable(i, true).unwrap();
+            let (q, kick, call) = set_up_vring(&mut fe, guest, i, None);
             calls.push(call);
             kicks.push(kick);
             queues.push(q);
@@ -533,35 +545,11 @@ fn a_ring_that_does_not_fit_in_memory_is_not_activated() {
     let proto = fe.get_protocol_features().unwrap();
     fe.set_protocol_features(proto).unwrap();
     fe.set_mem_table(&[guest.region()]).unwrap();
-    let base = guest.host_base();
     // The used ring starts inside memory but runs past its end.
-    let tail = base + MEM_SIZE as u64 - 0x100;
-    let mut kicks = Vec::new();
-    for i in 0..4 {
-        let q = guest.queue(i);
-        fe.set_vring_num(i, QUEUE_SIZE).unwrap();
-        let used = if i == 1 { tail } else { base + q.used_addr().0 };
-        fe.set_vring_addr(
-            i,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: base + q.desc_table_addr().0,
-                used_ring_addr: used,
-                avail_ring_addr: base + q.avail_addr().0,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(i, 0).unwrap();
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        fe.set_vring_call(i, &EventFd::new(EFD_NONBLOCK).unwrap())
-            .unwrap();
-        fe.set_vring_kick(i, &kick).unwrap();
-        fe.set_vring_enable(i, true).unwrap();
-        kicks.push(kick);
-    }
+    let tail = guest.host_base() + MEM_SIZE as u64 - 0x100;
+    let kicks: Vec<EventFd> = (0..4)
+        .map(|i| set_up_vring(&mut fe, &guest, i, (i == 1).then_some(tail)).1)
+        .collect();
     kicks[0].write(1).unwrap();
     wait_for("the refused activation", || {
         d.backend.counters().activation_errors > 0
