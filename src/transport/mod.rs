@@ -8,8 +8,11 @@
 //! of rust-vmm's `virtio-device` crate, which is not published. [`MmioTransport`] turns MMIO
 //! register accesses into calls on it. A PCI transport can be written over the same trait.
 //!
-//! [`Interrupt`] is the device's side of its interrupt line: the interrupt status bits, the
-//! configuration generation and one `EventFd` that a VMM registers as an irqfd.
+//! [`Interrupt`] is the device's side of its interrupt line: the interrupt status bits and
+//! the configuration generation, delivered through an [`InterruptDelivery`]: by default
+//! [`IrqFd`], one `EventFd` a VMM registers as an irqfd; a VMM with per-queue vectors or a
+//! vhost-user frontend supplies its own. [`QueueHandover`] carries queue state and kick
+//! eventfds from a VMM that set the rings up itself (no DRIVER_OK register) to the device.
 
 mod mmio;
 

@@ -649,3 +649,53 @@ fn send_raw(sock: &UnixStream, code: u32, payload: &[u8], fds: &[i32]) {
         std::io::Error::last_os_error()
     );
 }
+
+#[test]
+fn out_of_order_messages_are_refused_and_the_daemon_serves_again() {
+    let d = start_daemon("order");
+    let guest = Guest::new();
+    // A vring address before any memory table: nothing to translate it with.
+    {
+        let fe = connect(&d.path);
+        fe.set_owner().unwrap();
+        let features = fe.get_features().unwrap();
+        fe.set_features(features).unwrap();
+        fe.set_vring_num(0, QUEUE_SIZE).unwrap();
+        let q = guest.queue(0);
+        let base = guest.host_base();
+        let _ = fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: base + q.desc_table_addr().0,
+                used_ring_addr: base + q.used_addr().0,
+                avail_ring_addr: base + q.avail_addr().0,
+                log_addr: None,
+            },
+        );
+        wait_for("the refusal", || fe.get_features().is_err());
+    }
+    assert_eq!(d.backend.counters().activations, 0);
+
+    // Features changed after the device went live: refused, the device keeps its own.
+    let mut c = Conn::open(&d.path, &guest, true);
+    assert_eq!(c.config_u32(0), 0);
+    wait_for("activation", || d.backend.counters().activations == 1);
+    let negotiated = d.backend.balloon().lock().unwrap().driver_features();
+    let fewer = c.fe.get_features().unwrap() & !(1 << 1);
+    c.fe.set_features(fewer).unwrap();
+    wait_for("the refused change", || {
+        d.backend.counters().feature_errors == 1
+    });
+    assert!(logged("after the device was activated"));
+    assert_eq!(
+        d.backend.balloon().lock().unwrap().driver_features(),
+        negotiated
+    );
+    // And the device still serves its queues.
+    guest.mem.write_obj(0x200u32, GuestAddress(0x9000)).unwrap();
+    c.post(INFLATE, 0x9000, 4, 0);
+    wait_for("the inflate element", || c.used_idx(INFLATE) == 1);
+}
