@@ -607,9 +607,10 @@ fn forward(src: &UnixStream, dst: &UnixStream, dir: Direction, ctx: &Ctx<'_>) ->
         if dir == Direction::ToBackend {
             inspect_request(&mut msg, ctx);
         }
-        send_message(dst, &msg.buf[..msg.len], &msg.fds)?;
+        // Counted before the send, so a peer that has received a message sees it counted.
         bump(counter, 1);
         bump(&ctx.counters.fds_forwarded, msg.fds.len() as u64);
+        send_message(dst, &msg.buf[..msg.len], &msg.fds)?;
         // Our copies of the descriptors are closed here; the receiver has its own.
         msg.fds.clear();
     }
@@ -802,13 +803,14 @@ mod tests {
         file.seek(SeekFrom::Start(0)).unwrap();
         file.read_exact(&mut s).unwrap();
         assert_eq!(&s, b"balloon");
+        drop(r.front);
+        r.shim.join().unwrap().unwrap();
+        assert!(is_eof(&r.back));
+        // Counted after forwarding: read once the shim has finished.
         let stats = r.counters.snapshot();
         assert_eq!(stats.mem_tables_trimmed, 1);
         assert_eq!(stats.messages_to_backend, 1);
         assert_eq!(stats.fds_forwarded, 1);
-        drop(r.front);
-        r.shim.join().unwrap().unwrap();
-        assert!(is_eof(&r.back));
     }
 
     #[test]
@@ -831,10 +833,11 @@ mod tests {
             send_message(&r.front, m, &[]).unwrap();
             assert_eq!(&recv(&r.back).0, m);
         }
-        assert_eq!(r.counters.snapshot().mem_tables_trimmed, 0);
-        assert_eq!(r.counters.snapshot().messages_to_backend, 5);
         drop(r.front);
         r.shim.join().unwrap().unwrap();
+        // Counted after forwarding: read once the shim has finished.
+        assert_eq!(r.counters.snapshot().mem_tables_trimmed, 0);
+        assert_eq!(r.counters.snapshot().messages_to_backend, 5);
     }
 
     #[test]
