@@ -385,6 +385,25 @@ static void memory_child(int fd, uint64_t mib, int hold) {
     _exit(0);
 }
 
+// Creates a pipe (fds[0] to read, fds[1] to write) and forks. Returns the
+// child's pid in the parent and 0 in the child. On failure returns -1 with
+// both ends closed, after answering the command with an error.
+static pid_t fork_with_pipe(int fds[2]) {
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        error("pipe: %s", strerror(errno));
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(fds[0]);
+        close(fds[1]);
+        error("fork: %s", strerror(e));
+        return -1;
+    }
+    return pid;
+}
+
 // Runs memory_child in a forked child and reports. With hold, a child
 // that touched everything is kept in `held`.
 static int run_memory(const char *arg, int hold) {
@@ -395,16 +414,10 @@ static int run_memory(const char *arg, int hold) {
     if (hold && nheld >= MAX_HELD)
         return error("too many held allocations (%d); release first", MAX_HELD);
     int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0)
-        return error("pipe: %s", strerror(errno));
     uint64_t t0 = now_ns();
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = errno;
-        close(fds[0]);
-        close(fds[1]);
-        return error("fork: %s", strerror(e));
-    }
+    pid_t pid = fork_with_pipe(fds);
+    if (pid < 0)
+        return -1;
     if (pid == 0) {
         close(fds[0]);
         memory_child(fds[1], mib, hold);
@@ -655,15 +668,9 @@ static int cmd_sh(const char *arg) {
     if (!arg || !*arg)
         return error("usage: sh <command>");
     int fds[2];
-    if (pipe2(fds, O_CLOEXEC) != 0)
-        return error("pipe: %s", strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = errno;
-        close(fds[0]);
-        close(fds[1]);
-        return error("fork: %s", strerror(e));
-    }
+    pid_t pid = fork_with_pipe(fds);
+    if (pid < 0)
+        return -1;
     if (pid == 0) {
         setpgid(0, 0);
         int null = open("/dev/null", O_RDONLY);

@@ -194,6 +194,19 @@ impl Guest {
     }
 }
 
+/// The vring addresses a frontend sends, in its own address space.
+fn ring_config(desc: u64, avail: u64, used: u64) -> VringConfigData {
+    VringConfigData {
+        queue_max_size: QUEUE_SIZE,
+        queue_size: QUEUE_SIZE,
+        flags: 0,
+        desc_table_addr: desc,
+        used_ring_addr: used,
+        avail_ring_addr: avail,
+        log_addr: None,
+    }
+}
+
 /// Sets up vring `i` at its place in `guest` (the used ring at the frontend address `used`
 /// instead, if given), enabled, with fresh kick and call eventfds.
 fn set_up_vring<'g>(
@@ -207,15 +220,11 @@ fn set_up_vring<'g>(
     fe.set_vring_num(i, QUEUE_SIZE).unwrap();
     fe.set_vring_addr(
         i,
-        &VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            desc_table_addr: base + q.desc_table_addr().0,
-            used_ring_addr: used.unwrap_or(base + q.used_addr().0),
-            avail_ring_addr: base + q.avail_addr().0,
-            log_addr: None,
-        },
+        &ring_config(
+            base + q.desc_table_addr().0,
+            base + q.avail_addr().0,
+            used.unwrap_or(base + q.used_addr().0),
+        ),
     )
     .unwrap();
     fe.set_vring_base(i, 0).unwrap();
@@ -513,18 +522,7 @@ fn bad_memory_tables_are_refused_and_the_daemon_serves_again() {
         fe.set_mem_table(&[guest.region()]).unwrap();
         fe.set_vring_num(0, QUEUE_SIZE).unwrap();
         let outside = guest.host_base() + MEM_SIZE as u64 + 0x1000;
-        let _ = fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: outside,
-                used_ring_addr: outside,
-                avail_ring_addr: outside,
-                log_addr: None,
-            },
-        );
+        let _ = fe.set_vring_addr(0, &ring_config(outside, outside, outside));
         wait_for("the refusal", || fe.get_features().is_err());
     }
     assert_eq!(d.backend.counters().activations, 0);
@@ -665,15 +663,11 @@ fn out_of_order_messages_are_refused_and_the_daemon_serves_again() {
         let base = guest.host_base();
         let _ = fe.set_vring_addr(
             0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: base + q.desc_table_addr().0,
-                used_ring_addr: base + q.used_addr().0,
-                avail_ring_addr: base + q.avail_addr().0,
-                log_addr: None,
-            },
+            &ring_config(
+                base + q.desc_table_addr().0,
+                base + q.avail_addr().0,
+                base + q.used_addr().0,
+            ),
         );
         wait_for("the refusal", || fe.get_features().is_err());
     }
