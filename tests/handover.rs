@@ -327,6 +327,14 @@ fn features_may_be_acknowledged_again_until_activation() {
     s.balloon.ack_features(all).unwrap();
     s.balloon.ack_features(all & !poison).unwrap();
     assert_eq!(s.balloon.driver_features(), all & !poison);
+    assert!((0..5).all(|i| s.balloon.queue_negotiated(i)));
+    assert!(!s.balloon.queue_negotiated(5));
+    // Without reporting the driver leaves the last queue alone.
+    let reporting = 1u64 << f::VIRTIO_BALLOON_F_REPORTING;
+    s.balloon.ack_features(all & !poison & !reporting).unwrap();
+    let rq = s.index(QueueRole::Reporting);
+    assert!(!s.balloon.queue_negotiated(rq));
+    assert!(s.balloon.queue_negotiated(s.index(QueueRole::FreePage)));
     assert!(matches!(
         s.balloon
             .ack_features(all & !(1u64 << f::VIRTIO_F_VERSION_1)),

@@ -680,6 +680,19 @@ impl<M> Balloon<M> {
         feature < 64 && self.acked & f::bit(feature) != 0
     }
 
+    /// Whether the driver uses queue `index` with the features it negotiated: inflate and
+    /// deflate always, the others only with their feature. A VMM that activates the device
+    /// from queues it set up ([`activate_with`](Self::activate_with)) waits for these.
+    pub fn queue_negotiated(&self, index: usize) -> bool {
+        match self.layout.role(index) {
+            Some(QueueRole::Inflate | QueueRole::Deflate) => true,
+            Some(QueueRole::Stats) => self.has_feature(f::VIRTIO_BALLOON_F_STATS_VQ),
+            Some(QueueRole::FreePage) => self.has_feature(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+            Some(QueueRole::Reporting) => self.has_feature(f::VIRTIO_BALLOON_F_REPORTING),
+            None => false,
+        }
+    }
+
     /// The memory host pages the backend discards are made of.
     pub fn host_page_size(&self) -> u64 {
         self.pages.host_page()

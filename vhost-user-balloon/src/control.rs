@@ -27,7 +27,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -41,6 +41,7 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::capture::HintCounter;
+use crate::device::lock;
 use crate::Mem;
 
 /// The longest request line accepted (64 KiB); a longer one is answered with an error and
@@ -372,10 +373,6 @@ impl std::fmt::Debug for BalloonController {
             .field("capture", &self.capture.as_ref().map(|(t, _)| t))
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BalloonController {

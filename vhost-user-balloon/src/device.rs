@@ -22,7 +22,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_balloon::spec::features as f;
 use virtio_balloon::transport::{InterruptDelivery, QueueHandover, VirtioDevice};
-use virtio_balloon::{Balloon, DeviceEvent, HintControl, QueueRole};
+use virtio_balloon::{Balloon, DeviceEvent, HintControl};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -213,18 +213,11 @@ impl BalloonBackend {
         if !balloon.has_feature(f::VIRTIO_F_VERSION_1) {
             return false;
         }
-        let layout = balloon.queue_layout().clone();
-        let mut handovers = Vec::with_capacity(layout.len());
-        let mut calls = Vec::with_capacity(layout.len());
-        for index in 0..layout.len() {
-            let needed = match layout.role(index) {
-                Some(QueueRole::Stats) => balloon.has_feature(f::VIRTIO_BALLOON_F_STATS_VQ),
-                Some(QueueRole::FreePage) => {
-                    balloon.has_feature(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT)
-                }
-                Some(QueueRole::Reporting) => balloon.has_feature(f::VIRTIO_BALLOON_F_REPORTING),
-                _ => true,
-            };
+        let queues = balloon.num_queues();
+        let mut handovers = Vec::with_capacity(queues);
+        let mut calls = Vec::with_capacity(queues);
+        for index in 0..queues {
+            let needed = balloon.queue_negotiated(index);
             let Some(vring) = vrings.get(index) else {
                 return false;
             };

@@ -21,6 +21,7 @@ use log::{error, info};
 use vhost_user_balloon::capture::{HintCounter, DEFAULT_MAX_ELEMENTS};
 use vhost_user_balloon::control::{self, BalloonController, CaptureTarget};
 use vhost_user_balloon::daemon::{bind, empty_memory, Daemon, DaemonController};
+use vhost_user_balloon::device::lock;
 use vhost_user_balloon::discard::TrackingBackend;
 use vhost_user_balloon::options::Options;
 
@@ -65,11 +66,7 @@ fn run(opts: Options) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let interval = opts.stats_interval();
     if !interval.is_zero() {
-        daemon
-            .backend()
-            .balloon()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(daemon.backend().balloon())
             .set_stats_interval(interval)
             .map_err(|e| format!("cannot arm the statistics timer: {e}"))?;
     }
