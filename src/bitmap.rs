@@ -302,6 +302,18 @@ impl DirtyBitmap {
         cleared
     }
 
+    /// Clears the bits of `mask` in word `word` and returns which of them were set (0 for a
+    /// word past the end).
+    #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
+    pub(crate) fn take_bits(&self, word: usize, mask: u64) -> u64 {
+        match self.words.get(word) {
+            Some(w) if w.load(Ordering::Acquire) & mask != 0 => {
+                w.fetch_and(!mask, Ordering::AcqRel) & mask
+            }
+            _ => 0,
+        }
+    }
+
     /// ORs `src` into the bitmap, word `i` of `src` into word `first_word + i`. Bits of `src`
     /// that fall past the end of the bitmap are dropped. Returns how many bits became set.
     ///

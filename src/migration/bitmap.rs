@@ -4,10 +4,11 @@
 //! The "to send" bitmap of a precopy migration, which free page hints trim.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::dirty_log::{DirtyLog, RegionInfo};
+use super::dirty_log::{DirtyLog, DirtyLogClear, RegionInfo};
 use super::Error;
 use crate::bitmap::{DirtyBitmap, BITS_PER_WORD};
 use crate::sink::FreePageSink;
@@ -21,7 +22,19 @@ struct RegionBitmap {
     /// space).
     last: u64,
     bitmap: DirtyBitmap,
+    /// One bit per [`CLEAR_CHUNK_PAGES`] pages: the chunk may hold pages the dirty log
+    /// reported that were not yet cleared in it (set at each sync when a [`DirtyLogClear`]
+    /// is installed; cleared once the chunk was cleared in the log).
+    uncleared: DirtyBitmap,
+    /// Held while a chunk is cleared in the log; the chunk's bit is reset only after the
+    /// clear completed, so a sender that finds it reset may read the chunk's pages.
+    clear_lock: Mutex<()>,
 }
+
+/// Pages cleared in the dirty log at once before the first of them is sent (64 MiB).
+/// Smaller chunks cost more `KVM_CLEAR_DIRTY_LOG` calls; larger ones write-protect pages
+/// earlier than needed.
+pub const CLEAR_CHUNK_PAGES: u64 = 1 << 14;
 
 impl RegionBitmap {
     fn info(&self, index: usize) -> RegionInfo {
@@ -76,6 +89,16 @@ pub struct MigrationBitmap {
     dirty_pages: AtomicI64,
     /// Pages that hints took off the bitmap (they were dirty when the hint arrived).
     hinted_pages: AtomicU64,
+    /// Re-arms the dirty log before pages leave the bitmap (manual protection).
+    log_clear: OnceLock<Arc<dyn DirtyLogClear>>,
+    /// Hinted ranges kept in the bitmap because the log could not be cleared for them.
+    log_clear_failures: AtomicU64,
+}
+
+impl std::fmt::Debug for dyn DirtyLogClear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirtyLogClear")
+    }
 }
 
 impl MigrationBitmap {
@@ -126,13 +149,33 @@ impl MigrationBitmap {
                 start: start.0,
                 last,
                 bitmap: DirtyBitmap::new(pages),
+                uncleared: DirtyBitmap::new(pages.div_ceil(CLEAR_CHUNK_PAGES as usize)),
+                clear_lock: Mutex::new(()),
             });
         }
         Ok(MigrationBitmap {
             regions: regions.into_boxed_slice(),
             dirty_pages: AtomicI64::new(0),
             hinted_pages: AtomicU64::new(0),
+            log_clear: OnceLock::new(),
+            log_clear_failures: AtomicU64::new(0),
         })
+    }
+
+    /// Installs the dirty log's clear step, for a log with manual protection (KVM's with
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, see `KvmDirtyLog` with the `kvm` feature): from then on, hinted pages are cleared in the
+    /// log before their bits are cleared here, and [`take_page`](Self::take_page) clears a
+    /// page in the log before it is sent. Call it once, before the migration starts.
+    ///
+    /// Returns `false` (and changes nothing) if one is already installed.
+    pub fn set_log_clear(&self, clear: Arc<dyn DirtyLogClear>) -> bool {
+        self.log_clear.set(clear).is_ok()
+    }
+
+    /// Hinted ranges that stayed in the bitmap because clearing them in the dirty log
+    /// failed (they are sent as if no hint had come).
+    pub fn log_clear_failures(&self) -> u64 {
+        self.log_clear_failures.load(Ordering::Relaxed)
     }
 
     /// Number of regions tracked.
@@ -252,10 +295,28 @@ impl MigrationBitmap {
             return 0;
         };
         let mut cleared = 0u64;
+        let log_clear = self.log_clear.get();
+        let first_region = self.regions.partition_point(|r| r.last < gpa.0);
         self.for_each_intersection(gpa.0, last, |region, lo, hi| {
             let first = lo.div_ceil(PAGE_SIZE);
             let end_page = hi >> PAGE_SHIFT;
             if end_page > first {
+                if let Some(log) = log_clear {
+                    // Clear in the log first: a write after this is logged again, and the
+                    // next sync brings the page back.
+                    let index = first_region + self.index_from(first_region, region);
+                    if let Err(e) =
+                        log.clear_dirty_log(&region.info(index), first, end_page - first)
+                    {
+                        log::warn!(
+                            "hint of {:#x}+{:#x} kept: clearing the dirty log failed: {e}",
+                            region.start + (first << PAGE_SHIFT),
+                            (end_page - first) << PAGE_SHIFT
+                        );
+                        self.log_clear_failures.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
                 let n = region
                     .bitmap
                     .clear_range(first as usize, (end_page - first) as usize);
@@ -269,6 +330,51 @@ impl MigrationBitmap {
         cleared
     }
 
+    /// Offset of `region` among the regions from `from` on (it is one of them).
+    fn index_from(&self, from: usize, region: &RegionBitmap) -> usize {
+        self.regions[from..]
+            .iter()
+            .position(|r| std::ptr::eq(r, region))
+            .unwrap_or(0)
+    }
+
+    /// Takes the page containing `addr` off the bitmap for sending: with a
+    /// [`DirtyLogClear`] installed, first clears in the log the chunk of
+    /// [`CLEAR_CHUNK_PAGES`] pages around it (once per chunk after each sync), so that the
+    /// read that follows sees every write the log does not log again. Returns whether the
+    /// page was dirty (`false` outside RAM). Without a clear step it is
+    /// [`test_and_clear`](Self::test_and_clear).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ClearDirtyLog`] when the log cannot be cleared; the page stays dirty.
+    pub fn take_page(&self, addr: GuestAddress) -> Result<bool, Error> {
+        let Some((region, page)) = self.locate(addr) else {
+            return Ok(false);
+        };
+        if let Some(log) = self.log_clear.get() {
+            let chunk = page / CLEAR_CHUNK_PAGES as usize;
+            if region.uncleared.test(chunk) {
+                let _g = region.clear_lock.lock().unwrap_or_else(|e| e.into_inner());
+                if region.uncleared.test(chunk) {
+                    let index = self.index_from(0, region);
+                    let first = (chunk as u64) * CLEAR_CHUNK_PAGES;
+                    log.clear_dirty_log(&region.info(index), first, CLEAR_CHUNK_PAGES)
+                        .map_err(|source| Error::ClearDirtyLog {
+                            region: index,
+                            source,
+                        })?;
+                    region.uncleared.test_and_clear(chunk);
+                }
+            }
+        }
+        let was_dirty = region.bitmap.test_and_clear(page);
+        if was_dirty {
+            self.sub_dirty(1);
+        }
+        Ok(was_dirty)
+    }
+
     /// Whether the page containing `addr` is dirty (`false` outside RAM).
     pub fn is_dirty(&self, addr: GuestAddress) -> bool {
         self.locate(addr)
@@ -277,6 +383,9 @@ impl MigrationBitmap {
 
     /// Takes the page containing `addr` off the bitmap, as the sending side does just before
     /// it sends the page. Returns whether the page was dirty (`false` outside RAM).
+    ///
+    /// It never touches the dirty log: with a [`DirtyLogClear`] installed, send with
+    /// [`take_page`](Self::take_page) instead.
     pub fn test_and_clear(&self, addr: GuestAddress) -> bool {
         let Some((region, page)) = self.locate(addr) else {
             return false;
@@ -341,6 +450,9 @@ impl MigrationBitmap {
             };
             self.add_dirty(n);
             newly += n as u64;
+            if self.log_clear.get().is_some() {
+                region.uncleared.set_all();
+            }
         }
         Ok(newly)
     }

@@ -6,15 +6,18 @@
 //! [`MigrationBitmap::sync`](super::MigrationBitmap::sync) asks a [`DirtyLog`] for each guest
 //! memory region in turn. Two sources are covered:
 //!
-//! * **KVM** (`KVM_GET_DIRTY_LOG`): any closure
+//! * **KVM** (`KVM_GET_DIRTY_LOG`): `KvmDirtyLog` (feature `kvm`), with or without manual
+//!   protection. Without it, any closure
 //!   `FnMut(&RegionInfo) -> Result<Vec<u64>, DirtyLogError>` is a [`DirtyLog`] with 4 KiB
 //!   pages, so a VMM passes `|r| vm_fd.get_dirty_log(slot_of(r), r.len as usize)` (with its
-//!   error boxed) and needs no wrapper type.
+//!   error boxed). With manual protection the log must also be cleared before pages leave
+//!   the migration bitmap: see [`DirtyLogClear`].
 //! * **vm-memory's write tracking** (`GuestMemoryMmap<AtomicBitmap>`, feature
 //!   `backend-bitmap`): [`GuestMemoryDirtyLog`] harvests the bitmap that every write through
 //!   vm-memory marks, which is what a VMM's own device emulation writes with.
 //!
-//! A VMM with both sources syncs from both: a page is dirty when either says so.
+//! A VMM with both sources syncs from both: a page is dirty when either says so
+//! ([`JoinedLog`]).
 
 use std::error::Error as StdError;
 
@@ -76,6 +79,103 @@ where
             page_size: PAGE_SIZE,
             words: self(region)?,
         })
+    }
+}
+
+/// A dirty log that keeps pages dirty until it is told they leave the migration bitmap:
+/// KVM's with manual protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+///
+/// Installed with [`MigrationBitmap::set_log_clear`](super::MigrationBitmap::set_log_clear),
+/// it is called before pages leave the migration bitmap: for hinted pages before their
+/// bits are cleared, for pages about to be sent before they are read
+/// ([`MigrationBitmap::take_page`](super::MigrationBitmap::take_page)). After it returns, a
+/// write to any of those pages must be logged again.
+///
+/// It must only re-arm pages whose writes the migration bitmap already has (pages the log
+/// reported at a sync and nobody cleared since), never a page written after the last
+/// harvest: that write would be lost.
+pub trait DirtyLogClear: Send + Sync {
+    /// Re-arms logging for the 4 KiB pages `[first_page, first_page + pages)` of `region`
+    /// (page numbers inside the region).
+    ///
+    /// # Errors
+    ///
+    /// Whatever the source fails with. The caller then keeps the pages in the migration
+    /// bitmap (a failed hint is ignored, a failed send is an error of the migration).
+    fn clear_dirty_log(
+        &self,
+        region: &RegionInfo,
+        first_page: u64,
+        pages: u64,
+    ) -> Result<(), DirtyLogError>;
+}
+
+/// Two dirty logs joined: a page is dirty when either reports it.
+///
+/// A VMM's dirty log is KVM's (the vCPUs' writes) joined with the writes its own device
+/// emulation makes from host threads (vm-memory's write tracking, [`GuestMemoryDirtyLog`]):
+/// `JoinedLog(kvm_log, GuestMemoryDirtyLog::new(&mem))`. Both are harvested for each region;
+/// when their page sizes differ the result is in 4 KiB pages.
+///
+/// If the second log fails, what the first returned for that region is dropped with the
+/// error: like after any failed sync, the migration must start over
+/// ([`Precopy`](super::Precopy) ends with the error and a new run marks everything dirty).
+#[derive(Debug)]
+pub struct JoinedLog<A, B>(pub A, pub B);
+
+impl<A: DirtyLog, B: DirtyLog> DirtyLog for JoinedLog<A, B> {
+    fn take_dirty_log(&mut self, region: &RegionInfo) -> Result<HarvestedLog, DirtyLogError> {
+        let a = self.0.take_dirty_log(region)?;
+        let b = self.1.take_dirty_log(region)?;
+        if a.page_size == b.page_size {
+            let (mut long, short) = if a.words.len() >= b.words.len() {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            for (w, s) in long.words.iter_mut().zip(&short.words) {
+                *w |= s;
+            }
+            return Ok(long);
+        }
+        let pages = usize::try_from(region.len.div_ceil(PAGE_SIZE))
+            .map_err(|_| Box::new(RegionMismatch { region: *region }))?;
+        let joined = crate::bitmap::DirtyBitmap::new(pages);
+        for log in [&a, &b] {
+            set_log_pages(&joined, log);
+        }
+        Ok(HarvestedLog {
+            page_size: PAGE_SIZE,
+            words: joined.to_words(),
+        })
+    }
+}
+
+/// Sets in `pages` (4 KiB pages) every page that a set bit of `log` touches.
+fn set_log_pages(pages: &crate::bitmap::DirtyBitmap, log: &HarvestedLog) {
+    // A zero page size cannot be placed: everything is dirty.
+    if log.page_size == 0 {
+        pages.set_all();
+        return;
+    }
+    for (w, &word) in log.words.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let bit = (w as u64) * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            let (Some(lo), Some(hi)) = (
+                bit.checked_mul(log.page_size),
+                (bit + 1).checked_mul(log.page_size),
+            ) else {
+                return;
+            };
+            let first = lo / PAGE_SIZE;
+            let end = hi.div_ceil(PAGE_SIZE);
+            if first >= pages.len() as u64 {
+                return;
+            }
+            pages.set_range(first as usize, (end - first) as usize);
+        }
     }
 }
 

@@ -24,14 +24,20 @@
 
 mod bitmap;
 mod dirty_log;
+#[cfg(feature = "kvm")]
+mod kvm;
 mod notifier;
 mod precopy;
 pub mod wire;
 
-pub use bitmap::MigrationBitmap;
+pub use bitmap::{MigrationBitmap, CLEAR_CHUNK_PAGES};
 pub use dirty_log::{
-    DirtyLog, DirtyLogError, GuestMemoryDirtyLog, HarvestedLog, RegionInfo, RegionMismatch,
+    DirtyLog, DirtyLogClear, DirtyLogError, GuestMemoryDirtyLog, HarvestedLog, JoinedLog,
+    RegionInfo, RegionMismatch,
 };
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+pub use kvm::{KvmDirtyLog, KvmError, KvmProtection, KvmSlot};
 pub use notifier::{
     MigrationState, NotifierError, NotifierFailure, NotifierId, NotifyError, PrecopyContext,
     PrecopyEvent, PrecopyNotifier, PrecopyNotifierChain,
@@ -76,6 +82,14 @@ pub enum Error {
         /// What the log returned.
         source: DirtyLogError,
     },
+    /// Clearing pages in the dirty log before sending them failed (see
+    /// [`MigrationBitmap::take_page`]); they stay dirty.
+    ClearDirtyLog {
+        /// The region's index.
+        region: usize,
+        /// What the log returned.
+        source: DirtyLogError,
+    },
     /// The dirty log reported a page size of zero. The region was marked wholly dirty, so
     /// nothing it held is lost.
     DirtyLogPageSize {
@@ -105,6 +119,12 @@ impl fmt::Display for Error {
             Error::DirtyLog { region, source } => {
                 write!(f, "dirty log of region {region} failed: {source}")
             }
+            Error::ClearDirtyLog { region, source } => {
+                write!(
+                    f,
+                    "clearing the dirty log of region {region} failed: {source}"
+                )
+            }
             Error::DirtyLogPageSize { region, page_size } => write!(
                 f,
                 "dirty log of region {region} has page size {page_size}; region marked dirty"
@@ -116,7 +136,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::DirtyLog { source, .. } => Some(source.as_ref()),
+            Error::DirtyLog { source, .. } | Error::ClearDirtyLog { source, .. } => {
+                Some(source.as_ref())
+            }
             _ => None,
         }
     }

@@ -334,7 +334,7 @@ impl<M: GuestMemoryBackend, W: Write> Sender<'_, M, W> {
                 Some(next) => *cursor = GuestAddress(next),
                 None => *cursor = GuestAddress(u64::MAX),
             }
-            if bitmap.test_and_clear(addr) {
+            if bitmap.take_page(addr).map_err(PrecopyError::Sync)? {
                 self.send_page(addr, it)?;
             }
             n += 1;

@@ -34,6 +34,14 @@
 //! [`Guest::vm_control`] is the [`VmControl`] a precopy loop stops the guest with: it parks
 //! the writer between page writes, stops the driver's background threads and pauses the
 //! device, after which nothing writes guest memory until `resume_vm`.
+//!
+//! # Who writes the pages
+//!
+//! The writer writes its pages through a [`PageWriter`]: by default [`MemPageWriter`]
+//! (`write_slice` through vm-memory, whose write tracking records them), or one the test
+//! gives [`Guest::start_writer_with`], such as a KVM vCPU whose writes only KVM's dirty log
+//! sees. Such a writer may need guest RAM of its own (code, buffers):
+//! [`Guest::reserve_low_pages`] sets aside the top pages of low memory for it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -119,6 +127,50 @@ pub fn page_contents(seed: u64, gpa: GuestAddress, generation: u32) -> Box<[u8; 
     let mut buf = Box::new([0u8; 4096]);
     fill_page(seed, gpa, generation, &mut buf);
     buf
+}
+
+/// How the workload writer puts its pages into guest memory (see [`Guest::start_writer_with`]).
+///
+/// The writer calls [`write_pages`](Self::write_pages) with its gate held, like every other
+/// step: when a stopped VM has parked the writer, no call is in progress and none starts
+/// until the VM resumes. A call must have written every page when it returns.
+pub trait PageWriter: Send {
+    /// The most pages one call takes (at least 1; the writer never passes more than 64).
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Writes `contents[i]` to the page at `pages[i]`, in order (a page may appear twice:
+    /// the later contents win).
+    ///
+    /// # Errors
+    ///
+    /// Why the pages could not be written; the writer thread panics with it.
+    fn write_pages(
+        &mut self,
+        pages: &[GuestAddress],
+        contents: &[[u8; 4096]],
+    ) -> Result<(), String>;
+}
+
+/// The default [`PageWriter`]: one `write_slice` per page through vm-memory, so its write
+/// tracking (`GuestMemoryDirtyLog`) records every page.
+#[derive(Debug, Clone)]
+pub struct MemPageWriter(pub Mem);
+
+impl PageWriter for MemPageWriter {
+    fn write_pages(
+        &mut self,
+        pages: &[GuestAddress],
+        contents: &[[u8; 4096]],
+    ) -> Result<(), String> {
+        for (&gpa, page) in pages.iter().zip(contents) {
+            self.0
+                .write_slice(&page[..], gpa)
+                .map_err(|e| format!("writing the page at {:#x}: {e}", gpa.0))?;
+        }
+        Ok(())
+    }
 }
 
 /// Sorts `ranges` and merges overlapping or adjacent ones. Empty ranges are dropped.
@@ -348,6 +400,13 @@ impl Generations {
         self.slot(gpa).map_or(0, |g| g.load(Ordering::SeqCst))
     }
 
+    /// Forgets the model's writes to the page at `gpa`: it is no longer checked.
+    fn forget(&self, gpa: u64) {
+        if let Some(g) = self.slot(gpa) {
+            g.store(0, Ordering::SeqCst);
+        }
+    }
+
     /// Bumps the generation of the page at `gpa` and returns the new one.
     fn bump(&self, gpa: u64) -> u32 {
         self.slot(gpa)
@@ -503,6 +562,31 @@ impl Guest {
         (USED_START, self.used_len)
     }
 
+    /// Sets aside the top `pages` pages of low memory (below 1 MiB) for the host's own use,
+    /// such as the code and buffers of a vCPU that writes the writer's pages, and returns
+    /// the first one. The model forgets its boot writes there, so
+    /// [`stale_pages`](Self::stale_pages) skips them; they stay in
+    /// [`allocated`](Self::allocated), so [`pages_differing_from`](Self::pages_differing_from)
+    /// still compares source and destination there (whoever writes them must do it where
+    /// the migration's dirty log sees it). Reserving again moves nothing: the range only
+    /// grows downwards.
+    ///
+    /// # Panics
+    ///
+    /// If `pages` is more than low memory holds.
+    pub fn reserve_low_pages(&self, pages: u64) -> GuestAddress {
+        let len = pages * PAGE_BYTES;
+        assert!(
+            len <= LOW_MEMORY.1,
+            "{pages} pages do not fit in low memory"
+        );
+        let start = LOW_MEMORY.0 .0 + LOW_MEMORY.1 - len;
+        for gpa in pages_of(start, len) {
+            self.gens.forget(gpa);
+        }
+        GuestAddress(start)
+    }
+
     /// The blocks written at boot and left free (ascending).
     pub fn dirtied_freed_blocks(&self) -> &[GuestAddress] {
         &self.dirtied_freed
@@ -614,6 +698,18 @@ impl Guest {
     ///
     /// If a writer is already running.
     pub fn start_writer(&self, w: WriterSpec) {
+        self.start_writer_with(w, Box::new(MemPageWriter(self.harness.mem.clone())));
+    }
+
+    /// [`start_writer`](Self::start_writer), with the writer's pages written by `out`
+    /// instead of `write_slice`. The writer gathers up to `out.max_batch()` pages (never
+    /// across a block allocation or free, nor across a pause: a batch is one step under the
+    /// gate) and hands them over in one call.
+    ///
+    /// # Panics
+    ///
+    /// If a writer is already running. The writer thread panics if `out` fails.
+    pub fn start_writer_with(&self, w: WriterSpec, out: Box<dyn PageWriter>) {
         let mut slot = lock(&self.writer_thread);
         assert!(slot.is_none(), "the guest writer is already running");
         self.writer.stats.reset();
@@ -623,7 +719,6 @@ impl Guest {
             g.running = true;
         }
         let ctx = WriterCtx {
-            mem: self.harness.mem.clone(),
             driver: self.harness.driver.clone(),
             shared: self.writer.clone(),
             gens: self.gens.clone(),
@@ -635,7 +730,7 @@ impl Guest {
         *slot = Some(
             std::thread::Builder::new()
                 .name("guest-writer".into())
-                .spawn(move || ctx.run())
+                .spawn(move || ctx.run(out))
                 .expect("spawn the guest writer thread"),
         );
     }
@@ -753,7 +848,6 @@ impl VmControl for GuestVm {
 
 /// The writer thread's state.
 struct WriterCtx {
-    mem: Mem,
     driver: Driver,
     shared: Arc<WriterShared>,
     gens: Arc<Generations>,
@@ -776,9 +870,66 @@ impl Drop for Running<'_> {
     }
 }
 
+/// The pages the writer has chosen (and bumped the generation of) but not yet written.
+/// Only ever non-empty while the writer holds its gate.
+struct Batch {
+    out: Box<dyn PageWriter>,
+    max: usize,
+    pages: Vec<GuestAddress>,
+    contents: Vec<[u8; 4096]>,
+    /// Pages written so far.
+    written: u64,
+}
+
+impl Batch {
+    fn new(out: Box<dyn PageWriter>) -> Self {
+        let max = out.max_batch().clamp(1, PACE_CHUNK_PAGES as usize);
+        Batch {
+            out,
+            max,
+            pages: Vec::with_capacity(max),
+            contents: vec![[0u8; 4096]; max],
+            written: 0,
+        }
+    }
+
+    /// Adds the page at `gpa` with its next generation's contents.
+    fn push(&mut self, gens: &Generations, seed: u64, gpa: u64) {
+        let generation = gens.bump(gpa);
+        let i = self.pages.len();
+        fill_page(seed, GuestAddress(gpa), generation, &mut self.contents[i]);
+        self.pages.push(GuestAddress(gpa));
+    }
+
+    /// Writes the pages gathered, then counts them and moves the fresh block's mark.
+    fn flush(&mut self, shared: &WriterShared) {
+        if self.pages.is_empty() {
+            return;
+        }
+        let n = self.pages.len();
+        if let Err(e) = self.out.write_pages(&self.pages, &self.contents[..n]) {
+            panic!("the guest writer could not write its pages: {e}");
+        }
+        self.written += n as u64;
+        shared
+            .stats
+            .pages_written
+            .fetch_add(n as u64, Ordering::SeqCst);
+        let mut fresh = lock(&shared.fresh);
+        for gpa in self.pages.drain(..) {
+            if let Some((block, written)) = *fresh {
+                if gpa.0 == block + written * PAGE_BYTES {
+                    *fresh = (written + 1 < PAGES_PER_BLOCK).then_some((block, written + 1));
+                }
+            }
+        }
+    }
+}
+
 impl WriterCtx {
-    fn run(self) {
+    fn run(self, out: Box<dyn PageWriter>) {
         let _running = Running(&self.shared);
+        let mut batch = Batch::new(out);
         let mut rng = Rng::new(self.spec.seed);
         let max_blocks = (self.spec.working_set / HINT_BLOCK_BYTES).max(1) as usize;
         let own_writes = self.spec.used_share < 100 || self.used_pages == 0;
@@ -789,7 +940,6 @@ impl WriterCtx {
         };
         // The current block and the index of its next page.
         let mut cur: Option<(u64, u64)> = None;
-        let mut buf = Box::new([0u8; 4096]);
         let mut chunk_start = Instant::now();
         let mut in_chunk = 0u64;
         loop {
@@ -807,14 +957,29 @@ impl WriterCtx {
             if g.stop {
                 return;
             }
-            let to_used = self.used_pages > 0
-                && (!own_writes || rng.below(100) < u64::from(self.spec.used_share));
-            let gpa = if to_used {
-                Some(self.used_start + rng.below(self.used_pages) * PAGE_BYTES)
-            } else {
-                self.next_own_page(&mut cur, max_blocks)
-            };
-            let Some(gpa) = gpa else {
+            // One step: up to a batch of pages, all written before the gate is released,
+            // and none past the next pacing check.
+            let want = batch.max.min((PACE_CHUNK_PAGES - in_chunk) as usize);
+            let before = batch.written;
+            let mut starved = false;
+            while batch.pages.len() < want {
+                let to_used = self.used_pages > 0
+                    && (!own_writes || rng.below(100) < u64::from(self.spec.used_share));
+                let gpa = if to_used {
+                    Some(self.used_start + rng.below(self.used_pages) * PAGE_BYTES)
+                } else {
+                    self.next_own_page(&mut cur, max_blocks, &mut batch)
+                };
+                let Some(gpa) = gpa else {
+                    starved = true;
+                    break;
+                };
+                batch.push(&self.gens, self.content_seed, gpa);
+            }
+            batch.flush(&self.shared);
+            // With those written before a block allocation.
+            let written = batch.written - before;
+            if written == 0 && starved {
                 // No block anywhere: wait for one to be freed (or for stop).
                 let _ = self
                     .shared
@@ -822,28 +987,11 @@ impl WriterCtx {
                     .wait_timeout(g, Duration::from_millis(1))
                     .unwrap_or_else(|e| e.into_inner());
                 continue;
-            };
-            let generation = self.gens.bump(gpa);
-            fill_page(self.content_seed, GuestAddress(gpa), generation, &mut buf);
-            self.mem
-                .write_slice(&buf[..], GuestAddress(gpa))
-                .expect("the writer's page lies in guest RAM");
-            self.shared
-                .stats
-                .pages_written
-                .fetch_add(1, Ordering::SeqCst);
-            {
-                let mut fresh = lock(&self.shared.fresh);
-                if let Some((block, written)) = *fresh {
-                    if gpa == block + written * PAGE_BYTES {
-                        *fresh = (written + 1 < PAGES_PER_BLOCK).then_some((block, written + 1));
-                    }
-                }
             }
             drop(g);
 
-            in_chunk += 1;
-            if in_chunk == PACE_CHUNK_PAGES {
+            in_chunk += written;
+            if in_chunk >= PACE_CHUNK_PAGES {
                 if !chunk_time.is_zero() {
                     self.sleep_until(chunk_start + chunk_time);
                 }
@@ -871,8 +1019,15 @@ impl WriterCtx {
     }
 
     /// The next page of the current block, allocating a new block when it is full. Called
-    /// with the gate held.
-    fn next_own_page(&self, cur: &mut Option<(u64, u64)>, max_blocks: usize) -> Option<u64> {
+    /// with the gate held. Before it allocates (and perhaps frees the oldest block) it writes
+    /// the pages `batch` gathered: no page is written after its block was freed, and the
+    /// fresh block's mark moves in write order.
+    fn next_own_page(
+        &self,
+        cur: &mut Option<(u64, u64)>,
+        max_blocks: usize,
+        batch: &mut Batch,
+    ) -> Option<u64> {
         if let Some((block, next)) = cur {
             if *next < PAGES_PER_BLOCK {
                 let gpa = *block + *next * PAGE_BYTES;
@@ -880,6 +1035,7 @@ impl WriterCtx {
                 return Some(gpa);
             }
         }
+        batch.flush(&self.shared);
         let block = self.obtain_block(max_blocks)?;
         *cur = Some((block, 1));
         Some(block)

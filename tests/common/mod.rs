@@ -16,6 +16,8 @@
 
 pub mod driver;
 pub mod guest;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod mmio;
 pub mod ring;
 
