@@ -11,8 +11,19 @@
 //! destination that applies it with `Receiver`. After each migration every page the guest
 //! holds as allocated is compared between source and destination.
 //!
+//! The migration's dirty log comes from real KVM when the example is built with the `kvm`
+//! feature and `/dev/kvm` works: the source guest memory is registered with a KVM VM as a
+//! dirty-logged memory slot, `KVM_GET_DIRTY_LOG` (with manual protection, cleared before
+//! each page is sent or hinted) reports what a vCPU wrote, and the writer workload's pages
+//! are written by that vCPU, so only KVM's log sees them. What the host writes itself (the
+//! device's used ring, the driver model's rings and allocator, the vCPU's code and buffers)
+//! goes through vm-memory, whose write tracking is joined to KVM's log. Otherwise, or with
+//! `--dirty-log tracking`, vm-memory's write tracking is the whole dirty log and the writer
+//! writes through vm-memory too.
+//!
 //! ```sh
 //! cargo run --release --example precopy                 # 4 GiB guest, 3.5 GiB freed, idle
+//! cargo run --release --features kvm --example precopy  # the same on KVM's dirty log
 //! cargo run --release --example precopy -- --help       # the flags
 //! ```
 
@@ -25,8 +36,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Destination, Guest, GuestSpec, WriterSpec, MIB};
+use kvm_source::KvmSource;
 use virtio_balloon::migration::{
-    GuestMemoryDirtyLog, IterationStats, MigrationReport, Precopy, PrecopyConfig,
+    DirtyLog, GuestMemoryDirtyLog, IterationStats, MigrationReport, Precopy, PrecopyConfig,
     PrecopyNotifierChain, ReceiveStats,
 };
 use vm_memory::GuestAddress;
@@ -59,6 +71,15 @@ USAGE: cargo run --release --example precopy -- [FLAGS]
   --sweep sizes|pace  instead of one comparison: a table over guest sizes 1, 2, 4, 8 GiB
                       (dirty = 7/8 of the guest), or over the driver's pace with and without
                       waiting for the round
+  --dirty-log kvm|tracking  where the migration's dirty log comes from. kvm: the source
+                      memory is a KVM memory slot and KVM_GET_DIRTY_LOG (manual protection)
+                      reports what a vCPU wrote: the writer's pages. It is joined with
+                      vm-memory's write tracking for what the host writes (device, driver
+                      model). Needs /dev/kvm and a build with --features kvm. Where the
+                      vCPU's code is emulated (PVM) it takes about 1 ms a page, which caps
+                      the writer near 4 MiB/s; the demo prints the rate it got.
+                      tracking: vm-memory's write tracking only, the writer writing through
+                      vm-memory. Default: kvm when it is usable, else tracking
   --seed N            seed of the page contents and the writer (default 1)
   --quiet             no progress line per iteration
   --help              this text
@@ -66,7 +87,8 @@ USAGE: cargo run --release --example precopy -- [FLAGS]
 SIZE: a number of bytes with an optional K, M or G suffix (3.5G, 512M).
 DURATION: a number with ns, us, ms or s (1ms, 250us, 10s); a bare 0 is zero.
 
-Exit status 1 if any page the guest holds differs on the destination.";
+Exit status 1 if any page the guest holds differs on the destination, 2 on bad flags or
+when --dirty-log kvm cannot be had.";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -82,8 +104,21 @@ struct Options {
     bandwidth: u64,
     runs: Runs,
     sweep: Option<Sweep>,
+    /// As asked on the command line (`None`: pick).
+    dirty_log_flag: Option<LogSource>,
+    /// What runs (resolved in `main`).
+    dirty_log: LogSource,
     seed: u64,
     quiet: bool,
+}
+
+/// Where the migration's dirty log comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LogSource {
+    /// KVM's dirty log of the vCPU's writes, joined with vm-memory's write tracking.
+    Kvm,
+    /// vm-memory's write tracking only.
+    Tracking,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +149,8 @@ impl Default for Options {
             bandwidth: 0,
             runs: Runs::Both,
             sweep: None,
+            dirty_log_flag: None,
+            dirty_log: LogSource::Tracking,
             seed: 1,
             quiet: false,
         }
@@ -205,6 +242,13 @@ fn parse_args() -> Result<Option<Options>, String> {
                     _ => return Err(format!("--sweep takes sizes or pace, not '{value}'")),
                 })
             }
+            "--dirty-log" => {
+                o.dirty_log_flag = Some(match value.as_str() {
+                    "kvm" => LogSource::Kvm,
+                    "tracking" => LogSource::Tracking,
+                    _ => return Err(format!("--dirty-log takes kvm or tracking, not '{value}'")),
+                })
+            }
             "--seed" => o.seed = num(&value)?,
             _ => return Err(format!("unknown flag {flag} (see --help)")),
         }
@@ -218,6 +262,20 @@ fn parse_args() -> Result<Option<Options>, String> {
     Ok(Some(o))
 }
 
+/// What the vCPU that writes the writer's pages did in one migration.
+#[derive(Clone, Copy, Debug)]
+struct VcpuReport {
+    /// Pages it wrote.
+    pages: u64,
+    /// Its `KVM_RUN`s.
+    runs: u64,
+    /// Time spent writing them.
+    busy: Duration,
+    /// Writer pages the vCPU cannot write (at or above 4 GiB, or the local APIC's page),
+    /// written through vm-memory instead.
+    host_pages: u64,
+}
+
 /// One migration's outcome.
 struct RunResult {
     report: MigrationReport,
@@ -226,6 +284,10 @@ struct RunResult {
     mismatches: Vec<GuestAddress>,
     writer_pages: u64,
     shrinker_blocks: u64,
+    /// With KVM and a writer: what the vCPU did.
+    vcpu: Option<VcpuReport>,
+    /// Hinted ranges kept in the bitmap because clearing them in KVM failed.
+    log_clear_failures: u64,
 }
 
 fn progress(label: &str, it: &IterationStats) {
@@ -257,12 +319,22 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
     };
     let guest = Guest::boot(&spec);
     let src = guest.mem().clone();
+    // KVM's side, before the migration starts: the memory slot, the dirty log with manual
+    // protection as the bitmap's clear step, and the vCPU for the writer.
+    let mut kvm = (o.dirty_log == LogSource::Kvm).then(|| {
+        KvmSource::new(&guest, o.writer > 0)
+            .unwrap_or_else(|e| panic!("[{label}] setting up KVM failed: {e}"))
+    });
     let (destination, stream) = Destination::spawn(o.mem, true, "destination".into(), 1 << 20);
     if o.writer > 0 {
-        guest.start_writer(WriterSpec {
+        let writer = WriterSpec {
             seed: o.seed,
             ..WriterSpec::new(o.writer * MIB, o.working_set)
-        });
+        };
+        match kvm.as_mut().and_then(KvmSource::take_page_writer) {
+            Some(vcpu) => guest.start_writer_with(writer, vcpu),
+            None => guest.start_writer(writer),
+        }
     }
     let mut chain = PrecopyNotifierChain::new();
     if hinting {
@@ -281,13 +353,18 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
         precopy = precopy.on_iteration(|it| progress(label, it));
     }
     let mut vm = guest.vm_control();
+    let mut log: Box<dyn DirtyLog + '_> = match &kvm {
+        Some(k) => k.dirty_log(&src),
+        None => Box::new(GuestMemoryDirtyLog::new(&src)),
+    };
     let report = precopy
         .run(
-            &mut GuestMemoryDirtyLog::new(&src),
+            &mut *log,
             &mut vm,
             BufWriter::with_capacity(1 << 20, stream),
         )
         .unwrap_or_else(|e| panic!("[{label}] migration failed: {e}"));
+    drop(log);
     let (received, dst) = destination.join();
     let received = received.unwrap_or_else(|e| panic!("[{label}] destination failed: {e}"));
 
@@ -310,6 +387,8 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
         mismatches,
         writer_pages,
         shrinker_blocks,
+        vcpu: kvm.as_ref().and_then(KvmSource::vcpu_stats),
+        log_clear_failures: guest.bitmap.log_clear_failures(),
     }
 }
 
@@ -340,7 +419,8 @@ fn check(label: &str, r: &RunResult) -> bool {
     false
 }
 
-fn describe(o: &Options) {
+fn describe(o: &Options, log_line: &str) {
+    println!("{log_line}");
     println!(
         "guest {} MiB, dirtied and freed {} MiB, uses {} MiB; writer {}; driver pace {:?} per \
          4 MiB block; wait for the hint round: {}; downtime limit {:?}; bandwidth {}",
@@ -364,7 +444,6 @@ fn describe(o: &Options) {
 }
 
 fn compare(o: &Options) -> bool {
-    describe(o);
     let plain = (o.runs != Runs::Hints).then(|| {
         println!("migrating without hints ...");
         migrate(o, false, "without hints")
@@ -443,8 +522,39 @@ fn compare(o: &Options) -> bool {
             if r.writer_pages > 0 {
                 println!(
                     "[{label}] the writer wrote {} pages ({} blocks taken back through the \
-                     shrinker)",
-                    r.writer_pages, r.shrinker_blocks
+                     shrinker; {:.1} MiB/s over the migration)",
+                    r.writer_pages,
+                    r.shrinker_blocks,
+                    mib(r.writer_pages * 4096) / r.report.total_time.as_secs_f64().max(1e-9)
+                );
+            }
+            if let Some(v) = r.vcpu {
+                println!(
+                    "[{label}] the vCPU wrote {} of them in {} KVM_RUNs, {:.2} ms per page \
+                     ({:.1} MiB/s at most){}",
+                    v.pages,
+                    v.runs,
+                    v.busy.as_secs_f64() * 1e3 / v.pages.max(1) as f64,
+                    mib(v.pages * 4096) / v.busy.as_secs_f64().max(1e-9),
+                    if v.host_pages > 0 {
+                        format!(
+                            "; {} out of its reach (above 4 GiB, or the local APIC's page) \
+                             went through vm-memory",
+                            if v.host_pages == 1 {
+                                "1 page".to_string()
+                            } else {
+                                format!("{} pages", v.host_pages)
+                            }
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            if r.log_clear_failures > 0 {
+                println!(
+                    "[{label}] {} hinted ranges were sent anyway: clearing them in KVM failed",
+                    r.log_clear_failures
                 );
             }
         }
@@ -540,8 +650,32 @@ fn sweep_pace(o: &Options) -> bool {
     ok
 }
 
+/// Picks the dirty log: what `--dirty-log` asked for, else KVM when it is usable. Returns it
+/// with the line saying which one runs and why, or the reason `--dirty-log kvm` cannot be had.
+fn choose_dirty_log(asked: Option<LogSource>) -> Result<(LogSource, String), String> {
+    const KVM: &str = "dirty log: kvm (KVM_GET_DIRTY_LOG with manual protection) + vm-memory \
+                       write tracking for host-side writes; the writer's pages are written by a \
+                       vCPU";
+    const TRACKING: &str = "dirty log: tracking (vm-memory write tracking only; the writer \
+                            writes through vm-memory)";
+    match asked {
+        Some(LogSource::Tracking) => Ok((
+            LogSource::Tracking,
+            format!("{TRACKING}: --dirty-log tracking"),
+        )),
+        Some(LogSource::Kvm) => match KvmSource::unusable() {
+            None => Ok((LogSource::Kvm, format!("{KVM}: --dirty-log kvm"))),
+            Some(why) => Err(format!("--dirty-log kvm: KVM cannot be used: {why}")),
+        },
+        None => match KvmSource::unusable() {
+            None => Ok((LogSource::Kvm, format!("{KVM}: /dev/kvm works"))),
+            Some(why) => Ok((LogSource::Tracking, format!("{TRACKING}: {why}"))),
+        },
+    }
+}
+
 fn main() -> ExitCode {
-    let o = match parse_args() {
+    let mut o = match parse_args() {
         Ok(Some(o)) => o,
         Ok(None) => {
             println!("{HELP}");
@@ -552,22 +686,162 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let log_line = match choose_dirty_log(o.dirty_log_flag) {
+        Ok((source, line)) => {
+            o.dirty_log = source;
+            line
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let start = Instant::now();
+    describe(&o, &log_line);
     let ok = match o.sweep {
         None => compare(&o),
-        Some(Sweep::Sizes) => {
-            describe(&o);
-            sweep_sizes(&o)
-        }
-        Some(Sweep::Pace) => {
-            describe(&o);
-            sweep_pace(&o)
-        }
+        Some(Sweep::Sizes) => sweep_sizes(&o),
+        Some(Sweep::Pace) => sweep_pace(&o),
     };
     println!("(whole run {:.1} s)", start.elapsed().as_secs_f64());
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// KVM's side of one migration: a VM whose memory slot is the source guest's memory, its
+/// dirty log with manual protection, and the vCPU that writes the writer's pages.
+#[cfg(feature = "kvm")]
+mod kvm_source {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use virtio_balloon::migration::{
+        DirtyLog, GuestMemoryDirtyLog, JoinedLog, KvmDirtyLog, KvmProtection,
+    };
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::common::kvm::{
+        kvm_unusable, Firmware, KvmVm, PageVcpu, VcpuPageWriter, VcpuWriterStats, FIRMWARE_PAGES,
+    };
+    use super::common::{Guest, PageWriter};
+    use super::VcpuReport;
+
+    pub struct KvmSource {
+        log: Arc<KvmDirtyLog>,
+        page_writer: Option<Box<dyn PageWriter>>,
+        vcpu_stats: Option<Arc<VcpuWriterStats>>,
+        // Last: the slot goes after everything that uses it.
+        _vm: KvmVm,
+    }
+
+    impl KvmSource {
+        /// Why KVM cannot be used here, if it cannot.
+        pub fn unusable() -> Option<String> {
+            kvm_unusable().map(|why| format!("no usable /dev/kvm: {why}"))
+        }
+
+        /// Registers the guest's memory with a new VM, starts its dirty log with manual
+        /// protection and installs it as the clear step of the guest's migration bitmap.
+        /// With `vcpu`, also creates the vCPU, its code and buffers in the top pages of low
+        /// memory, for [`take_page_writer`](Self::take_page_writer).
+        pub fn new(guest: &Guest, vcpu: bool) -> Result<Self, String> {
+            let mut vm = KvmVm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+            let slots = vm
+                .register(guest.mem())
+                .map_err(|e| format!("registering guest memory: {e}"))?;
+            let log = Arc::new(
+                KvmDirtyLog::new(vm.vm.clone(), slots, KvmProtection::Manual)
+                    .map_err(|e| format!("starting the dirty log: {e}"))?,
+            );
+            if !guest.bitmap.set_log_clear(log.clone()) {
+                return Err("the migration bitmap already has a clear step".into());
+            }
+            let (page_writer, vcpu_stats) = if vcpu {
+                let fw = guest.reserve_low_pages(FIRMWARE_PAGES);
+                let vcpu = PageVcpu::new(&vm, Firmware::in_ram(guest.mem().clone(), fw))
+                    .map_err(|e| format!("creating the vCPU: {e}"))?;
+                let writer = VcpuPageWriter::new(vcpu, guest.mem().clone());
+                let stats = writer.stats();
+                (Some(Box::new(writer) as Box<dyn PageWriter>), Some(stats))
+            } else {
+                (None, None)
+            };
+            Ok(KvmSource {
+                log,
+                page_writer,
+                vcpu_stats,
+                _vm: vm,
+            })
+        }
+
+        /// The vCPU as the guest writer's page writer (once).
+        pub fn take_page_writer(&mut self) -> Option<Box<dyn PageWriter>> {
+            self.page_writer.take()
+        }
+
+        /// KVM's log joined with vm-memory's write tracking of `src`.
+        pub fn dirty_log<'a>(
+            &'a self,
+            src: &'a GuestMemoryMmap<AtomicBitmap>,
+        ) -> Box<dyn DirtyLog + 'a> {
+            Box::new(JoinedLog(&*self.log, GuestMemoryDirtyLog::new(src)))
+        }
+
+        /// Pages the vCPU wrote, its `KVM_RUN`s, pages written through vm-memory instead.
+        pub fn vcpu_stats(&self) -> Option<VcpuReport> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.vcpu_stats.as_ref().map(|s| VcpuReport {
+                pages: s.vcpu_pages.load(Relaxed),
+                runs: s.runs.load(Relaxed),
+                busy: Duration::from_nanos(s.nanos.load(Relaxed)),
+                host_pages: s.host_pages.load(Relaxed),
+            })
+        }
+    }
+}
+
+/// Without the `kvm` feature there is no KVM side: [`KvmSource`] has no values.
+#[cfg(not(feature = "kvm"))]
+mod kvm_source {
+    use virtio_balloon::migration::DirtyLog;
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::GuestMemoryMmap;
+
+    use super::common::{Guest, PageWriter};
+    use super::VcpuReport;
+
+    pub enum KvmSource {}
+
+    impl KvmSource {
+        pub fn unusable() -> Option<String> {
+            Some(
+                "this build lacks the `kvm` feature (cargo run --release --features kvm \
+                 --example precopy)"
+                    .into(),
+            )
+        }
+
+        pub fn new(_guest: &Guest, _vcpu: bool) -> Result<Self, String> {
+            Err(Self::unusable().unwrap_or_default())
+        }
+
+        pub fn take_page_writer(&mut self) -> Option<Box<dyn PageWriter>> {
+            match *self {}
+        }
+
+        pub fn dirty_log<'a>(
+            &'a self,
+            _src: &'a GuestMemoryMmap<AtomicBitmap>,
+        ) -> Box<dyn DirtyLog + 'a> {
+            match *self {}
+        }
+
+        pub fn vcpu_stats(&self) -> Option<VcpuReport> {
+            match *self {}
+        }
     }
 }
