@@ -13,9 +13,18 @@
 //!   to make room. Everything pending is discarded when the ranges together reach
 //!   [`PENDING_CAP`], before a deflate, and when the device flushes (target reached, flush
 //!   timer, pause, save); without `MUST_TELL_HOST`, at the end of every element.
-//! * Discards cover whole host pages only. A host page larger than 4 KiB (a huge page, a
-//!   64 KiB host) whose 4 KiB pieces arrive in several runs or elements is tracked in a small
-//!   fixed table until every piece was inflated; a deflated piece is taken out of it again.
+//! * Discards cover whole host pages only, in each region pages of that region's size: the
+//!   larger of the backend's [`host_page_size`](MemoryBackend::host_page_size) and the page
+//!   size of what backs the region ([`RegionBacking::page_size`]: 2 MiB for a 2 MiB
+//!   hugetlbfs region, the base page otherwise). A host page larger than 4 KiB (a huge page,
+//!   a 64 KiB host) whose 4 KiB pieces arrive in several runs or elements is tracked in a
+//!   small fixed table until every piece was inflated; a deflated piece is taken out of it
+//!   again.
+//! * What backs a region is found once, the first time the device discards or populates in
+//!   it ([`RegionBacking::of_region`]), and remembered for up to [`BACKING_CACHE`] regions.
+//!   It travels to the backend with every range ([`HostRange::backing`]). A region whose
+//!   backing cannot be determined is counted ([`PageMetrics::unknown_backing_regions`],
+//!   [`PageMetrics::unknown_backing_bytes`]); the default backend discards nothing there.
 //! * Every range is clipped to the guest memory region it lies in; PFNs outside RAM are
 //!   skipped and counted.
 //!
@@ -67,7 +76,9 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::backend::{HostRange, MemoryBackend};
+use super::regions::BackingCache;
+pub use super::regions::BACKING_CACHE;
+use crate::backend::{HostRange, MemoryBackend, RegionBacking};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::spec::{PAGE_SHIFT, PAGE_SIZE};
 
@@ -93,6 +104,11 @@ pub const PENDING_RANGES: usize = 64;
 
 /// Host pages tracked at once while only some of their 4 KiB pieces were inflated.
 pub const PARTIAL_SLOTS: usize = 16;
+
+/// The largest host page whose pieces are collected across runs and elements (1 GiB: a slot
+/// of the partial table then takes 32 KiB). A larger page is discarded only when one pending
+/// range covers all of it.
+pub const MAX_PARTIAL_PAGE: u64 = 1 << 30;
 
 /// Counters of the memory side of the balloon.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +146,15 @@ pub struct PageMetrics {
     pub reporting_elements_skipped: u64,
     /// Bytes of reported free pages discarded.
     pub reported_bytes: u64,
+    /// Guest memory regions whose backing could not be determined
+    /// ([`RegionBacking::Unknown`]), counted when the device first looked at them (again if
+    /// more than [`BACKING_CACHE`] regions are in use and it had to forget one).
+    #[serde(default)]
+    pub unknown_backing_regions: u64,
+    /// Bytes of inflated or reported pages in such regions handed to the backend; the
+    /// default backend frees none of them (each such discard also counts as failed).
+    #[serde(default)]
+    pub unknown_backing_bytes: u64,
 }
 
 /// Why a PFN array could not be read to the end.
@@ -246,8 +271,13 @@ where
     holes + unmapped
 }
 
-/// A host range for `[gpa, gpa + len)`, which lies inside `region`.
-fn host_range<R: GuestMemoryRegion>(region: &R, gpa: u64, len: u64) -> Option<HostRange<'_>> {
+/// A host range for `[gpa, gpa + len)`, which lies inside `region`, backed by `backing`.
+fn host_range<R: GuestMemoryRegion>(
+    region: &R,
+    gpa: u64,
+    len: u64,
+    backing: RegionBacking,
+) -> Option<HostRange<'_>> {
     let offset = gpa.checked_sub(region.start_addr().0)?;
     let host_addr = region.get_host_address(MemoryRegionAddress(offset)).ok()?;
     Some(HostRange {
@@ -256,15 +286,18 @@ fn host_range<R: GuestMemoryRegion>(region: &R, gpa: u64, len: u64) -> Option<Ho
         host_addr,
         region_offset: offset,
         file_offset: region.file_offset(),
+        backing,
     })
 }
 
 /// Host pages of which only some 4 KiB pieces were inflated. A fixed number of slots, each
-/// with one bit per piece; the oldest slot is dropped when a new page needs one (its pieces
-/// are then simply never discarded, which is always safe).
+/// for one page of its region's page size with one bit per piece; the oldest slot is dropped
+/// when a new page needs one (its pieces are then simply never discarded, which is always
+/// safe). A slot's bits grow to the largest page it held (at most [`MAX_PARTIAL_PAGE`]) and
+/// are reused after that, so the table never allocates more than [`PARTIAL_SLOTS`] times
+/// `MAX_PARTIAL_PAGE / 4 KiB` bits, whatever the guest does.
 #[derive(Debug)]
 struct PartialPages {
-    pieces: u64,
     slots: Vec<PartialSlot>,
     clock: u64,
 }
@@ -273,21 +306,20 @@ struct PartialPages {
 struct PartialSlot {
     /// The guest address of the host page; `None` when the slot is free.
     base: Option<u64>,
+    /// The size of the host page.
+    page: u64,
     bits: Vec<u64>,
     stamp: u64,
 }
 
 impl PartialPages {
-    fn new(host_page: u64) -> Self {
-        let pieces = host_page / PAGE_SIZE;
-        let words = usize::try_from(pieces.div_ceil(64)).unwrap_or(1);
-        let slots = if pieces > 1 { PARTIAL_SLOTS } else { 0 };
+    fn new() -> Self {
         PartialPages {
-            pieces,
-            slots: (0..slots)
+            slots: (0..PARTIAL_SLOTS)
                 .map(|_| PartialSlot {
                     base: None,
-                    bits: vec![0; words],
+                    page: 0,
+                    bits: Vec::new(),
                     stamp: 0,
                 })
                 .collect(),
@@ -301,14 +333,22 @@ impl PartialPages {
         }
     }
 
-    /// Marks pieces `[first, first + count)` of the host page at `base` inflated; returns
-    /// true (and forgets the page) once every piece of it was.
-    fn add(&mut self, base: u64, first: u64, count: u64) -> bool {
-        if self.slots.is_empty() {
+    /// Marks pieces `[first, first + count)` of the host page of `page` bytes at `base`
+    /// inflated; returns true (and forgets the page) once every piece of it was.
+    fn add(&mut self, base: u64, page: u64, first: u64, count: u64) -> bool {
+        let pieces = page / PAGE_SIZE;
+        if pieces <= 1 || page > MAX_PARTIAL_PAGE {
             return false;
         }
+        let Ok(words) = usize::try_from(pieces.div_ceil(64)) else {
+            return false;
+        };
         self.clock += 1;
-        let idx = match self.slots.iter().position(|s| s.base == Some(base)) {
+        let found = self
+            .slots
+            .iter()
+            .position(|s| s.base == Some(base) && s.page == page);
+        let idx = match found {
             Some(i) => i,
             None => {
                 let i = self
@@ -318,19 +358,23 @@ impl PartialPages {
                     .min_by_key(|(_, s)| (s.base.is_some(), s.stamp))
                     .map(|(i, _)| i)
                     .unwrap_or(0);
-                let slot = &mut self.slots[i];
+                let Some(slot) = self.slots.get_mut(i) else {
+                    return false;
+                };
                 slot.base = Some(base);
-                slot.bits.iter_mut().for_each(|w| *w = 0);
+                slot.page = page;
+                slot.bits.clear();
+                slot.bits.resize(words, 0);
                 i
             }
         };
         let slot = &mut self.slots[idx];
         slot.stamp = self.clock;
-        for p in first..first.saturating_add(count).min(self.pieces) {
+        for p in first..first.saturating_add(count).min(pieces) {
             slot.bits[(p / 64) as usize] |= 1 << (p % 64);
         }
-        let whole_words = (self.pieces / 64) as usize;
-        let rest = self.pieces % 64;
+        let whole_words = (pieces / 64) as usize;
+        let rest = pieces % 64;
         let full = slot.bits[..whole_words].iter().all(|&w| w == u64::MAX)
             && (rest == 0 || slot.bits[whole_words] == (1u64 << rest) - 1);
         if full {
@@ -340,10 +384,10 @@ impl PartialPages {
     }
 
     /// Forgets the pieces in `[start, end)` (they were deflated).
-    fn remove(&mut self, start: u64, end: u64, host_page: u64) {
+    fn remove(&mut self, start: u64, end: u64) {
         for slot in &mut self.slots {
             let Some(base) = slot.base else { continue };
-            let page_end = base + host_page;
+            let page_end = base.saturating_add(slot.page);
             if end <= base || start >= page_end {
                 continue;
             }
@@ -484,7 +528,9 @@ impl PendingRanges {
 /// Turns inflated, deflated and reported pages into backend calls.
 pub(crate) struct PageEngine {
     backend: Arc<dyn MemoryBackend>,
+    /// The backend's page size: the smallest unit discarded in any region.
     host_page: u64,
+    backings: BackingCache,
     pending: PendingRanges,
     partial: PartialPages,
     inhibited: bool,
@@ -495,12 +541,20 @@ impl std::fmt::Debug for PageEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PageEngine")
             .field("host_page", &self.host_page)
+            .field("backings", &self.backings)
             .field("pending_ranges", &self.pending.len())
             .field("pending_bytes", &self.pending.bytes())
             .field("inhibited", &self.inhibited)
             .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
+}
+
+/// A region's page size: the larger of the backend's (`host_page`, already checked) and the
+/// one of what backs the region; `None` if that one is not a sane page size.
+fn region_page(host_page: u64, backing: RegionBacking) -> Option<u64> {
+    let own = backing.page_size();
+    (own.is_power_of_two() && own >= PAGE_SIZE).then_some(own.max(host_page))
 }
 
 impl PageEngine {
@@ -520,15 +574,40 @@ impl PageEngine {
         PageEngine {
             backend,
             host_page,
+            backings: BackingCache::new(),
             pending: PendingRanges::new(ranges),
-            partial: PartialPages::new(host_page),
+            partial: PartialPages::new(),
             inhibited: false,
             metrics: PageMetrics::default(),
         }
     }
 
+    /// The backend's page size, the smallest unit discarded in any region (a region on
+    /// larger pages is discarded in those).
     pub(crate) fn host_page(&self) -> u64 {
         self.host_page
+    }
+
+    /// What backs `region` and the size of the pages it is discarded in (found once per
+    /// region). A region whose backing reports a page size that is no page size is handled
+    /// as unknown, in the backend's pages.
+    fn region_info<R: GuestMemoryRegion>(&mut self, region: &R) -> (RegionBacking, u64) {
+        let (backing, fresh) = self.backings.get(region);
+        let info = match region_page(self.host_page, backing) {
+            Some(page) => (backing, page),
+            None => (RegionBacking::Unknown, self.host_page),
+        };
+        if fresh && info.0 == RegionBacking::Unknown {
+            self.metrics.unknown_backing_regions += 1;
+        }
+        info
+    }
+
+    /// Takes `backing` as what backs `region` (tests: a backing the test machine cannot
+    /// provide).
+    #[cfg(test)]
+    fn assume_backing<R: GuestMemoryRegion>(&mut self, region: &R, backing: RegionBacking) {
+        self.backings.insert(region, backing);
     }
 
     pub(crate) fn has_pending(&self) -> bool {
@@ -620,41 +699,51 @@ impl PageEngine {
             self.metrics.discards_inhibited_bytes += e - s;
             return;
         }
-        let page = self.host_page;
         for_each_region_piece(mem, s, e, |region, gpa, len, host| {
+            let (backing, page) = self.region_info(region);
             let (a, b) = (host.next_multiple_of(page), (host + len) / page * page);
             if a > b {
                 // Inside one host page.
-                self.add_partial(region, gpa.checked_sub(host % page), gpa, len);
+                self.add_partial(
+                    region,
+                    backing,
+                    page,
+                    gpa.checked_sub(host % page),
+                    gpa,
+                    len,
+                );
                 return;
             }
             if a > host {
-                self.add_partial(region, gpa.checked_sub(host % page), gpa, a - host);
+                let base = gpa.checked_sub(host % page);
+                self.add_partial(region, backing, page, base, gpa, a - host);
             }
             if b > a {
-                if let Some(r) = host_range(region, gpa + (a - host), b - a) {
+                if let Some(r) = host_range(region, gpa + (a - host), b - a, backing) {
                     self.discard(&r);
                 }
             }
             if host + len > b {
                 let t = gpa + (b - host);
-                self.add_partial(region, Some(t), t, host + len - b);
+                self.add_partial(region, backing, page, Some(t), t, host + len - b);
             }
         });
     }
 
-    /// Records the inflated part `[at, at + len)` of the host page at guest address `base`
-    /// and discards the page once it is whole (and entirely inside `region`). `base` is
-    /// `None` when the host page would start below guest address 0 (a region whose host
-    /// mapping is not aligned to the host page size): such a page is never whole.
+    /// Records the inflated part `[at, at + len)` of the host page of `page` bytes at guest
+    /// address `base` and discards the page once it is whole (and entirely inside
+    /// `region`). `base` is `None` when the host page would start below guest address 0 (a
+    /// region whose host mapping is not aligned to the host page size): such a page is never
+    /// whole.
     fn add_partial<R: GuestMemoryRegion>(
         &mut self,
         region: &R,
+        backing: RegionBacking,
+        page: u64,
         base: Option<u64>,
         at: u64,
         len: u64,
     ) {
-        let page = self.host_page;
         let region_start = region.start_addr().0;
         let region_end = region_start.saturating_add(region.len());
         let Some(base) = base
@@ -663,8 +752,8 @@ impl PageEngine {
             return;
         };
         let first = (at - base) / PAGE_SIZE;
-        if self.partial.add(base, first, len / PAGE_SIZE) {
-            if let Some(r) = host_range(region, base, page) {
+        if self.partial.add(base, page, first, len / PAGE_SIZE) {
+            if let Some(r) = host_range(region, base, page, backing) {
                 self.discard(&r);
             }
         }
@@ -678,6 +767,10 @@ impl PageEngine {
 
     fn call_discard(&mut self, r: &HostRange<'_>) -> bool {
         self.metrics.discard_calls += 1;
+        if r.backing == RegionBacking::Unknown {
+            self.metrics.unknown_backing_bytes =
+                self.metrics.unknown_backing_bytes.saturating_add(r.len);
+        }
         match self.backend.discard(r) {
             Ok(()) => true,
             Err(e) => {
@@ -697,17 +790,17 @@ impl PageEngine {
     {
         let start = pfn << PAGE_SHIFT;
         let end = (pfn + count) << PAGE_SHIFT;
-        let page = self.host_page;
-        self.partial.remove(start, end, page);
+        self.partial.remove(start, end);
         let mut inside = 0u64;
         let outside = for_each_region_piece(mem, start, end, |region, gpa, len, host| {
             inside += len >> PAGE_SHIFT;
+            let (backing, page) = self.region_info(region);
             // Populate whole host pages, clipped to the region.
             let region_start = region.start_addr().0;
             let region_end = region_start.saturating_add(region.len());
             let lo = gpa.saturating_sub(host % page).max(region_start);
             let hi = (gpa + ((host + len).next_multiple_of(page) - host)).min(region_end);
-            if let Some(r) = host_range(region, lo, hi - lo) {
+            if let Some(r) = host_range(region, lo, hi - lo, backing) {
                 self.metrics.populate_calls += 1;
                 if let Err(e) = self.backend.populate(&r) {
                     self.metrics.populates_failed += 1;
@@ -720,7 +813,8 @@ impl PageEngine {
     }
 
     /// Discards the reported free range `[gpa, gpa + len)`, rounded inward to whole host
-    /// pages and clipped to each region. Returns the bytes discarded.
+    /// pages (of each region's page size) and clipped to each region. Returns the bytes
+    /// discarded.
     pub(crate) fn report<Mem>(&mut self, mem: &Mem, gpa: u64, len: u64) -> u64
     where
         Mem: GuestMemoryBackend + ?Sized,
@@ -728,14 +822,14 @@ impl PageEngine {
         let Some(end) = gpa.checked_add(len) else {
             return 0;
         };
-        let page = self.host_page;
         let mut done = 0u64;
         for_each_region_piece(mem, gpa, end, |region, gpa, len, host| {
+            let (backing, page) = self.region_info(region);
             let (a, b) = (host.next_multiple_of(page), (host + len) / page * page);
             if a >= b {
                 return;
             }
-            if let Some(r) = host_range(region, gpa + (a - host), b - a) {
+            if let Some(r) = host_range(region, gpa + (a - host), b - a, backing) {
                 if self.call_discard(&r) {
                     done += r.len;
                 }
@@ -978,8 +1072,11 @@ mod tests {
         for page in [0, 3000, 2048, 0x3000] {
             assert_eq!(engine(page).0.host_page(), PAGE_SIZE, "{page}");
         }
-        let mut none = PartialPages::new(PAGE_SIZE);
-        assert!(!none.add(0, 0, 1), "4 KiB host pages need no table");
+        let mut none = PartialPages::new();
+        assert!(
+            !none.add(0, PAGE_SIZE, 0, 1),
+            "4 KiB host pages need no table"
+        );
     }
 
     #[test]
@@ -1018,6 +1115,244 @@ mod tests {
         e.inflate(&m, 0, pages);
         assert!(!e.has_pending());
         assert_eq!(*rec.calls.lock().unwrap(), [('d', 0, PENDING_CAP)]);
+    }
+
+    /// Records every call with the backing it carried.
+    #[derive(Debug, Default)]
+    struct BackingRecorder {
+        calls: Mutex<Vec<(char, u64, u64, RegionBacking)>>,
+    }
+
+    impl MemoryBackend for BackingRecorder {
+        fn discard(&self, r: &HostRange<'_>) -> io::Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(('d', r.gpa.0, r.len, r.backing));
+            Ok(())
+        }
+        fn populate(&self, r: &HostRange<'_>) -> io::Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(('p', r.gpa.0, r.len, r.backing));
+            Ok(())
+        }
+    }
+
+    const HUGE: u64 = 0x20_0000;
+    const HUGE_SHARED: RegionBacking = RegionBacking::HugeTlb {
+        page_size: HUGE,
+        shared: true,
+    };
+
+    /// The first guest address in the region at `start` whose host address is 2 MiB aligned.
+    fn first_huge_boundary(m: &GuestMemoryMmap, start: u64) -> u64 {
+        let host = m.get_host_address(GuestAddress(start)).unwrap() as u64;
+        start + (HUGE - host % HUGE) % HUGE
+    }
+
+    #[test]
+    fn each_region_is_collected_in_its_own_page_size() {
+        let rec = Arc::new(BackingRecorder::default());
+        let mut e = PageEngine::new(rec.clone());
+        let m = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x40_0000),
+            (GuestAddress(0x100_0000), 0x80_0000),
+        ])
+        .unwrap();
+        // Region 1 on 2 MiB huge pages (this machine's test memory is anonymous, so the
+        // backing is assumed; tests/backings.rs uses real hugetlbfs).
+        e.assume_backing(
+            m.find_region(GuestAddress(0x100_0000)).unwrap(),
+            HUGE_SHARED,
+        );
+        let anon = RegionBacking::AnonymousPrivate;
+        let huge = first_huge_boundary(&m, 0x100_0000);
+        let pfn = |gpa: u64| gpa >> PAGE_SHIFT;
+        // Ten 4 KiB pages of region 0 and half a huge page of region 1.
+        e.inflate(&m, 0, 10);
+        e.inflate(&m, pfn(huge), 256);
+        e.end_inflate_element(&m, true);
+        e.flush(&m);
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            [('d', 0, 10 * PAGE_SIZE, anon)],
+            "region 0 is discarded in 4 KiB pages, region 1 waits for the whole huge page"
+        );
+        // The other half, in two pieces and two elements, completes it.
+        e.inflate(&m, pfn(huge) + 256, 100);
+        e.end_inflate_element(&m, true);
+        e.flush(&m);
+        e.inflate(&m, pfn(huge) + 356, 156);
+        e.end_inflate_element(&m, true);
+        e.flush(&m);
+        assert_eq!(
+            rec.calls.lock().unwrap()[1..],
+            [('d', huge, HUGE, HUGE_SHARED)]
+        );
+        // A deflated piece of region 1 repopulates its whole huge page and keeps the page
+        // from being discarded; in region 0 only the 4 KiB page.
+        rec.calls.lock().unwrap().clear();
+        e.inflate(&m, pfn(huge + HUGE), 511);
+        e.flush(&m);
+        e.deflate(&m, pfn(huge + HUGE) + 5, 1);
+        e.deflate(&m, 3, 1);
+        e.inflate(&m, pfn(huge + HUGE) + 511, 1);
+        e.flush(&m);
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            [
+                ('p', huge + HUGE, HUGE, HUGE_SHARED),
+                ('p', 3 * PAGE_SIZE, PAGE_SIZE, anon)
+            ]
+        );
+        // Reports are rounded inward to each region's pages.
+        rec.calls.lock().unwrap().clear();
+        assert_eq!(e.report(&m, huge - PAGE_SIZE, HUGE + 2 * PAGE_SIZE), HUGE);
+        assert_eq!(e.report(&m, huge + PAGE_SIZE, HUGE), 0);
+        assert_eq!(e.report(&m, PAGE_SIZE, 2 * PAGE_SIZE), 2 * PAGE_SIZE);
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            [
+                ('d', huge, HUGE, HUGE_SHARED),
+                ('d', PAGE_SIZE, 2 * PAGE_SIZE, anon)
+            ]
+        );
+        assert_eq!(e.metrics.unknown_backing_regions, 0);
+        assert_eq!(
+            e.host_page(),
+            PAGE_SIZE,
+            "the backend's own page size is unchanged"
+        );
+    }
+
+    #[test]
+    fn the_backend_page_size_is_a_floor_for_every_region() {
+        // A 64 KiB backend over a 2 MiB region and a base-page region.
+        let rec = Arc::new(Recorder {
+            page: 0x1_0000,
+            ..Default::default()
+        });
+        let mut e = PageEngine::new(rec.clone());
+        let m = mem();
+        e.assume_backing(
+            m.find_region(GuestAddress(0x100_0000)).unwrap(),
+            HUGE_SHARED,
+        );
+        let huge = first_huge_boundary(&m, 0x100_0000);
+        e.inflate(&m, huge >> PAGE_SHIFT, 256);
+        e.flush(&m);
+        assert!(rec.calls.lock().unwrap().is_empty());
+        e.inflate(&m, (huge >> PAGE_SHIFT) + 256, 256);
+        e.flush(&m);
+        assert_eq!(*rec.calls.lock().unwrap(), [('d', huge, HUGE)]);
+    }
+
+    #[test]
+    fn regions_of_unknown_backing_are_counted() {
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::{GuestRegionMmap, MmapRegion};
+        // A region that says it is on hugetlbfs while the kernel maps it anonymous.
+        let region: MmapRegion = MmapRegionBuilder::new(0x40_0000)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+            .with_hugetlbfs(true)
+            .build()
+            .unwrap();
+        let m = GuestMemoryMmap::from_regions(vec![
+            GuestRegionMmap::from_range(GuestAddress(0), 0x40_0000, None).unwrap(),
+            GuestRegionMmap::new(region, GuestAddress(0x100_0000)).unwrap(),
+        ])
+        .unwrap();
+        m.write_obj(0x5au8, GuestAddress(0x100_0000)).unwrap();
+        let rec = Arc::new(BackingRecorder::default());
+        let mut e = PageEngine::new(rec.clone());
+        e.inflate(&m, 0x1000, 4);
+        e.inflate(&m, 0, 2);
+        e.flush(&m);
+        e.inflate(&m, 0x1010, 1);
+        e.flush(&m);
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            [
+                ('d', 0, 2 * PAGE_SIZE, RegionBacking::AnonymousPrivate),
+                ('d', 0x100_0000, 4 * PAGE_SIZE, RegionBacking::Unknown),
+                ('d', 0x101_0000, PAGE_SIZE, RegionBacking::Unknown),
+            ]
+        );
+        assert_eq!(
+            e.metrics.unknown_backing_regions, 1,
+            "counted once per region"
+        );
+        assert_eq!(e.metrics.unknown_backing_bytes, 5 * PAGE_SIZE);
+
+        // The default backend frees nothing there: the discards fail and are counted.
+        let mut e = PageEngine::new(Arc::new(crate::backend::MadviseBackend::new()));
+        e.inflate(&m, 0x1000, 4);
+        e.flush(&m);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x100_0000)).unwrap(), 0x5a);
+        let got = e.metrics;
+        assert_eq!((got.discard_calls, got.discards_failed), (1, 1));
+        assert_eq!(got.discarded_bytes, 0);
+        assert_eq!(
+            (got.unknown_backing_regions, got.unknown_backing_bytes),
+            (1, 4 * PAGE_SIZE)
+        );
+        // Metrics saved by an older version, without these counters, still load.
+        use serde::de::value::{Error, MapDeserializer};
+        let before = [
+            "inflate_elements",
+            "deflate_elements",
+            "inflated_pages",
+            "deflated_pages",
+            "pfns_outside_ram",
+            "pfns_over_limit",
+            "malformed_elements",
+            "discard_calls",
+            "discarded_bytes",
+            "discards_failed",
+            "discards_inhibited_bytes",
+            "populate_calls",
+            "populates_failed",
+            "reporting_elements",
+            "reporting_elements_skipped",
+            "reported_bytes",
+        ];
+        let saved = MapDeserializer::<_, Error>::new(before.iter().map(|&f| (f, 7u64)));
+        let old = PageMetrics::deserialize(saved).unwrap();
+        assert_eq!(
+            (
+                old.discard_calls,
+                old.reported_bytes,
+                old.unknown_backing_regions
+            ),
+            (7, 7, 0)
+        );
+    }
+
+    #[test]
+    fn the_partial_table_holds_pages_up_to_1_gib() {
+        let mut t = PartialPages::new();
+        let gib = MAX_PARTIAL_PAGE;
+        let pieces = gib / PAGE_SIZE;
+        assert!(!t.add(0, 2 * gib, 0, 2 * pieces), "too large to collect");
+        assert!(!t.add(0, gib, 0, pieces / 2));
+        // The same base with another page size is another page.
+        assert!(!t.add(0, HUGE, 0, 1));
+        t.remove(0, PAGE_SIZE);
+        assert!(
+            !t.add(0, gib, pieces / 2, pieces / 2),
+            "piece 0 was deflated"
+        );
+        assert!(t.add(0, gib, 0, 1));
+        assert!(t.add(0, HUGE, 0, HUGE / PAGE_SIZE));
+        assert!(t.slots.iter().all(|s| s.base.is_none()));
+        let words: usize = t.slots.iter().map(|s| s.bits.capacity()).max().unwrap();
+        assert!(
+            words as u64 <= pieces / 64 + 8,
+            "{words} words for one slot"
+        );
     }
 }
 

@@ -3,9 +3,14 @@
 
 //! What the daemon does with memory the guest gives up, and how it measures that.
 //!
-//! vhost-user guest memory is always a file the frontend shares (UML's memory file in
-//! `/dev/shm`, QEMU's `memory-backend-memfd`), so `MADV_DONTNEED` alone would free nothing:
-//! the default punches holes in the file ([`MadviseBackend::punch_holes`]).
+//! vhost-user guest memory is a file the frontend shares (UML's memory file in `/dev/shm`,
+//! QEMU's `memory-backend-memfd` or `memory-backend-file`, possibly on hugetlbfs), so
+//! `MADV_DONTNEED` alone would free nothing. By default ([`DiscardMode::Auto`]) the device
+//! looks at what backs each region and frees it accordingly ([`DiscardPolicy::Auto`]): a
+//! shared file or memfd has holes punched in it, hugetlbfs is freed in whole huge pages,
+//! private memory gets `MADV_DONTNEED`, and a region whose backing cannot be told is left
+//! alone (and counted in the device's metrics). The other modes override that choice for
+//! every region.
 //! [`TrackingBackend`] wraps the chosen backend and keeps the union of the ranges it
 //! discarded as a set of maximal runs, so a test can compare the number of discard calls with
 //! the number of contiguous runs the guest actually gave.
@@ -15,16 +20,26 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use virtio_balloon::backend::{HostRange, MadviseBackend, MemoryBackend, NoopBackend};
+use virtio_balloon::backend::{
+    DiscardPolicy, HostRange, MadviseBackend, MemoryBackend, NoopBackend,
+};
 
 use crate::device::lock;
 
 /// How inflated and reported pages are discarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DiscardMode {
-    /// Punch a hole in the shared memory file, then `MADV_DONTNEED` (frees the file's pages).
+    /// By what backs each region (the default): punch holes in shared files and memfds
+    /// (whole huge pages on hugetlbfs), `MADV_DONTNEED` for private memory, never a file
+    /// mapped privately, nothing where the backing is unknown.
+    #[default]
+    Auto,
+    /// Override: punch a hole in every region's file (unless it is known to be mapped
+    /// privately), then `MADV_DONTNEED`; regions without a file get `MADV_DONTNEED`. The
+    /// daemon's default before regions were classified.
     PunchHole,
-    /// `MADV_DONTNEED` only (frees nothing of a shared file; for private memory).
+    /// Override: `MADV_DONTNEED` only, in every region (frees nothing of a shared file; for
+    /// private memory).
     Madvise,
     /// Leave memory alone.
     None,
@@ -33,11 +48,13 @@ pub enum DiscardMode {
 impl DiscardMode {
     /// The backend for this mode.
     pub fn backend(self) -> Arc<dyn MemoryBackend> {
-        match self {
-            DiscardMode::PunchHole => Arc::new(MadviseBackend::new().punch_holes(true)),
-            DiscardMode::Madvise => Arc::new(MadviseBackend::new()),
-            DiscardMode::None => Arc::new(NoopBackend),
-        }
+        let policy = match self {
+            DiscardMode::Auto => DiscardPolicy::Auto,
+            DiscardMode::PunchHole => DiscardPolicy::PunchHoles,
+            DiscardMode::Madvise => DiscardPolicy::Madvise,
+            DiscardMode::None => return Arc::new(NoopBackend),
+        };
+        Arc::new(MadviseBackend::new().with_policy(policy))
     }
 }
 
@@ -157,6 +174,54 @@ impl MemoryBackend for TrackingBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_balloon::backend::RegionBacking;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+    use vm_memory::{FileOffset, MemoryRegionAddress};
+
+    #[test]
+    fn every_mode_frees_a_shared_file_its_own_way() {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        file.write_all(&[0x5a; 0x5000]).unwrap();
+        let fo = FileOffset::new(file.try_clone().unwrap(), 0);
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges_with_files([(GuestAddress(0), 0x5000, Some(fo))])
+                .unwrap();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        let backing = RegionBacking::of_region(region);
+        assert_eq!(backing, RegionBacking::SharedFile);
+        let range = |gpa: u64| HostRange {
+            gpa: GuestAddress(gpa),
+            len: 0x1000,
+            host_addr: region.get_host_address(MemoryRegionAddress(gpa)).unwrap(),
+            region_offset: gpa,
+            file_offset: region.file_offset(),
+            backing,
+        };
+        let file_byte = |f: &mut std::fs::File, at: u64| {
+            let mut b = [0u8];
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.read_exact(&mut b).unwrap();
+            b[0]
+        };
+        assert_eq!(DiscardMode::default(), DiscardMode::Auto);
+        for (mode, gpa, punched) in [
+            (DiscardMode::Auto, 0x1000, true),
+            (DiscardMode::PunchHole, 0x2000, true),
+            (DiscardMode::Madvise, 0x3000, false),
+            (DiscardMode::None, 0x4000, false),
+        ] {
+            mode.backend().discard(&range(gpa)).unwrap();
+            let want = if punched { 0 } else { 0x5a };
+            assert_eq!(file_byte(&mut file, gpa), want, "{mode:?}");
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(gpa)).unwrap(),
+                want,
+                "{mode:?}"
+            );
+        }
+        assert_eq!(file_byte(&mut file, 0), 0x5a);
+    }
 
     fn runs(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
         let mut t = Tracked::default();

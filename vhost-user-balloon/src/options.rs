@@ -32,9 +32,14 @@ pub enum HintSinkKind {
 /// How inflated and reported pages are discarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DiscardArg {
-    /// Punch a hole in the shared memory file (frees its pages), then `MADV_DONTNEED`.
+    /// By what backs each memory region: punch holes in shared files and memfds (whole huge
+    /// pages on hugetlbfs), `MADV_DONTNEED` for private memory, nothing where the backing
+    /// cannot be told.
+    Auto,
+    /// Override: punch a hole in every region's file (not one mapped privately), then
+    /// `MADV_DONTNEED`.
     PunchHole,
-    /// `MADV_DONTNEED` only (frees nothing of a shared file).
+    /// Override: `MADV_DONTNEED` only (frees nothing of a shared file).
     Madvise,
     /// Leave memory alone.
     None,
@@ -43,6 +48,7 @@ pub enum DiscardArg {
 impl From<DiscardArg> for DiscardMode {
     fn from(d: DiscardArg) -> Self {
         match d {
+            DiscardArg::Auto => DiscardMode::Auto,
             DiscardArg::PunchHole => DiscardMode::PunchHole,
             DiscardArg::Madvise => DiscardMode::Madvise,
             DiscardArg::None => DiscardMode::None,
@@ -100,8 +106,9 @@ pub struct Options {
     #[arg(long, value_name = "PATH")]
     pub capture: Option<PathBuf>,
 
-    /// How inflated and reported pages are discarded.
-    #[arg(long, value_enum, default_value_t = DiscardArg::PunchHole)]
+    /// How inflated and reported pages are discarded: by what backs each memory region
+    /// (auto), or one way for every region.
+    #[arg(long, value_enum, default_value_t = DiscardArg::Auto)]
     pub discard: DiscardArg,
 
     /// The log level: off, error, warn, info, debug or trace.
@@ -305,7 +312,8 @@ mod tests {
         assert_eq!(o.socket, PathBuf::from("/tmp/b.sock"));
         assert_eq!(o.control, None);
         assert_eq!(o.log_level, LevelFilter::Info);
-        assert_eq!(o.discard_mode(), DiscardMode::PunchHole);
+        // By what backs each region (it was punch-hole before regions were classified).
+        assert_eq!(o.discard_mode(), DiscardMode::Auto);
         assert_eq!(o.hint_sink, HintSinkKind::Count);
         assert_eq!(o.capture_path(), None);
         assert_eq!(o.stats_interval(), Duration::ZERO);
@@ -380,6 +388,19 @@ mod tests {
         assert_eq!((c.queue_size, c.free_page_queue_size), (16, 2));
         assert_eq!(c.chains_per_wakeup, 8);
         assert_eq!(o.discard_mode(), DiscardMode::None);
+    }
+
+    #[test]
+    fn every_discard_mode_has_its_option() {
+        for (arg, mode) in [
+            ("auto", DiscardMode::Auto),
+            ("punch-hole", DiscardMode::PunchHole),
+            ("madvise", DiscardMode::Madvise),
+            ("none", DiscardMode::None),
+        ] {
+            let o = parse(&["--socket", "s", "--discard", arg]).unwrap();
+            assert_eq!(o.discard_mode(), mode, "{arg}");
+        }
     }
 
     #[test]
