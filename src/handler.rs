@@ -4,7 +4,9 @@
 //! The event-manager subscriber: the balloon's queues are served on an `EventManager` thread.
 //!
 //! [`Balloon`] implements [`MutEventSubscriber`]. In `init` it registers each queue's
-//! eventfd with the queue index as the event data. On each event it reads the eventfd and
+//! eventfd with the queue index as the event data, and its timers (statistics polling,
+//! discard flush, stall watch) with [`STATS_TIMER_EVENT`], [`FLUSH_TIMER_EVENT`] and
+//! [`STALL_TIMER_EVENT`]. On each event it reads the eventfd and
 //! drains that queue with virtio-queue's pattern: disable notifications, pop and handle
 //! chains, enable notifications and check again. It handles at most
 //! [`chains_per_wakeup`](crate::BalloonConfig::chains_per_wakeup) chains per wakeup; if more
@@ -34,6 +36,8 @@ static REGISTER_FAILED: RateLimit = RateLimit::new();
 pub const STATS_TIMER_EVENT: u32 = u32::MAX - 1;
 /// The event data of the discard flush timer.
 pub const FLUSH_TIMER_EVENT: u32 = u32::MAX - 2;
+/// The event data of the stall watch's timer.
+pub const STALL_TIMER_EVENT: u32 = u32::MAX - 3;
 
 impl<M> MutEventSubscriber for Balloon<M>
 where
@@ -67,6 +71,7 @@ where
         let event = match data {
             STATS_TIMER_EVENT => DeviceEvent::StatsTimer,
             FLUSH_TIMER_EVENT => DeviceEvent::FlushTimer,
+            STALL_TIMER_EVENT => DeviceEvent::StallTimer,
             index if (index as usize) < self.queue_evts.len() => DeviceEvent::Queue(index as usize),
             _ => {
                 warn_limited!(BAD_EVENT, "balloon: event for unknown queue {}", data);
@@ -84,6 +89,7 @@ fn event_data(event: DeviceEvent) -> u32 {
         DeviceEvent::Queue(index) => u32::try_from(index).unwrap_or(u32::MAX),
         DeviceEvent::StatsTimer => STATS_TIMER_EVENT,
         DeviceEvent::FlushTimer => FLUSH_TIMER_EVENT,
+        DeviceEvent::StallTimer => STALL_TIMER_EVENT,
     }
 }
 

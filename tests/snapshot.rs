@@ -21,14 +21,15 @@ use common::driver::{PAGE_POISON_VAL, TOKEN_STATS};
 use common::*;
 use serde::{Deserialize, Serialize};
 use virtio_balloon::backend::{HostRange, MemoryBackend};
-use virtio_balloon::device::QueueSnapshot;
+use virtio_balloon::device::{ManualClock, QueueSnapshot, BALLOON_STATE_VERSION};
 use virtio_balloon::sink::{FreePageSink, HintRecord, RecordingSink};
+use virtio_balloon::spec::features as f;
 use virtio_balloon::transport::{
     ActivateError, FeatureError, MmioState, MmioTransport, VirtioDevice,
 };
 use virtio_balloon::{
-    Balloon, BalloonConfig, BalloonError, BalloonMetrics, BalloonState, HintControl, HintMetrics,
-    HintState, RestoreError,
+    Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonState, HintControl,
+    HintMetrics, HintState, RestoreError,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -1136,4 +1137,498 @@ fn transport_restore_mid_negotiation_lets_the_driver_finish() {
         let q = dev.queue(0).expect("queue 0");
         assert_eq!(virtio_queue::QueueT::desc_table(q), layout.desc.0);
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Format versions and golden files
+// ---------------------------------------------------------------------------------------
+
+/// The stall timeout of the golden device.
+const GOLDEN_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The device of the golden files, saved: a driver with event index and page poison; a
+/// target of 1024 pages of which two inflate elements of 256 pages arrived and `actual` says
+/// 512; the statistics buffer returned once and refilled, polling every 10 s; a free page
+/// hint round in START with two hints applied. Since version 2 the stall watch is on and the
+/// target stalled at 512 pages.
+///
+/// `tests/data/snapshot-v1.json` was written by version 1 of the crate (before states had a
+/// version) from this scenario without the stall watch. The files are never rewritten: see
+/// [`write_the_golden_file_of_a_new_version`].
+fn golden_device() -> (Rig, BalloonState) {
+    let mut hc = HarnessConfig::simple(256 * MIB, 4);
+    hc.driver.ack_event_idx = true;
+    hc.driver.guest_poison = Some(PAGE_POISON_VAL);
+    hc.balloon.stall_timeout = Some(GOLDEN_STALL_TIMEOUT);
+    let rig = Rig::new(hc);
+    let clock = Arc::new(ManualClock::new());
+    rig.with_dev(|d| d.set_clock(clock.clone()));
+    let inflateq = rig
+        .driver
+        .queue_index(QueueRole::Inflate)
+        .expect("inflateq");
+    rig.with_dev(|d| d.set_target(1024));
+    rig.relay();
+    rig.driver.deliver_pending_interrupts().expect("interrupts");
+    for first in [0x8000u32, 0x8100] {
+        let part = pfn_part(&rig.driver, &pfn_range(first, 256));
+        rig.driver
+            .post_and_kick(inflateq, &[part], false)
+            .expect("inflate");
+    }
+    rig.pump();
+    assert_eq!(rig.driver.used_idx(inflateq).expect("used"), 2);
+    rig.driver.write_config(config::ACTUAL, 4, 512);
+    clock.advance(GOLDEN_STALL_TIMEOUT);
+    assert!(rig.with_dev(|d| d.check_stall()));
+    assert!(rig.with_dev(|d| d.request_stats()));
+    rig.relay();
+    rig.driver.deliver_pending_interrupts().expect("interrupts");
+    assert!(rig.driver.run_stats_work().expect("stats work"));
+    rig.pump();
+    rig.with_dev(|d| {
+        d.set_stats_interval(Duration::from_secs(10))
+            .expect("stats interval")
+    });
+    let id = rig.start_round();
+    rig.driver.deliver_pending_interrupts().expect("interrupts");
+    assert_eq!(rig.driver.send_cmd_id_start().expect("start"), id);
+    for _ in 0..2 {
+        posted_block(rig.driver.get_free_page_and_send().expect("hint"));
+    }
+    rig.pump();
+    assert_eq!(rig.hints.status().state, HintState::Start);
+    rig.assert_clean();
+    let (state, _) = rig.save(true);
+    (rig, state)
+}
+
+/// The fields of a serialised state (a JSON object).
+fn fields(value: &mut serde_json::Value) -> &mut serde_json::Map<String, serde_json::Value> {
+    value
+        .as_object_mut()
+        .expect("a state serialises to a JSON object")
+}
+
+fn golden_path(version: u32) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(format!("snapshot-v{version}.json"))
+}
+
+fn read_golden(version: u32) -> BalloonState {
+    let path = golden_path(version);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("cannot parse {}: {e}", path.display()))
+}
+
+/// Restores a golden state with the stall watch on, over new guest memory laid out as the
+/// saved guest's (256 MiB at 0). The rings' contents live in guest memory, not in the
+/// state; here the guest made available exactly what the device had read.
+fn restore_golden(state: &BalloonState) -> (Balloon<Mem>, Arc<ManualClock>) {
+    let mem = guest_memory(&[(GuestAddress(0), 256 * MIB)]);
+    for q in &state.queues {
+        mem.write_obj(q.next_avail, GuestAddress(q.avail_ring + 2))
+            .expect("avail idx");
+    }
+    let cfg = BalloonConfig {
+        stall_timeout: Some(GOLDEN_STALL_TIMEOUT),
+        ..BalloonConfig::default()
+    };
+    let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
+    let backend: Arc<dyn MemoryBackend> = Arc::new(RecordingBackend::default());
+    let mut dev = Balloon::restore(cfg, mem, sink, backend, state).expect("restore the golden");
+    let clock = Arc::new(ManualClock::new());
+    dev.set_clock(clock.clone());
+    (dev, clock)
+}
+
+fn config32(dev: &Balloon<Mem>, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    dev.read_config(offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+/// What every golden device is, restored: the fields of version 1.
+fn check_golden_device(dev: &mut Balloon<Mem>, state: &BalloonState) {
+    assert!(dev.is_activated());
+    assert_eq!((dev.num_pages(), dev.actual()), (1024, 512));
+    assert!(!dev.target_reached());
+    assert_eq!(config32(dev, config::NUM_PAGES), 1024);
+    assert_eq!(config32(dev, config::ACTUAL), 512);
+    // Negotiated: everything offered but indirect descriptors.
+    let offered = [
+        f::VIRTIO_BALLOON_F_MUST_TELL_HOST,
+        f::VIRTIO_BALLOON_F_STATS_VQ,
+        f::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+        f::VIRTIO_BALLOON_F_PAGE_POISON,
+        f::VIRTIO_F_RING_INDIRECT_DESC,
+        f::VIRTIO_F_RING_EVENT_IDX,
+        f::VIRTIO_F_VERSION_1,
+    ]
+    .iter()
+    .fold(0u64, |bits, &b| bits | f::bit(b));
+    assert_eq!(dev.device_features(), offered);
+    assert_eq!(
+        dev.driver_features(),
+        offered & !f::bit(f::VIRTIO_F_RING_INDIRECT_DESC)
+    );
+    assert!(dev.has_feature(f::VIRTIO_F_RING_EVENT_IDX));
+    assert!(!dev.has_feature(f::VIRTIO_F_RING_INDIRECT_DESC));
+    assert_eq!(dev.poison_val(), PAGE_POISON_VAL);
+    assert_eq!(config32(dev, config::POISON_VAL), PAGE_POISON_VAL);
+    // Where the device stands on each ring: (size, next_avail, next_used).
+    let rings: Vec<(u16, u16, u16)> = (0..dev.num_queues())
+        .map(|i| {
+            let s = dev.live_queue_state(i).expect("queue");
+            assert!(s.ready && s.event_idx_enabled, "queue {i}: {s:?}");
+            let saved = state.queues[i];
+            assert_eq!(
+                (s.desc_table, s.avail_ring, s.used_ring),
+                (saved.desc_table, saved.avail_ring, saved.used_ring)
+            );
+            (s.size, s.next_avail, s.next_used)
+        })
+        .collect();
+    // inflateq read both inflate elements, deflateq nothing, statsq holds its second
+    // buffer, the free page queue read the start buffer and two hints.
+    assert_eq!(rings, [(256, 2, 2), (256, 0, 0), (256, 2, 1), (1024, 3, 3)]);
+    // Hinting: the round was in START; the restored device is DONE and the id continues.
+    let st = dev.hint_control().status();
+    assert_eq!((st.state, st.cmd_id), (HintState::Done, 2));
+    assert!(st.negotiated && !st.round_complete);
+    assert_eq!(
+        (
+            st.metrics.elements,
+            st.metrics.rounds_started,
+            st.metrics.hints_accepted,
+            st.metrics.bytes_accepted,
+            st.metrics.drained
+        ),
+        (3, 1, 2, 2 * HINT_BLOCK_BYTES, 0)
+    );
+    assert_eq!(config32(dev, config::FREE_PAGE_HINT_CMD_ID), cmd::DONE);
+    // The counters continue.
+    let m = dev.metrics();
+    assert_eq!((m.pages.inflate_elements, m.pages.inflated_pages), (2, 512));
+    assert_eq!((m.stats_updates, m.stats_requests), (2, 1));
+    assert_eq!(m.pages, state.metrics.pages);
+    assert_eq!(m.hint, state.metrics.hint);
+    // Statistics: polling continues, and the held buffer (head 0) goes back on request.
+    assert_eq!(dev.stats_interval(), Duration::from_secs(10));
+    assert!(!dev.discards_inhibited());
+    // The pending used-buffer interrupt is raised again, and DONE is a configuration change.
+    assert_eq!(
+        u32::from(dev.interrupt().status()),
+        isr::VRING | isr::CONFIG
+    );
+    assert_eq!(dev.interrupt().config_generation(), 3);
+    assert!(dev.request_stats());
+    let s = dev.live_queue_state(2).expect("statsq");
+    assert_eq!((s.next_avail, s.next_used), (2, 2));
+    assert!(!dev.request_stats(), "only one buffer was held");
+}
+
+/// Every later version must keep restoring this file, a state version 1 of the crate wrote
+/// (without a `version` field).
+#[test]
+fn golden_version_1_state_restores() {
+    let text = std::fs::read_to_string(golden_path(1)).expect("read the golden file");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&text)
+            .expect("JSON")
+            .get("version")
+            .is_none(),
+        "version 1 states have no version field"
+    );
+    let state = read_golden(1);
+    assert_eq!(state.version, 1);
+    // Fields added after version 1 read as their defaults.
+    assert_eq!((state.stall_closest, state.target_stalled), (None, false));
+    assert_eq!(state.metrics.target_stalls, 0);
+    assert_eq!(state.hint_state, HintState::Start);
+
+    let (mut dev, clock) = restore_golden(&state);
+    // Saved again, the state is the current version, DONE, with the raised interrupt and
+    // the new generation; the stall watch started on its own (512 pages from the target).
+    let again = dev.save_state();
+    let expected = BalloonState {
+        version: BALLOON_STATE_VERSION,
+        hint_state: HintState::Done,
+        interrupt_status: 3,
+        config_generation: 3,
+        stall_closest: Some(512),
+        target_stalled: false,
+        ..state.clone()
+    };
+    assert_eq!(again, expected);
+    check_golden_device(&mut dev, &state);
+
+    // A version 1 state knew no stall; the restored device watches from the restore on.
+    assert!(!dev.target_stalled());
+    clock.advance(GOLDEN_STALL_TIMEOUT - Duration::from_secs(1));
+    assert!(!dev.check_stall());
+    assert!(!dev.take_events().contains(BalloonEvents::TARGET_STALLED));
+    clock.advance(Duration::from_secs(1));
+    assert!(dev.check_stall());
+    assert!(dev.take_events().contains(BalloonEvents::TARGET_STALLED));
+    assert_eq!(dev.metrics().target_stalls, 1);
+}
+
+/// Every later version must keep restoring this file, a state version 2 of the crate wrote.
+#[test]
+fn golden_version_2_state_restores() {
+    let state = read_golden(2);
+    assert_eq!(state.version, 2);
+    assert_eq!(
+        (state.stall_closest, state.target_stalled),
+        (Some(512), true)
+    );
+    assert_eq!(state.metrics.target_stalls, 1);
+    // The same device as version 1's, apart from what version 2 added.
+    let v1 = read_golden(1);
+    assert_eq!(
+        BalloonState {
+            version: 1,
+            stall_closest: None,
+            target_stalled: false,
+            metrics: BalloonMetrics {
+                target_stalls: 0,
+                ..state.metrics
+            },
+            ..state.clone()
+        },
+        v1
+    );
+
+    let (mut dev, clock) = restore_golden(&state);
+    // The stall survives: the restored device is stalled and tells its (maybe new) VMM,
+    // without counting the stall twice.
+    assert!(dev.target_stalled());
+    assert!(dev.take_events().contains(BalloonEvents::TARGET_STALLED));
+    assert_eq!(dev.metrics().target_stalls, 1);
+    let again = dev.save_state();
+    assert_eq!(
+        again,
+        BalloonState {
+            hint_state: HintState::Done,
+            interrupt_status: 3,
+            config_generation: 3,
+            ..state.clone()
+        }
+    );
+    check_golden_device(&mut dev, &state);
+    // No second event while nothing moves; progress clears the stall.
+    clock.advance(GOLDEN_STALL_TIMEOUT * 3);
+    assert!(dev.check_stall());
+    assert!(!dev.take_events().contains(BalloonEvents::TARGET_STALLED));
+    dev.write_config(config::ACTUAL, &600u32.to_le_bytes());
+    assert!(!dev.target_stalled());
+    assert_eq!(dev.metrics().target_stalls, 1);
+}
+
+/// The golden file of the current version exists and a device saved today reads back
+/// equal to what the scenario saves: when the layout changes without a version bump and a
+/// new file, this fails.
+#[test]
+fn saved_states_carry_the_current_version_and_have_a_golden_file() {
+    let (_rig, state) = golden_device();
+    assert_eq!(state.version, BALLOON_STATE_VERSION);
+    let value = serde_json::to_value(&state).expect("serialize");
+    assert_eq!(
+        value.get("version"),
+        Some(&serde_json::Value::from(BALLOON_STATE_VERSION))
+    );
+    let back: BalloonState = serde_json::from_value(value).expect("deserialize");
+    assert_eq!(back, state);
+    assert_eq!(
+        read_golden(BALLOON_STATE_VERSION),
+        state,
+        "what the golden device saves differs from tests/data/snapshot-v{BALLOON_STATE_VERSION}.json: \
+         a field was added, removed or changed meaning; bump BALLOON_STATE_VERSION (see its \
+         documentation) and write the new version's golden file"
+    );
+}
+
+/// Fields added after version 1 have serde defaults: a current state with them removed
+/// reads as a version 1 state.
+#[test]
+fn fields_added_after_version_1_default_when_missing() {
+    let (_rig, state) = golden_device();
+    let mut value = serde_json::to_value(&state).expect("serialize");
+    for key in ["version", "stall_closest", "target_stalled"] {
+        assert!(fields(&mut value).remove(key).is_some(), "{key}");
+    }
+    let mut metrics = fields(&mut value).remove("metrics").expect("metrics");
+    assert!(fields(&mut metrics).remove("target_stalls").is_some());
+    fields(&mut value).insert("metrics".to_string(), metrics);
+    let old: BalloonState = serde_json::from_value(value).expect("deserialize");
+    assert_eq!(
+        old,
+        BalloonState {
+            version: 1,
+            stall_closest: None,
+            target_stalled: false,
+            metrics: BalloonMetrics {
+                target_stalls: 0,
+                ..state.metrics
+            },
+            ..state
+        }
+    );
+}
+
+#[test]
+fn a_newer_state_version_is_refused_and_the_device_keeps_running() {
+    let mut rig = Rig::new(HarnessConfig::simple(256 * MIB, 3));
+    let free = rig.driver.free_blocks();
+    let (state, mmio) = rig.save(true);
+    rig.with_dev(|d| d.resume());
+    let cfg = rig.cfg;
+
+    // A state from a later crate, with a field this one does not know: it parses (unknown
+    // fields are ignored), and the version check refuses it instead of dropping the field.
+    let mut value = serde_json::to_value(&state).expect("serialize");
+    fields(&mut value).insert(
+        "version".to_string(),
+        serde_json::Value::from(BALLOON_STATE_VERSION + 1),
+    );
+    fields(&mut value).insert("from_the_future".to_string(), serde_json::Value::Bool(true));
+    let newer: BalloonState = serde_json::from_value(value).expect("deserialize");
+    match try_restore(&rig, cfg, &newer) {
+        RestoreError::UnsupportedVersion { found, supported } => {
+            assert_eq!(
+                (found, supported),
+                (BALLOON_STATE_VERSION + 1, BALLOON_STATE_VERSION)
+            );
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+    let text = try_restore(&rig, cfg, &newer).to_string();
+    for number in [BALLOON_STATE_VERSION + 1, BALLOON_STATE_VERSION] {
+        assert!(text.contains(&number.to_string()), "{text:?}");
+    }
+    // No crate writes version 0, nor the largest one.
+    for version in [0, u32::MAX] {
+        let bad = BalloonState {
+            version,
+            ..state.clone()
+        };
+        assert!(matches!(
+            try_restore(&rig, cfg, &bad),
+            RestoreError::UnsupportedVersion { found, .. } if found == version
+        ));
+    }
+
+    // The running device did not notice: a whole hint round works end to end.
+    let id = rig.start_round();
+    match rig.driver.run_free_page_work() {
+        WorkOutcome::Round(r) => assert_eq!(
+            r,
+            RoundReport {
+                id,
+                hinted: free.len(),
+                end: RoundEnd::OutOfBlocks
+            }
+        ),
+        other => panic!("the guest did not run a round: {other:?}"),
+    }
+    rig.pump();
+    assert!(rig.hints.status().round_complete);
+    assert_eq!(hint_set(&rig.sink.hints()), block_list(&free));
+
+    // And every supported version restores.
+    for version in 1..=BALLOON_STATE_VERSION {
+        let ok = BalloonState {
+            version,
+            ..state.clone()
+        };
+        assert!(
+            restore_detached(&rig, &ok).is_activated(),
+            "version {version}"
+        );
+    }
+    rig.restore(cfg, &state, mmio).expect("restore");
+    assert_eq!(
+        rig.driver.read_config32(config::FREE_PAGE_HINT_CMD_ID),
+        cmd::DONE
+    );
+    rig.assert_clean();
+}
+
+/// Writes the golden file of the current version, once: run it after bumping
+/// `BALLOON_STATE_VERSION` (`cargo test --test snapshot -- --ignored
+/// write_the_golden_file_of_a_new_version`). It refuses to overwrite a file: a golden file
+/// is what an older crate wrote and stays as it is.
+#[test]
+#[ignore = "writes tests/data; run once per new state version"]
+fn write_the_golden_file_of_a_new_version() {
+    let path = golden_path(BALLOON_STATE_VERSION);
+    assert!(
+        !path.exists(),
+        "{} exists: golden files are never rewritten",
+        path.display()
+    );
+    let (_rig, state) = golden_device();
+    let text = serde_json::to_string_pretty(&state).expect("serialize");
+    std::fs::write(&path, text + "\n").expect("write the golden file");
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. The stall watch
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_stall_watch_in_progress_keeps_its_closest_distance_across_restore() {
+    let mut hc = HarnessConfig::simple(256 * MIB, 0);
+    hc.balloon.stall_timeout = Some(GOLDEN_STALL_TIMEOUT);
+    let mut rig = Rig::new(hc);
+    let clock = Arc::new(ManualClock::new());
+    rig.with_dev(|d| {
+        d.set_clock(clock.clone());
+        d.set_target(1024);
+    });
+    rig.relay();
+    rig.driver.write_config(config::ACTUAL, 4, 512);
+    // Most of the timeout passes on the source; the save does not carry it over.
+    clock.advance(GOLDEN_STALL_TIMEOUT - Duration::from_secs(1));
+    let (state, mmio) = rig.save(true);
+    assert_eq!(
+        (state.stall_closest, state.target_stalled),
+        (Some(512), false)
+    );
+    let cfg = rig.cfg;
+    rig.restore(cfg, &state, mmio).expect("restore");
+    let clock = Arc::new(ManualClock::new());
+    rig.with_dev(|d| {
+        d.set_clock(clock.clone());
+        d.take_events();
+    });
+    clock.advance(GOLDEN_STALL_TIMEOUT - Duration::from_secs(1));
+    assert!(!rig.with_dev(|d| d.check_stall()), "the clock restarted");
+    // The guest deflates on OOM and inflates back to where it was before the save: no
+    // progress, so the timeout that started at the restore still runs out.
+    rig.driver.write_config(config::ACTUAL, 4, 256);
+    rig.driver.write_config(config::ACTUAL, 4, 512);
+    clock.advance(Duration::from_secs(1));
+    assert!(rig.with_dev(|d| d.check_stall()));
+    assert!(rig
+        .with_dev(|d| d.take_events())
+        .contains(BalloonEvents::TARGET_STALLED));
+    assert_eq!(rig.with_dev(|d| d.metrics().target_stalls), 1);
+
+    // Without a stall timeout on the restoring side, a saved stall is dropped.
+    let (stalled, _) = rig.save(true);
+    assert!(stalled.target_stalled);
+    let off = BalloonConfig {
+        stall_timeout: None,
+        ..rig.cfg
+    };
+    let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
+    let backend: Arc<dyn MemoryBackend> = Arc::new(RecordingBackend::default());
+    let mut dev = Balloon::restore(off, rig.mem.clone(), sink, backend, &stalled).expect("restore");
+    assert!(!dev.target_stalled());
+    assert!(!dev.take_events().contains(BalloonEvents::TARGET_STALLED));
+    rig.assert_clean();
 }

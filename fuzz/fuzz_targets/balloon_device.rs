@@ -2001,6 +2001,7 @@ fn build(input: &Input) -> Harness {
         reporting_queue_size: 32,
         chains_per_wakeup: budget,
         hint_file_backed_memory: false,
+        stall_timeout: None,
     };
     let balloon = Balloon::with_backend(cfg, mem.clone(), sink.clone(), backend.clone())
         .expect("valid config");

@@ -23,6 +23,11 @@
 //!   sync (PROTOCOL §4.5). `stop_round` and `done` also consume everything queued so far, so
 //!   nothing of a finished round is left on the ring.
 //!
+//! While a driver runs, every change of the shown value moves the configuration generation.
+//! The device's own changes (`start_round`, `stop_round`, `done`) also raise the
+//! configuration interrupt; the one the guest causes (its STOP, START → STOP) does not, as
+//! the guest knows about it. A reset moves nothing: the next driver starts over.
+//!
 //! One lock (the *hint lock*) covers the state and the free page queue. The event loop holds
 //! it while it handles a batch of elements and calls the sink; [`HintControl::stop_round`]
 //! takes it, so once `stop_round` returns no element is half applied and none will be applied
@@ -366,9 +371,10 @@ impl HintShared {
         self.config_id.load(Ordering::Acquire)
     }
 
-    fn publish(&self, inner: &HintInner) {
-        self.config_id
-            .store(inner.core.config_value(), Ordering::Release);
+    /// Makes the configuration show the current state; returns whether the value changed.
+    fn publish(&self, inner: &HintInner) -> bool {
+        let value = inner.core.config_value();
+        self.config_id.swap(value, Ordering::AcqRel) != value
     }
 
     pub(crate) fn set_negotiated(&self, on: bool) {
@@ -449,8 +455,14 @@ impl HintShared {
             q.run(core, budget, &self.irq);
         }
         let changed = before != (g.core.state, g.core.completed);
-        self.publish(&g);
+        let shown_changed = self.publish(&g);
         drop(g);
+        if shown_changed {
+            // The guest's STOP moved the shown id to 0: a configuration change the guest
+            // caused itself, so no interrupt, but a driver reading the configuration across
+            // it must see a new generation.
+            self.irq.bump_config_generation();
+        }
         if changed {
             self.cond.notify_all();
         }

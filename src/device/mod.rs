@@ -32,6 +32,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{MadviseBackend, MemoryBackend};
+use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;
 use crate::spec::{self, features as f};
 use crate::transport::{
@@ -42,9 +43,12 @@ use hint::{FreePageQueue, HintShared};
 pub use hint::{HintControl, HintMetrics, HintState, HintStatus};
 use pages::PageEngine;
 pub use pages::PageMetrics;
-pub use snapshot::{BalloonState, QueueSnapshot, RestoreError};
+pub use snapshot::{BalloonState, QueueSnapshot, RestoreError, BALLOON_STATE_VERSION};
 pub use stats::{BalloonStats, StatsReport};
-use timer::Timer;
+pub use timer::{Clock, ManualClock, MonotonicClock};
+use timer::{StallCheck, StallWatch, Timer};
+
+static STALL_TIMER_FAILED: RateLimit = RateLimit::new();
 
 /// How long inflated pages may wait to be merged with the next inflate element before they
 /// are discarded.
@@ -60,6 +64,8 @@ pub enum DeviceEvent {
     /// The timer that discards inflated pages left waiting to be merged
     /// ([`DISCARD_FLUSH_DELAY`]).
     FlushTimer,
+    /// The timer of the stall watch ([`BalloonConfig::stall_timeout`]).
+    StallTimer,
 }
 
 /// Things that happened on the device that a VMM may want to react to, from
@@ -74,6 +80,9 @@ impl BalloonEvents {
     pub const ACTUAL_CHANGED: BalloonEvents = BalloonEvents(2);
     /// A statistics buffer arrived ([`Balloon::latest_stats`]).
     pub const STATS_UPDATED: BalloonEvents = BalloonEvents(4);
+    /// `actual` has not come closer to the target for [`BalloonConfig::stall_timeout`]
+    /// while the driver was live ([`Balloon::target_stalled`]). Raised once per stall.
+    pub const TARGET_STALLED: BalloonEvents = BalloonEvents(8);
 
     /// No event.
     pub const fn empty() -> Self {
@@ -118,6 +127,9 @@ pub struct BalloonMetrics {
     pub late_poison_writes: u64,
     /// Free page hinting.
     pub hint: HintMetrics,
+    /// Stalls of the target ([`BalloonEvents::TARGET_STALLED`]).
+    #[serde(default)]
+    pub target_stalls: u64,
 }
 
 /// The statistics side of the device.
@@ -162,6 +174,20 @@ pub struct BalloonConfig {
     /// Accept hints into file-backed memory regions. Off by default: memory shared with other
     /// processes may change behind the guest's back, so its dirty state must not be dropped.
     pub hint_file_backed_memory: bool,
+    /// How long `actual` may go without coming closer to `num_pages`, while the driver is
+    /// live and the device not paused, before the device raises
+    /// [`BalloonEvents::TARGET_STALLED`] (and counts it in
+    /// [`BalloonMetrics::target_stalls`]). `None` (the default) or zero: no watch.
+    ///
+    /// Progress is `actual` coming closer to the target than it has been since the target
+    /// was set or last left: a guest that deflates on OOM and inflates back to where it was
+    /// never gets there and is caught. Progress restarts the timeout and clears a stall; a
+    /// new (different) target restarts it; reaching the target ends the watch and clears
+    /// the stall; a pause stops it and the timeout runs in full after
+    /// [`resume`](Balloon::resume). Linux retries a failed inflation every 200 ms and
+    /// writes `actual` after every request, so a few tens of seconds is a reasonable value.
+    /// Time comes from the device's [`Clock`] ([`Balloon::set_clock`]).
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for BalloonConfig {
@@ -178,6 +204,7 @@ impl Default for BalloonConfig {
             reporting_queue_size: spec::queue::MIN_REPORTING_SIZE,
             chains_per_wakeup: 256,
             hint_file_backed_memory: false,
+            stall_timeout: None,
         }
     }
 }
@@ -355,6 +382,9 @@ pub struct Balloon<M> {
     events_fd: EventFd,
     events: BalloonEvents,
     pub(crate) metrics: BalloonMetrics,
+    stall: StallWatch,
+    stall_timer: Timer,
+    clock: Arc<dyn Clock>,
 }
 
 impl<M> fmt::Debug for Balloon<M> {
@@ -452,6 +482,9 @@ where
             events_fd: EventFd::new(EFD_NONBLOCK).map_err(BalloonError::EventFd)?,
             events: BalloonEvents::empty(),
             metrics: BalloonMetrics::default(),
+            stall: StallWatch::new(cfg.stall_timeout),
+            stall_timer: Timer::new().map_err(BalloonError::EventFd)?,
+            clock: Arc::new(MonotonicClock::new()),
         })
     }
 
@@ -526,7 +559,7 @@ where
 
     /// The file descriptors the device needs watched for readability, with what each one
     /// is: every queue's kick eventfd (the VMM's own after
-    /// [`activate_with`](Self::activate_with)) and the device's two timers. They do not
+    /// [`activate_with`](Self::activate_with)) and the device's three timers. They do not
     /// change while the device lives, except the kick eventfds a VMM hands over. Pass each
     /// event to [`handle_event`](Self::handle_event); the event-manager subscriber
     /// ([`handler`](crate::handler)) does exactly that.
@@ -538,12 +571,14 @@ where
             .chain([
                 (self.stats.timer.as_raw_fd(), DeviceEvent::StatsTimer),
                 (self.flush_timer.as_raw_fd(), DeviceEvent::FlushTimer),
+                (self.stall_timer.as_raw_fd(), DeviceEvent::StallTimer),
             ])
             .collect()
     }
 
     /// Handles `event` after its file descriptor became readable: consumes the counter,
-    /// then serves the queue, asks for statistics or discards waiting pages. A VMM whose
+    /// then serves the queue, asks for statistics, discards waiting pages or looks at the
+    /// stall watch ([`check_stall`](Self::check_stall)). A VMM whose
     /// own loop already consumed a kick (vhost-user-backend does) calls
     /// [`process_queue`](Self::process_queue) instead.
     pub fn handle_event(&mut self, event: DeviceEvent) {
@@ -565,6 +600,11 @@ where
                     self.flush_discards();
                 }
             }
+            DeviceEvent::StallTimer => {
+                // The clock decides, not the expiration count: a spurious wakeup re-arms.
+                self.stall_timer.consume(false);
+                self.check_stall();
+            }
         }
     }
 
@@ -572,11 +612,13 @@ where
     /// interrupt). The driver inflates or deflates towards it and reports its progress in
     /// `actual`; [`BalloonEvents::TARGET_REACHED`] follows when they meet.
     pub fn set_target(&mut self, pages: u32) {
+        let new_target = self.config.num_pages != pages;
         self.config.num_pages = pages;
         self.irq.signal_config_change();
         if self.target_reached() {
             self.add_event(BalloonEvents::TARGET_REACHED);
         }
+        self.watch_stall(new_target);
     }
 
     /// Sets the target in bytes, rounded down to whole 4 KiB pages (and capped at the
@@ -620,6 +662,8 @@ where
         self.hint.set_paused(true);
         let guard = self.mem.memory();
         self.pages.flush(&*guard);
+        drop(guard);
+        self.watch_stall(false);
     }
 
     /// Discards inflated pages still waiting to be merged with later ones (the device does
@@ -777,6 +821,73 @@ impl<M> Balloon<M> {
             // A full eventfd counter still wakes the loop, so an error here loses nothing.
             let _ = evt.write(1);
         }
+        self.watch_stall(false);
+    }
+
+    /// Whether the target is stalled: `actual` has not come closer to `num_pages` for
+    /// [`BalloonConfig::stall_timeout`] ([`BalloonEvents::TARGET_STALLED`] was raised) and
+    /// neither progress, a new target nor reaching it has cleared that since. As of the
+    /// last look ([`check_stall`](Self::check_stall) looks now).
+    pub fn target_stalled(&self) -> bool {
+        self.stall.stalled()
+    }
+
+    /// Looks at the stall watch now, as the device does when its stall timer fires and
+    /// whenever `actual` or the target changes: raises [`BalloonEvents::TARGET_STALLED`]
+    /// if the timeout has just passed, and re-arms the timer for the rest of it. Returns
+    /// whether the target is stalled. A VMM that polls instead of watching
+    /// [`DeviceEvent::StallTimer`] calls it.
+    pub fn check_stall(&mut self) -> bool {
+        match self.stall.check(self.clock.now()) {
+            StallCheck::Pending(left) => {
+                if let Err(e) = self.stall_timer.arm(left, None) {
+                    // Left unarmed, the watch still looks at every write of `actual`.
+                    warn_limited!(
+                        STALL_TIMER_FAILED,
+                        "balloon: cannot arm the stall timer: {}",
+                        e
+                    );
+                }
+            }
+            StallCheck::Stalled { new } => {
+                self.disarm_stall_timer();
+                if new {
+                    self.metrics.target_stalls = self.metrics.target_stalls.saturating_add(1);
+                    self.add_event(BalloonEvents::TARGET_STALLED);
+                }
+            }
+            StallCheck::Idle => self.disarm_stall_timer(),
+        }
+        self.stall.stalled()
+    }
+
+    fn disarm_stall_timer(&mut self) {
+        // With the watch off this runs on every write of `actual`: no syscall then.
+        if self.stall_timer.armed() {
+            let _ = self.stall_timer.disarm();
+        }
+    }
+
+    /// Makes the stall watch read the time from `clock` (by default a [`MonotonicClock`]).
+    /// A timeout already running starts again at the new clock's present.
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
+        self.stall.restart_clock(self.clock.now());
+        self.check_stall();
+    }
+
+    /// Tells the stall watch where `actual` and the target are (`retarget`: the target
+    /// changed), then looks at it.
+    fn watch_stall(&mut self, retarget: bool) {
+        let now = self.clock.now();
+        let live = self.activated && !self.is_paused();
+        let distance = self.config.num_pages.abs_diff(self.config.actual);
+        if retarget {
+            self.stall.retarget(now, live, distance);
+        } else {
+            self.stall.observe(now, live, distance);
+        }
+        self.check_stall();
     }
 
     /// Whether queue processing is paused.
@@ -861,9 +972,11 @@ where
 
     fn features_ok(&mut self) {
         // A poison value written while PAGE_POISON was still acknowledged does not survive
-        // a driver that then dropped the feature.
-        if !self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON) {
+        // a driver that then dropped the feature. The device changed the configuration: a
+        // new generation, no interrupt (before DRIVER_OK there is none anyway).
+        if !self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON) && self.config.poison_val != 0 {
             self.config.poison_val = 0;
+            self.irq.bump_config_generation();
         }
     }
 
@@ -889,6 +1002,7 @@ where
                 let guard = self.mem.memory();
                 self.pages.flush(&*guard);
             }
+            self.watch_stall(false);
         }
     }
 
@@ -945,6 +1059,8 @@ where
         for evt in &self.queue_evts {
             let _ = evt.write(1);
         }
+        // The guest has the balloon now: a target it has not reached is watched.
+        self.watch_stall(false);
         Ok(())
     }
 
@@ -965,6 +1081,8 @@ where
         // The new driver owns every page again: nothing inflated may be discarded later.
         self.pages.reset();
         let _ = self.flush_timer.disarm();
+        self.stall.forget();
+        self.disarm_stall_timer();
     }
 
     fn is_activated(&self) -> bool {

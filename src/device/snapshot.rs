@@ -11,6 +11,18 @@
 //! After a restore, free page hinting is DONE: a guest that was in the middle of a round
 //! hands its hinted pages back (the migration that asked for them is gone), and the id
 //! counter continues where it was, so the guest never sees an old id again.
+//!
+//! The stall watch ([`BalloonConfig::stall_timeout`]) keeps its episode across a restore:
+//! how close `actual` came to the target, so a guest deflating on OOM in a loop is not taken
+//! for progress, and whether the target was stalled. Its clock starts again at the restore
+//! (a clock reading of another host means nothing, and the VM was paused in between): a
+//! stall not reported yet is reported at most one timeout after the restore. A restored
+//! device whose target was stalled is stalled too and raises
+//! [`TARGET_STALLED`](super::BalloonEvents::TARGET_STALLED) again, since the VMM restoring
+//! it may never have seen the first one; [`BalloonMetrics::target_stalls`] does not count
+//! it twice. A restore with no stall timeout drops the stall.
+//!
+//! States are versioned ([`BALLOON_STATE_VERSION`]); see there for what stays compatible.
 
 use std::fmt;
 use std::sync::Arc;
@@ -25,6 +37,25 @@ use crate::backend::MemoryBackend;
 use crate::sink::FreePageSink;
 use crate::spec::features as f;
 use crate::transport::{ActivateError, FeatureError, VirtioDevice};
+
+/// The format version of the [`BalloonState`] this crate writes.
+///
+/// Version 1 is the first layout, which had no `version` field: a state without one is
+/// version 1. Version 2 added `version`, the stall watch (`stall_closest`,
+/// `target_stalled`) and [`BalloonMetrics::target_stalls`].
+///
+/// Compatibility rule: [`Balloon::restore`] reads every version from 1 up to this one and
+/// refuses a newer one with [`RestoreError::UnsupportedVersion`] (a newer state may hold
+/// something this crate would silently drop). So whoever changes what a state holds or
+/// means bumps this number; gives every new field a serde default under which an older
+/// state restores as it did before; never removes, renames or changes the meaning of a
+/// field an older version wrote; and adds a golden file `tests/data/snapshot-v{N}.json`
+/// written by the new version. Every golden file of an older version must keep restoring.
+pub const BALLOON_STATE_VERSION: u32 = 2;
+
+fn version_1() -> u32 {
+    1
+}
 
 /// The state of one virtqueue.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +115,10 @@ impl From<QueueSnapshot> for QueueState {
 /// Everything a balloon needs to continue on another host or after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonState {
+    /// The format version ([`BALLOON_STATE_VERSION`] when this crate saved it; a state
+    /// without the field is version 1).
+    #[serde(default = "version_1")]
+    pub version: u32,
     /// The features the device offered.
     pub device_features: u64,
     /// The features the driver acknowledged.
@@ -114,11 +149,28 @@ pub struct BalloonState {
     pub config_generation: u32,
     /// The counters.
     pub metrics: BalloonMetrics,
+    /// The stall watch: how close (in pages) `actual` came to the target since the target
+    /// was set or last left; `None` when nothing was watched. Version 2; a version 1 state
+    /// restores with a new watch.
+    #[serde(default)]
+    pub stall_closest: Option<u32>,
+    /// Whether the target was stalled ([`Balloon::target_stalled`]). Version 2.
+    #[serde(default)]
+    pub target_stalled: bool,
 }
 
-/// Why a saved state cannot be restored.
+/// Why a saved state cannot be restored. New versions of the state may bring new reasons.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum RestoreError {
+    /// The state has a format version this crate does not read: newer than the one it
+    /// writes (or 0, which no crate writes).
+    UnsupportedVersion {
+        /// The version of the state.
+        found: u32,
+        /// The newest version this crate reads ([`BALLOON_STATE_VERSION`]).
+        supported: u32,
+    },
     /// The new device could not be created.
     Create(BalloonError),
     /// The new device offers other features than the saved one: the driver negotiated
@@ -150,6 +202,11 @@ pub enum RestoreError {
 impl fmt::Display for RestoreError {
     fn fmt(&self, fm: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            RestoreError::UnsupportedVersion { found, supported } => write!(
+                fm,
+                "the saved balloon state has format version {found}; this version of the \
+                 crate reads versions 1 to {supported}"
+            ),
             RestoreError::Create(e) => write!(fm, "cannot create the balloon: {e}"),
             RestoreError::FeaturesDiffer { saved, offered } => write!(
                 fm,
@@ -190,6 +247,7 @@ where
         let mut metrics = self.metrics();
         metrics.hint = hint_metrics;
         BalloonState {
+            version: BALLOON_STATE_VERSION,
             device_features: self.device_features(),
             acked_features: self.acked,
             activated: self.activated,
@@ -205,13 +263,16 @@ where
             interrupt_status: self.irq.status(),
             config_generation: self.irq.config_generation(),
             metrics,
+            stall_closest: self.stall.closest(),
+            target_stalled: self.stall.stalled(),
         }
     }
 
     /// Builds a device from `state` over the restored guest memory `mem`. `cfg` must offer
     /// the same features as the saved device. If the saved device was active, the restored
     /// one is active too, its hint state is DONE and the driver gets a configuration
-    /// interrupt to notice it.
+    /// interrupt to notice it. A state of a newer format version is refused before anything
+    /// is created ([`BALLOON_STATE_VERSION`]).
     pub fn restore(
         cfg: BalloonConfig,
         mem: M,
@@ -219,6 +280,12 @@ where
         backend: Arc<dyn MemoryBackend>,
         state: &BalloonState,
     ) -> Result<Self, RestoreError> {
+        if !(1..=BALLOON_STATE_VERSION).contains(&state.version) {
+            return Err(RestoreError::UnsupportedVersion {
+                found: state.version,
+                supported: BALLOON_STATE_VERSION,
+            });
+        }
         let mut dev =
             Balloon::with_backend(cfg, mem, sink, backend).map_err(RestoreError::Create)?;
         let offered = dev.device_features();
@@ -272,7 +339,12 @@ where
             let _ = dev.set_stats_interval(Duration::from_millis(state.stats_interval_ms));
         }
         if state.activated {
+            // Activation starts the watch from where `actual` is now.
+            dev.stall.restore(state.stall_closest, state.target_stalled);
             dev.activate().map_err(RestoreError::Activate)?;
+            if dev.target_stalled() {
+                dev.add_event(super::BalloonEvents::TARGET_STALLED);
+            }
             dev.irq
                 .restore(state.interrupt_status, state.config_generation);
             if dev.hint.negotiated() {
@@ -290,6 +362,13 @@ mod tests {
     #[test]
     fn errors_say_what_differs() {
         let cases = [
+            (
+                RestoreError::UnsupportedVersion {
+                    found: 7,
+                    supported: 2,
+                },
+                "version 7; this version of the crate reads versions 1 to 2",
+            ),
             (
                 RestoreError::Create(BalloonError::ZeroBudget),
                 "chains_per_wakeup",

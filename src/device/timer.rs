@@ -1,15 +1,22 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! A non-blocking timerfd for the event loop (statistics polling, the discard flush).
+//! Time for the event loop: a non-blocking timerfd (statistics polling, the discard flush,
+//! the stall watch), the [`Clock`] the stall watch reads, and the stall watch itself.
 //!
 //! `vmm-sys-util`'s `TimerFd` reads blockingly, which would stall the event loop on a
 //! spurious wakeup; this one is created with `TFD_NONBLOCK`.
+//!
+//! The stall watch decides only from its [`Clock`]; its timerfd merely wakes the event loop
+//! to look again. A spurious or early wakeup finds the timeout not yet passed and re-arms,
+//! so with a [`ManualClock`] the outcome depends on nothing but the clock a test moves.
 
+use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// A monotonic, non-blocking timerfd.
 #[derive(Debug)]
@@ -89,6 +96,201 @@ impl AsRawFd for Timer {
     }
 }
 
+/// Where the device reads the time for its stall watch
+/// ([`BalloonConfig::stall_timeout`](super::BalloonConfig::stall_timeout)).
+///
+/// The default is [`MonotonicClock`]. [`Balloon::set_clock`](super::Balloon::set_clock)
+/// replaces it, for example with a [`ManualClock`] in tests, which then pass the timeout
+/// without sleeping, or with a VMM's own notion of guest time.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// The time since an origin of the clock's choosing. It should never go backwards (the
+    /// watch treats a step back as no time passing).
+    fn now(&self) -> Duration;
+}
+
+/// The host's monotonic clock (`Instant`), from when the clock was created.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    origin: Instant,
+}
+
+impl MonotonicClock {
+    /// A clock whose origin is now.
+    pub fn new() -> Self {
+        MonotonicClock {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+/// A clock that moves only when told to ([`advance`](Self::advance)), for deterministic
+/// tests of the stall watch. Share it with the device as an `Arc<ManualClock>`.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    now: Mutex<Duration>,
+}
+
+impl ManualClock {
+    /// A clock at its origin.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `by` (saturating). The device notices at its next look:
+    /// [`Balloon::check_stall`](super::Balloon::check_stall), a write of `actual`, or its
+    /// stall timer.
+    pub fn advance(&self, by: Duration) {
+        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        *now = now.saturating_add(by);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Duration {
+        *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the stall watch found at a look ([`StallWatch::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StallCheck {
+    /// Nothing runs: the watch is off, the target is reached, or the guest cannot move
+    /// (driver not live, device paused).
+    Idle,
+    /// No stall yet; the timeout passes in this long unless `actual` gets closer.
+    Pending(Duration),
+    /// The timeout passed without progress. `new` at the first look that saw it.
+    Stalled {
+        /// This look found the stall.
+        new: bool,
+    },
+}
+
+/// Whether `actual` keeps moving towards `num_pages`.
+///
+/// An *episode* starts when `actual` and the target differ (a new target, the target left
+/// again, a driver that comes up with a target set) and ends when they meet. Within it,
+/// *progress* is `actual` coming closer to the target than it has been during the episode:
+/// a guest that deflates on OOM and inflates back to where it was does not make progress.
+/// Progress restarts the clock and clears a stall; a new target starts a new episode. The
+/// clock runs only while the guest can move: the driver is live and the device not paused.
+/// The timeout runs in full again after a pause.
+#[derive(Debug, Default)]
+pub(crate) struct StallWatch {
+    timeout: Option<Duration>,
+    /// The closest distance to the target in this episode (None: no episode).
+    closest: Option<u32>,
+    /// When the running timeout started (None: the clock does not run).
+    since: Option<Duration>,
+    stalled: bool,
+}
+
+impl StallWatch {
+    /// A watch with `timeout` (`None` or zero: off).
+    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+        StallWatch {
+            timeout: timeout.filter(|t| !t.is_zero()),
+            ..Default::default()
+        }
+    }
+
+    /// Takes in where `actual` is: `distance` pages from the target, `live` whether the
+    /// guest can move.
+    pub(crate) fn observe(&mut self, now: Duration, live: bool, distance: u32) {
+        if distance == 0 {
+            self.closest = None;
+            self.since = None;
+            self.stalled = false;
+            return;
+        }
+        match self.closest {
+            Some(best) if distance >= best => {}
+            _ => {
+                self.closest = Some(distance);
+                self.since = None;
+                self.stalled = false;
+            }
+        }
+        if !live {
+            self.since = None;
+        } else if self.since.is_none() {
+            self.since = Some(now);
+        }
+    }
+
+    /// A new target: a new episode.
+    pub(crate) fn retarget(&mut self, now: Duration, live: bool, distance: u32) {
+        self.forget();
+        self.observe(now, live, distance);
+    }
+
+    /// The driver is gone: nothing to watch.
+    pub(crate) fn forget(&mut self) {
+        self.closest = None;
+        self.since = None;
+        self.stalled = false;
+    }
+
+    /// Another clock took over: a running timeout starts again at its `now`.
+    pub(crate) fn restart_clock(&mut self, now: Duration) {
+        if self.since.is_some() {
+            self.since = Some(now);
+        }
+    }
+
+    /// Looks at the watch at `now`.
+    pub(crate) fn check(&mut self, now: Duration) -> StallCheck {
+        let Some(timeout) = self.timeout else {
+            return StallCheck::Idle;
+        };
+        if self.stalled {
+            return StallCheck::Stalled { new: false };
+        }
+        let Some(since) = self.since else {
+            return StallCheck::Idle;
+        };
+        let elapsed = now.saturating_sub(since);
+        match timeout.checked_sub(elapsed) {
+            Some(left) if !left.is_zero() => StallCheck::Pending(left),
+            _ => {
+                self.stalled = true;
+                StallCheck::Stalled { new: true }
+            }
+        }
+    }
+
+    /// Whether the target is stalled (reported and not cleared since).
+    pub(crate) fn stalled(&self) -> bool {
+        self.stalled
+    }
+
+    /// The closest distance in this episode, for a snapshot.
+    pub(crate) fn closest(&self) -> Option<u32> {
+        self.closest
+    }
+
+    /// Takes a saved episode back (before [`observe`](Self::observe) with where the restored
+    /// device is). The clock starts again: a saved clock reading means nothing here. A
+    /// stall is kept only if this watch is on.
+    pub(crate) fn restore(&mut self, closest: Option<u32>, stalled: bool) {
+        self.closest = closest;
+        self.since = None;
+        self.stalled = stalled && self.timeout.is_some() && closest.is_some();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +317,119 @@ mod tests {
         t.disarm().unwrap();
         assert!(!t.armed());
         assert_eq!(t.consume(true), 0);
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let c = ManualClock::new();
+        assert_eq!(c.now(), Duration::ZERO);
+        c.advance(secs(3));
+        c.advance(secs(4));
+        assert_eq!(c.now(), secs(7));
+        c.advance(Duration::MAX);
+        assert_eq!(c.now(), Duration::MAX);
+        let m = MonotonicClock::new();
+        let a = m.now();
+        assert!(m.now() >= a);
+    }
+
+    #[test]
+    fn stall_after_the_timeout_without_progress_and_once() {
+        let mut w = StallWatch::new(Some(T));
+        w.retarget(secs(0), true, 100);
+        assert_eq!(w.check(secs(4)), StallCheck::Pending(secs(6)));
+        // Progress restarts the clock.
+        w.observe(secs(8), true, 60);
+        assert_eq!(w.check(secs(17)), StallCheck::Pending(secs(1)));
+        assert_eq!(w.check(secs(18)), StallCheck::Stalled { new: true });
+        assert!(w.stalled());
+        assert_eq!(w.check(secs(30)), StallCheck::Stalled { new: false });
+        // Progress clears the stall; reaching the target ends the episode.
+        w.observe(secs(31), true, 59);
+        assert!(!w.stalled());
+        assert_eq!(w.check(secs(31)), StallCheck::Pending(T));
+        w.observe(secs(32), true, 0);
+        assert_eq!(w.check(secs(100)), StallCheck::Idle);
+        assert_eq!(w.closest(), None);
+    }
+
+    #[test]
+    fn moving_away_and_back_is_not_progress() {
+        let mut w = StallWatch::new(Some(T));
+        w.retarget(secs(0), true, 100);
+        for t in 1..10 {
+            // Deflate on OOM, then inflate back to where it was.
+            w.observe(secs(t), true, 356);
+            w.observe(secs(t), true, 100);
+        }
+        assert_eq!(w.check(secs(10)), StallCheck::Stalled { new: true });
+        assert_eq!(w.closest(), Some(100));
+    }
+
+    #[test]
+    fn a_new_target_restarts_and_a_left_target_starts_an_episode() {
+        let mut w = StallWatch::new(Some(T));
+        w.retarget(secs(0), true, 100);
+        assert_eq!(w.check(secs(10)), StallCheck::Stalled { new: true });
+        // A new target farther away is a new episode: not stalled, clock from now.
+        w.retarget(secs(11), true, 500);
+        assert!(!w.stalled());
+        assert_eq!(w.check(secs(12)), StallCheck::Pending(secs(9)));
+        // Reached, then left again (deflate on OOM): a new episode from that distance, in
+        // which coming back closer is progress.
+        w.observe(secs(13), true, 0);
+        w.observe(secs(14), true, 256);
+        w.observe(secs(20), true, 128);
+        assert_eq!(w.check(secs(29)), StallCheck::Pending(secs(1)));
+    }
+
+    #[test]
+    fn the_clock_runs_only_while_the_guest_can_move() {
+        let mut w = StallWatch::new(Some(T));
+        // A target set before the driver is live.
+        w.retarget(secs(0), false, 100);
+        assert_eq!(w.check(secs(50)), StallCheck::Idle);
+        w.observe(secs(50), true, 100);
+        assert_eq!(w.check(secs(55)), StallCheck::Pending(secs(5)));
+        // Paused, then resumed: the timeout runs in full again.
+        w.observe(secs(56), false, 100);
+        assert_eq!(w.check(secs(90)), StallCheck::Idle);
+        w.observe(secs(90), true, 100);
+        assert_eq!(w.check(secs(99)), StallCheck::Pending(secs(1)));
+        // A clock that steps back counts as no time.
+        assert_eq!(w.check(secs(1)), StallCheck::Pending(T));
+        w.restart_clock(secs(1000));
+        assert_eq!(w.check(secs(1005)), StallCheck::Pending(secs(5)));
+        w.forget();
+        assert_eq!(w.check(secs(5000)), StallCheck::Idle);
+    }
+
+    #[test]
+    fn off_never_stalls_and_restore_keeps_only_a_meaningful_stall() {
+        for timeout in [None, Some(Duration::ZERO)] {
+            let mut w = StallWatch::new(timeout);
+            w.retarget(secs(0), true, 100);
+            assert_eq!(w.check(secs(1_000_000)), StallCheck::Idle);
+            w.restore(Some(100), true);
+            assert!(!w.stalled(), "no stall without a timeout");
+        }
+        let mut w = StallWatch::new(Some(T));
+        w.restore(Some(40), true);
+        w.observe(secs(0), true, 40);
+        assert!(w.stalled());
+        assert_eq!(w.check(secs(0)), StallCheck::Stalled { new: false });
+        let mut w = StallWatch::new(Some(T));
+        w.restore(Some(40), true);
+        w.observe(secs(0), true, 39);
+        assert!(!w.stalled(), "progress since the save clears it");
+        let mut w = StallWatch::new(Some(T));
+        w.restore(None, true);
+        assert!(!w.stalled(), "a stall without an episode is dropped");
     }
 }

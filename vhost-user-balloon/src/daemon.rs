@@ -125,7 +125,8 @@ impl Daemon {
             .filter_map(|(fd, ev)| match ev {
                 DeviceEvent::StatsTimer => Some((fd, ExtraEvent::StatsTimer)),
                 DeviceEvent::FlushTimer => Some((fd, ExtraEvent::FlushTimer)),
-                DeviceEvent::Queue(_) => None,
+                // The daemon does not turn the stall watch on (`stall_timeout: None`).
+                DeviceEvent::Queue(_) | DeviceEvent::StallTimer => None,
             })
             .collect();
         let channel = Arc::new(ConfigChannel::new());

@@ -202,6 +202,7 @@ impl Options {
                 self.hint_file_backed_memory,
                 self.no_hint_file_backed_memory,
             ),
+            stall_timeout: None,
         }
     }
 
@@ -333,6 +334,7 @@ mod tests {
                 reporting_queue_size: 256,
                 chains_per_wakeup: 256,
                 hint_file_backed_memory: true,
+                stall_timeout: None,
             }
         );
     }
