@@ -36,14 +36,13 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use common::*;
 use virtio_balloon::backend::{
     DiscardPolicy, HostRange, MadviseBackend, MemoryBackend, RegionBacking,
 };
 use virtio_balloon::sink::RecordingSink;
-use virtio_balloon::Balloon;
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
@@ -62,15 +61,6 @@ const SALT_BEFORE: u64 = 0x5a5a_0000_0000_0001;
 const SALT_AFTER: u64 = 0xc3c3_0000_0000_0001;
 /// The byte a private file mapping's file holds.
 const FILE_BYTE: u8 = 0xa7;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `f` on the device, under the mutex the event loop and the MMIO path share.
-fn dev<T>(h: &Harness, f: impl FnOnce(&mut Balloon<Mem>) -> T) -> T {
-    f(lock(&h.dev).device_mut())
-}
 
 fn mib(bytes: f64) -> f64 {
     bytes / MIB as f64
@@ -320,6 +310,19 @@ fn mapped(
         b = b.with_hugetlbfs(h);
     }
     b.build().map_err(|e| io::Error::other(format!("{e}")))
+}
+
+/// A `LEN`-byte memfd mapped shared, and the memfd.
+fn map_shared_memfd(name: &std::ffi::CStr) -> (MmapRegion<AtomicBitmap>, File) {
+    let file = memfd(name, 0, LEN).expect("memfd");
+    let region = mapped(
+        LEN as usize,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        libc::MAP_SHARED | libc::MAP_NORESERVE,
+        None,
+    )
+    .expect("map the memfd");
+    (region, file)
 }
 
 fn memfd(name: &std::ffi::CStr, flags: libc::c_uint, len: u64) -> io::Result<File> {
@@ -835,14 +838,7 @@ fn anonymous_memory_on_transparent_huge_pages() {
 
 #[test]
 fn shared_memfd() {
-    let file = memfd(c"backings-shm", 0, LEN).expect("memfd");
-    let region = mapped(
-        LEN as usize,
-        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        libc::MAP_SHARED | libc::MAP_NORESERVE,
-        None,
-    )
-    .expect("map the memfd");
+    let (region, file) = map_shared_memfd(c"backings-shm");
     run(case(
         "MAP_SHARED memfd",
         region,
@@ -856,14 +852,7 @@ fn shared_memfd() {
 fn shared_memfd_with_the_madvise_override_keeps_its_blocks() {
     // What the backend did before it looked at the backing: MADV_DONTNEED drops the pages
     // from the mapping (Rss falls) but the memfd keeps every block.
-    let file = memfd(c"backings-shm-madvise", 0, LEN).expect("memfd");
-    let region = mapped(
-        LEN as usize,
-        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
-        libc::MAP_SHARED | libc::MAP_NORESERVE,
-        None,
-    )
-    .expect("map the memfd");
+    let (region, file) = map_shared_memfd(c"backings-shm-madvise");
     run(Case {
         policy: DiscardPolicy::Madvise,
         expect: Expect::Kept,

@@ -180,6 +180,26 @@ impl Rig {
         id
     }
 
+    /// Starts a round and lets the guest run it to its end, which must hint all `blocks`
+    /// free blocks. Returns the round's id.
+    fn whole_round(&mut self, blocks: usize) -> u32 {
+        let id = self.start_round();
+        match self.driver.run_free_page_work() {
+            WorkOutcome::Round(r) => assert_eq!(
+                r,
+                RoundReport {
+                    id,
+                    hinted: blocks,
+                    end: RoundEnd::OutOfBlocks
+                }
+            ),
+            other => panic!("the guest did not run a round: {other:?}"),
+        }
+        self.pump();
+        assert!(self.hints.status().round_complete);
+        id
+    }
+
     /// Pauses the device and saves it with its transport.
     fn save(&self, pause: bool) -> (BalloonState, MmioState) {
         let mut t = lock(&self.dev);
@@ -937,21 +957,8 @@ fn restore_of_a_never_activated_device_comes_up_normally() {
     assert!(rig.with_dev(|dev| dev.is_activated()));
     assert_eq!(rig.with_dev(|dev| dev.metrics().stats_updates), 1);
     let free = rig.driver.free_blocks();
-    let id = rig.start_round();
+    let id = rig.whole_round(free.len());
     assert!(id >= 2);
-    match rig.driver.run_free_page_work() {
-        WorkOutcome::Round(r) => assert_eq!(
-            r,
-            RoundReport {
-                id,
-                hinted: free.len(),
-                end: RoundEnd::OutOfBlocks
-            }
-        ),
-        other => panic!("the guest did not run a round: {other:?}"),
-    }
-    rig.pump();
-    assert!(rig.hints.status().round_complete);
     let hints = rig.sink.hints();
     assert!(hints.iter().all(|h| h.cmd_id == id));
     assert_eq!(hint_set(&hints), block_list(&free));
@@ -1210,6 +1217,20 @@ fn fields(value: &mut serde_json::Value) -> &mut serde_json::Map<String, serde_j
         .expect("a state serialises to a JSON object")
 }
 
+/// `state` as version 1 of the crate saw it: what version 2 added at its defaults.
+fn as_version_1(state: &BalloonState) -> BalloonState {
+    BalloonState {
+        version: 1,
+        stall_closest: None,
+        target_stalled: false,
+        metrics: BalloonMetrics {
+            target_stalls: 0,
+            ..state.metrics
+        },
+        ..state.clone()
+    }
+}
+
 fn golden_path(version: u32) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
@@ -1388,19 +1409,7 @@ fn golden_version_2_state_restores() {
     assert_eq!(state.metrics.target_stalls, 1);
     // The same device as version 1's, apart from what version 2 added.
     let v1 = read_golden(1);
-    assert_eq!(
-        BalloonState {
-            version: 1,
-            stall_closest: None,
-            target_stalled: false,
-            metrics: BalloonMetrics {
-                target_stalls: 0,
-                ..state.metrics
-            },
-            ..state.clone()
-        },
-        v1
-    );
+    assert_eq!(as_version_1(&state), v1);
 
     let (mut dev, clock) = restore_golden(&state);
     // The stall survives: the restored device is stalled and tells its (maybe new) VMM,
@@ -1464,19 +1473,7 @@ fn fields_added_after_version_1_default_when_missing() {
     assert!(fields(&mut metrics).remove("target_stalls").is_some());
     fields(&mut value).insert("metrics".to_string(), metrics);
     let old: BalloonState = serde_json::from_value(value).expect("deserialize");
-    assert_eq!(
-        old,
-        BalloonState {
-            version: 1,
-            stall_closest: None,
-            target_stalled: false,
-            metrics: BalloonMetrics {
-                target_stalls: 0,
-                ..state.metrics
-            },
-            ..state
-        }
-    );
+    assert_eq!(old, as_version_1(&state));
 }
 
 #[test]
@@ -1522,20 +1519,7 @@ fn a_newer_state_version_is_refused_and_the_device_keeps_running() {
     }
 
     // The running device did not notice: a whole hint round works end to end.
-    let id = rig.start_round();
-    match rig.driver.run_free_page_work() {
-        WorkOutcome::Round(r) => assert_eq!(
-            r,
-            RoundReport {
-                id,
-                hinted: free.len(),
-                end: RoundEnd::OutOfBlocks
-            }
-        ),
-        other => panic!("the guest did not run a round: {other:?}"),
-    }
-    rig.pump();
-    assert!(rig.hints.status().round_complete);
+    rig.whole_round(free.len());
     assert_eq!(hint_set(&rig.sink.hints()), block_list(&free));
 
     // And every supported version restores.

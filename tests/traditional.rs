@@ -21,7 +21,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::driver::PAGE_POISON_VAL;
@@ -32,7 +32,7 @@ use virtio_balloon::device::stats::tag;
 use virtio_balloon::device::DISCARD_FLUSH_DELAY;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::VirtioDevice;
-use virtio_balloon::{Balloon, BalloonEvents, StatsReport};
+use virtio_balloon::{BalloonEvents, StatsReport};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -44,15 +44,6 @@ const GIB: u64 = 1 << 30;
 /// Salts of the patterns the guest writes into its pages.
 const SALT_BEFORE: u64 = 0x5a5a_0000_0000_0001;
 const SALT_AFTER: u64 = 0xc3c3_0000_0000_0001;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `f` on the device, under the mutex the event loop and the MMIO path share.
-fn dev<T>(h: &Harness, f: impl FnOnce(&mut Balloon<Mem>) -> T) -> T {
-    f(lock(&h.dev).device_mut())
-}
 
 // ---------------------------------------------------------------------------------------------
 // The recording backend.

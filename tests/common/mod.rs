@@ -54,6 +54,16 @@ pub type Transport = MmioTransport<Balloon<Mem>>;
 /// The transport as the VMM shares it between the MMIO path and the event manager.
 pub type Dev = Arc<Mutex<Transport>>;
 
+/// Locks `m`; a test thread that panicked while holding it left nothing half done.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` on the device, under the mutex the event loop and the MMIO path share.
+pub fn dev<T>(h: &Harness, f: impl FnOnce(&mut Balloon<Mem>) -> T) -> T {
+    f(lock(&h.dev).device_mut())
+}
+
 impl Bus for Dev {
     fn read(&self, offset: u64, data: &mut [u8]) {
         self.lock()
