@@ -46,8 +46,7 @@ use virtio_balloon::sink::RecordingSink;
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-    MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
 
 /// A PFN's frame.
@@ -416,26 +415,6 @@ fn balloon_to(h: &Harness, bytes: u64) {
 // ---------------------------------------------------------------------------------------------
 // Guest page contents.
 
-fn pattern(pfn: u64, salt: u64) -> u64 {
-    (pfn << 12) ^ salt
-}
-
-/// The guest writes its pattern at the start and the end of each frame.
-fn write_pages(mem: &Mem, pfns: impl IntoIterator<Item = u64>, salt: u64) {
-    for p in pfns {
-        let v = pattern(p, salt);
-        mem.write_obj(v, GuestAddress(p * PAGE)).unwrap();
-        mem.write_obj(v, GuestAddress(p * PAGE + PAGE - 8)).unwrap();
-    }
-}
-
-fn read_page(mem: &Mem, pfn: u64) -> (u64, u64) {
-    (
-        mem.read_obj(GuestAddress(pfn * PAGE)).unwrap(),
-        mem.read_obj(GuestAddress(pfn * PAGE + PAGE - 8)).unwrap(),
-    )
-}
-
 fn assert_pages(mem: &Mem, pfns: &BTreeSet<u64>, want: impl Fn(u64) -> (u64, u64), what: &str) {
     for &p in pfns {
         assert_eq!(read_page(mem, p), want(p), "{what}: frame {p:#x}");
@@ -578,7 +557,7 @@ fn run(case: Case) {
 
     let empty = Reading::take(host, len, file);
     let all = frames(REGION, len);
-    write_pages(&mem, all.iter().copied(), SALT_BEFORE);
+    write_pages(&mem, &all, SALT_BEFORE);
     let filled = Reading::take(host, len, file);
 
     if case.halves {
@@ -742,7 +721,7 @@ fn run(case: Case) {
     // Deflate; the guest uses the pages again.
     balloon_to(&h, 0);
     assert!(balloon_frames(&h).is_empty());
-    write_pages(&mem, balloon.iter().copied(), SALT_AFTER);
+    write_pages(&mem, &balloon, SALT_AFTER);
     assert_pages(
         &mem,
         &balloon,

@@ -252,28 +252,6 @@ fn pfn_range(start: u64, len: u64) -> BTreeSet<u64> {
     (start / PAGE..(start + len) / PAGE).collect()
 }
 
-/// The pattern the guest writes into frame `pfn` (never 0).
-fn pattern(pfn: u64, salt: u64) -> u64 {
-    (pfn << 12) ^ salt
-}
-
-/// The guest writes its pattern at the start and the end of each frame.
-fn write_pages(mem: &Mem, pfns: &BTreeSet<u64>, salt: u64) {
-    for &p in pfns {
-        let v = pattern(p, salt);
-        mem.write_obj(v, GuestAddress(p * PAGE)).unwrap();
-        mem.write_obj(v, GuestAddress(p * PAGE + PAGE - 8)).unwrap();
-    }
-}
-
-/// The first and last 8 bytes of a frame.
-fn read_page(mem: &Mem, pfn: u64) -> (u64, u64) {
-    (
-        mem.read_obj(GuestAddress(pfn * PAGE)).unwrap(),
-        mem.read_obj(GuestAddress(pfn * PAGE + PAGE - 8)).unwrap(),
-    )
-}
-
 fn assert_pages_hold(mem: &Mem, pfns: &BTreeSet<u64>, salt: u64, what: &str) {
     for &p in pfns {
         let v = pattern(p, salt);

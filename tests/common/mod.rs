@@ -54,6 +54,34 @@ pub type Transport = MmioTransport<Balloon<Mem>>;
 /// The transport as the VMM shares it between the MMIO path and the event manager.
 pub type Dev = Arc<Mutex<Transport>>;
 
+/// The pattern a test guest writes into frame `pfn` (never 0 with the tests' salts).
+pub fn pattern(pfn: u64, salt: u64) -> u64 {
+    (pfn << 12) ^ salt
+}
+
+/// The guest writes its pattern at the start and the end of each frame.
+pub fn write_pages<'a>(mem: &Mem, pfns: impl IntoIterator<Item = &'a u64>, salt: u64) {
+    use vm_memory::Bytes;
+    for &p in pfns {
+        let v = pattern(p, salt);
+        let frame = p * BALLOON_PFN_BYTES;
+        mem.write_obj(v, GuestAddress(frame)).unwrap();
+        mem.write_obj(v, GuestAddress(frame + BALLOON_PFN_BYTES - 8))
+            .unwrap();
+    }
+}
+
+/// The first and last 8 bytes of a frame.
+pub fn read_page(mem: &Mem, pfn: u64) -> (u64, u64) {
+    use vm_memory::Bytes;
+    let frame = pfn * BALLOON_PFN_BYTES;
+    (
+        mem.read_obj(GuestAddress(frame)).unwrap(),
+        mem.read_obj(GuestAddress(frame + BALLOON_PFN_BYTES - 8))
+            .unwrap(),
+    )
+}
+
 /// Locks `m`; a test thread that panicked while holding it left nothing half done.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
