@@ -620,3 +620,91 @@ fn a_region_without_a_slot_is_an_error() {
     assert_eq!(s.log.protection(), KvmProtection::Manual);
     assert_eq!(s.log.slots().count(), 1);
 }
+
+#[test]
+fn kvm_errors_say_what_failed() {
+    use std::error::Error as _;
+    use vmm_sys_util::errno;
+    let slot = virtio_balloon::migration::KvmSlot {
+        slot: 3,
+        guest_addr: GuestAddress(0x1000),
+        len: 0,
+    };
+    let cases: Vec<(KvmError, &str, bool)> = vec![
+        (
+            KvmError::ManualProtectUnsupported,
+            "KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+            false,
+        ),
+        (
+            KvmError::EnableManualProtect(errno::Error::new(libc::EINVAL)),
+            "enabling manual dirty log protection failed: Invalid argument (os error 22)",
+            true,
+        ),
+        (
+            KvmError::BadSlot(slot),
+            "KVM slot 3 at 0x1000 of 0x0 bytes cannot be tracked",
+            false,
+        ),
+        (
+            KvmError::GetDirtyLog {
+                slot: 1,
+                source: errno::Error::new(libc::ENOENT),
+            },
+            "KVM_GET_DIRTY_LOG of slot 1 failed: No such file or directory (os error 2)",
+            true,
+        ),
+        (
+            KvmError::ClearDirtyLog {
+                slot: 2,
+                source: errno::Error::new(libc::ENOMEM),
+            },
+            "KVM_CLEAR_DIRTY_LOG of slot 2 failed: Cannot allocate memory (os error 12)",
+            true,
+        ),
+    ];
+    for (err, text, has_source) in cases {
+        assert_eq!(err.to_string(), text);
+        assert_eq!(err.source().is_some(), has_source, "{text}");
+    }
+}
+
+#[test]
+fn an_empty_slot_is_refused() {
+    require_kvm!();
+    let vm = KvmVm::new().unwrap();
+    let slot = virtio_balloon::migration::KvmSlot {
+        slot: 0,
+        guest_addr: GuestAddress(0),
+        len: 0,
+    };
+    let err = KvmDirtyLog::new(vm.vm.clone(), [slot], KvmProtection::Automatic).unwrap_err();
+    assert!(matches!(err, KvmError::BadSlot(s) if s == slot), "{err}");
+}
+
+#[test]
+fn a_failed_clear_in_kvm_keeps_the_pages_reported() {
+    require_kvm!();
+    let mut s = setup(KvmProtection::Manual, true);
+    let region = s.bitmap.regions().next().unwrap();
+    s.vcpu.fill_pages(&pages(&[3, 4, 70]), 1).unwrap();
+    // An owned log is a DirtyLog too.
+    let mut owned =
+        KvmDirtyLog::new(s.vm.vm.clone(), s.log.slots(), KvmProtection::Manual).unwrap();
+    s.bitmap.sync(&mut owned).unwrap();
+    let mut log = &*s.log;
+    s.bitmap.sync(&mut log).unwrap();
+    assert_eq!(s.log.uncleared_pages(&region), 3);
+    // The slot goes away under the migration: clearing fails, and nothing is lost.
+    s.vm.remove_slot(0).unwrap();
+    assert_eq!(s.bitmap.clear_free_range(GuestAddress(4 * PAGE), PAGE), 0);
+    assert_eq!(s.bitmap.log_clear_failures(), 1);
+    let err = s.bitmap.take_page(GuestAddress(3 * PAGE)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("KVM_CLEAR_DIRTY_LOG of slot 0 failed"),
+        "{err}"
+    );
+    assert_eq!(s.log.uncleared_pages(&region), 3);
+    assert_eq!(dirty(&s.bitmap), vec![3, 4, 70]);
+}

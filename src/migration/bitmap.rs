@@ -645,6 +645,78 @@ mod tests {
         assert!(!b.is_dirty(GuestAddress(MIB)));
     }
 
+    /// A clear step that records its calls, or fails.
+    #[derive(Default)]
+    struct Clears {
+        calls: std::sync::Mutex<Vec<(usize, u64, u64)>>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl DirtyLogClear for Clears {
+        fn clear_dirty_log(
+            &self,
+            region: &RegionInfo,
+            first_page: u64,
+            pages: u64,
+        ) -> Result<(), crate::migration::DirtyLogError> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err("clear failed".into());
+            }
+            self.calls
+                .lock()
+                .unwrap()
+                .push((region.index, first_page, pages));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_log_is_cleared_before_bits_leave_the_bitmap() {
+        let b = two_regions();
+        let clears = Arc::new(Clears::default());
+        assert!(b.set_log_clear(clears.clone()));
+        assert!(!b.set_log_clear(clears.clone()), "only once");
+        assert!(format!("{b:?}").contains("DirtyLogClear"));
+        let calls = || std::mem::take(&mut *clears.calls.lock().unwrap());
+        b.mark_all_dirty();
+
+        // A hint spanning both regions clears each part, in region page numbers, first.
+        assert_eq!(
+            b.clear_free_range(GuestAddress(MIB - 0x2000), MIB + 0x4000),
+            4
+        );
+        assert_eq!(calls(), [(0, 254, 2), (1, 0, 2)]);
+
+        // Before any sync nothing was reported: sending clears nothing.
+        assert!(b.take_page(GuestAddress(0)).unwrap());
+        assert!(calls().is_empty());
+        assert!(!b.take_page(GuestAddress(MIB + 0x1000)).unwrap(), "a hole");
+
+        // After a sync, the first send in each chunk clears the chunk, once.
+        let mut log = |_: &RegionInfo| -> Result<Vec<u64>, crate::migration::DirtyLogError> {
+            Ok(vec![0b11])
+        };
+        b.sync(&mut log).unwrap();
+        assert!(b.take_page(GuestAddress(0)).unwrap());
+        assert!(b.take_page(GuestAddress(0x1000)).unwrap());
+        assert_eq!(calls(), [(0, 0, CLEAR_CHUNK_PAGES)]);
+
+        // A failing clear keeps the hinted pages and fails the send.
+        clears.fail.store(true, Ordering::Relaxed);
+        assert_eq!(b.clear_free_range(GuestAddress(0x10000), 0x2000), 0);
+        assert_eq!(b.log_clear_failures(), 1);
+        assert!(b.is_dirty(GuestAddress(0x10000)));
+        let err = b.take_page(GuestAddress(2 * MIB)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "clearing the dirty log of region 1 failed: clear failed"
+        );
+        assert!(b.is_dirty(GuestAddress(2 * MIB)));
+        clears.fail.store(false, Ordering::Relaxed);
+        assert!(b.take_page(GuestAddress(2 * MIB)).unwrap());
+        assert_eq!(calls(), [(1, 0, CLEAR_CHUNK_PAGES)]);
+    }
+
     #[test]
     fn sync_from_a_kvm_style_log() {
         let b = two_regions();

@@ -284,6 +284,77 @@ mod tests {
         assert_eq!(bitmap_page_size(0, 0), PAGE_SIZE);
     }
 
+    /// A log that returns the same harvest every time, or fails.
+    struct Fixed(Option<HarvestedLog>);
+
+    impl DirtyLog for Fixed {
+        fn take_dirty_log(&mut self, _: &RegionInfo) -> Result<HarvestedLog, DirtyLogError> {
+            self.0.clone().ok_or_else(|| "log failed".into())
+        }
+    }
+
+    fn fixed(page_size: u64, words: &[u64]) -> Fixed {
+        Fixed(Some(HarvestedLog {
+            page_size,
+            words: words.to_vec(),
+        }))
+    }
+
+    const REGION: RegionInfo = RegionInfo {
+        index: 0,
+        start: GuestAddress(0),
+        len: 64 * PAGE_SIZE + 0x800,
+    };
+
+    #[test]
+    fn joined_logs_of_one_page_size_are_ored() {
+        let mut log = JoinedLog(fixed(PAGE_SIZE, &[0b1001]), fixed(PAGE_SIZE, &[0b0110, 1]));
+        let got = log.take_dirty_log(&REGION).unwrap();
+        assert_eq!(got.page_size, PAGE_SIZE);
+        assert_eq!(got.words, vec![0b1111, 1]);
+        let mut log = JoinedLog(fixed(PAGE_SIZE, &[2, 1]), fixed(PAGE_SIZE, &[4]));
+        assert_eq!(log.take_dirty_log(&REGION).unwrap().words, vec![6, 1]);
+    }
+
+    #[test]
+    fn joined_logs_of_other_page_sizes_meet_in_4k_pages() {
+        // 8 KiB bit 1 is 4 KiB pages 2 and 3; a 64 KiB bit 2 is pages 32..48; bits past
+        // the region (65 pages) are dropped.
+        let mut log = JoinedLog(
+            fixed(PAGE_SIZE, &[0b1]),
+            fixed(2 * PAGE_SIZE, &[0b10 | (1 << 40)]),
+        );
+        let got = log.take_dirty_log(&REGION).unwrap();
+        assert_eq!(got.page_size, PAGE_SIZE);
+        assert_eq!(got.words, vec![0b1101, 0]);
+        let mut log = JoinedLog(fixed(PAGE_SIZE, &[]), fixed(16 * PAGE_SIZE, &[0b100]));
+        assert_eq!(
+            log.take_dirty_log(&REGION).unwrap().words,
+            vec![0xffff_0000_0000, 0]
+        );
+        // A bit whose bytes do not fit in u64 ends the expansion.
+        let mut log = JoinedLog(fixed(PAGE_SIZE, &[1]), fixed(u64::MAX / 2, &[0b10]));
+        assert_eq!(log.take_dirty_log(&REGION).unwrap().words, vec![1, 0]);
+    }
+
+    #[test]
+    fn a_joined_log_with_page_size_zero_is_wholly_dirty() {
+        let mut log = JoinedLog(fixed(0, &[1]), fixed(PAGE_SIZE, &[]));
+        let got = log.take_dirty_log(&REGION).unwrap();
+        assert_eq!(got.words, vec![u64::MAX, 1]);
+    }
+
+    #[test]
+    fn a_joined_log_fails_when_either_does() {
+        let mut log = JoinedLog(Fixed(None), fixed(PAGE_SIZE, &[1]));
+        assert_eq!(
+            log.take_dirty_log(&REGION).unwrap_err().to_string(),
+            "log failed"
+        );
+        let mut log = JoinedLog(fixed(PAGE_SIZE, &[1]), Fixed(None));
+        assert!(log.take_dirty_log(&REGION).is_err());
+    }
+
     #[test]
     fn mismatched_region_is_an_error() {
         let mem =
