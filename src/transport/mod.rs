@@ -356,7 +356,7 @@ impl Interrupt {
     /// driver has set DRIVER_OK, raises the configuration-change interrupt. Returns whether
     /// an interrupt was raised.
     pub fn signal_config_change(&self) -> bool {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.bump_config_generation();
         if self.driver_ok.load(Ordering::Acquire) {
             self.status
                 .fetch_or(interrupt::CONFIG_CHANGE, Ordering::AcqRel);
