@@ -11,12 +11,15 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::dirty_log::{DirtyLog, DirtyLogClear, RegionInfo};
 use super::Error;
 use crate::bitmap::{DirtyBitmap, BITS_PER_WORD};
+use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;
 use crate::spec::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Bitmap of one guest memory region: bit `i` is the 4 KiB page at `start + i * 4096`.
 #[derive(Debug)]
 struct RegionBitmap {
+    /// Position among the bitmap's regions (ascending address order).
+    index: usize,
     start: u64,
     /// Last byte of the region (inclusive, so a region may end at the top of the address
     /// space).
@@ -31,15 +34,18 @@ struct RegionBitmap {
     clear_lock: Mutex<()>,
 }
 
+/// Hints kept because the dirty log could not be cleared for them.
+static CLEAR_FAILED: RateLimit = RateLimit::new();
+
 /// Pages cleared in the dirty log at once before the first of them is sent (64 MiB).
 /// Smaller chunks cost more `KVM_CLEAR_DIRTY_LOG` calls; larger ones write-protect pages
 /// earlier than needed.
 pub const CLEAR_CHUNK_PAGES: u64 = 1 << 14;
 
 impl RegionBitmap {
-    fn info(&self, index: usize) -> RegionInfo {
+    fn info(&self) -> RegionInfo {
         RegionInfo {
-            index,
+            index: self.index,
             start: GuestAddress(self.start),
             len: self.last - self.start + 1,
         }
@@ -146,6 +152,7 @@ impl MigrationBitmap {
             let pages = usize::try_from(len.div_ceil(PAGE_SIZE))
                 .map_err(|_| Error::RegionOverflow { start, len })?;
             regions.push(RegionBitmap {
+                index: regions.len(),
                 start: start.0,
                 last,
                 bitmap: DirtyBitmap::new(pages),
@@ -185,7 +192,7 @@ impl MigrationBitmap {
 
     /// The regions tracked, in ascending address order.
     pub fn regions(&self) -> impl Iterator<Item = RegionInfo> + '_ {
-        self.regions.iter().enumerate().map(|(i, r)| r.info(i))
+        self.regions.iter().map(RegionBitmap::info)
     }
 
     /// Number of 4 KiB pages tracked, over all regions.
@@ -296,7 +303,6 @@ impl MigrationBitmap {
         };
         let mut cleared = 0u64;
         let log_clear = self.log_clear.get();
-        let first_region = self.regions.partition_point(|r| r.last < gpa.0);
         self.for_each_intersection(gpa.0, last, |region, lo, hi| {
             let first = lo.div_ceil(PAGE_SIZE);
             let end_page = hi >> PAGE_SHIFT;
@@ -304,11 +310,9 @@ impl MigrationBitmap {
                 if let Some(log) = log_clear {
                     // Clear in the log first: a write after this is logged again, and the
                     // next sync brings the page back.
-                    let index = first_region + self.index_from(first_region, region);
-                    if let Err(e) =
-                        log.clear_dirty_log(&region.info(index), first, end_page - first)
-                    {
-                        log::warn!(
+                    if let Err(e) = log.clear_dirty_log(&region.info(), first, end_page - first) {
+                        warn_limited!(
+                            CLEAR_FAILED,
                             "hint of {:#x}+{:#x} kept: clearing the dirty log failed: {e}",
                             region.start + (first << PAGE_SHIFT),
                             (end_page - first) << PAGE_SHIFT
@@ -330,14 +334,6 @@ impl MigrationBitmap {
         cleared
     }
 
-    /// Offset of `region` among the regions from `from` on (it is one of them).
-    fn index_from(&self, from: usize, region: &RegionBitmap) -> usize {
-        self.regions[from..]
-            .iter()
-            .position(|r| std::ptr::eq(r, region))
-            .unwrap_or(0)
-    }
-
     /// Takes the page containing `addr` off the bitmap for sending: with a
     /// [`DirtyLogClear`] installed, first clears in the log the chunk of
     /// [`CLEAR_CHUNK_PAGES`] pages around it (once per chunk after each sync), so that the
@@ -357,11 +353,10 @@ impl MigrationBitmap {
             if region.uncleared.test(chunk) {
                 let _g = region.clear_lock.lock().unwrap_or_else(|e| e.into_inner());
                 if region.uncleared.test(chunk) {
-                    let index = self.index_from(0, region);
                     let first = (chunk as u64) * CLEAR_CHUNK_PAGES;
-                    log.clear_dirty_log(&region.info(index), first, CLEAR_CHUNK_PAGES)
+                    log.clear_dirty_log(&region.info(), first, CLEAR_CHUNK_PAGES)
                         .map_err(|source| Error::ClearDirtyLog {
-                            region: index,
+                            region: region.index,
                             source,
                         })?;
                     region.uncleared.test_and_clear(chunk);
@@ -432,7 +427,7 @@ impl MigrationBitmap {
     pub fn sync<L: DirtyLog + ?Sized>(&self, log: &mut L) -> Result<u64, Error> {
         let mut newly = 0u64;
         for (index, region) in self.regions.iter().enumerate() {
-            let info = region.info(index);
+            let info = region.info();
             let harvest = log
                 .take_dirty_log(&info)
                 .map_err(|source| Error::DirtyLog {
@@ -461,7 +456,7 @@ impl MigrationBitmap {
 /// ORs a log with `page_size`-byte pages into a 4 KiB-page bitmap: every 4 KiB page that a
 /// set bit's bytes touch becomes dirty. Returns the pages that became set, or `None` if
 /// `page_size` is zero.
-fn merge_log(bitmap: &DirtyBitmap, page_size: u64, words: &[u64]) -> Option<usize> {
+pub(super) fn merge_log(bitmap: &DirtyBitmap, page_size: u64, words: &[u64]) -> Option<usize> {
     if page_size == 0 {
         return None;
     }

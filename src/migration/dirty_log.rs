@@ -24,6 +24,7 @@ use std::error::Error as StdError;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use super::bitmap::merge_log;
 use crate::spec::PAGE_SIZE;
 
 /// The error a [`DirtyLog`] returns: whatever the source's own error is, boxed.
@@ -142,40 +143,15 @@ impl<A: DirtyLog, B: DirtyLog> DirtyLog for JoinedLog<A, B> {
             .map_err(|_| Box::new(RegionMismatch { region: *region }))?;
         let joined = crate::bitmap::DirtyBitmap::new(pages);
         for log in [&a, &b] {
-            set_log_pages(&joined, log);
+            // A zero page size cannot be placed: everything is dirty.
+            if merge_log(&joined, log.page_size, &log.words).is_none() {
+                joined.set_all();
+            }
         }
         Ok(HarvestedLog {
             page_size: PAGE_SIZE,
             words: joined.to_words(),
         })
-    }
-}
-
-/// Sets in `pages` (4 KiB pages) every page that a set bit of `log` touches.
-fn set_log_pages(pages: &crate::bitmap::DirtyBitmap, log: &HarvestedLog) {
-    // A zero page size cannot be placed: everything is dirty.
-    if log.page_size == 0 {
-        pages.set_all();
-        return;
-    }
-    for (w, &word) in log.words.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let bit = (w as u64) * 64 + u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            let (Some(lo), Some(hi)) = (
-                bit.checked_mul(log.page_size),
-                (bit + 1).checked_mul(log.page_size),
-            ) else {
-                return;
-            };
-            let first = lo / PAGE_SIZE;
-            let end = hi.div_ceil(PAGE_SIZE);
-            if first >= pages.len() as u64 {
-                return;
-            }
-            pages.set_range(first as usize, (end - first) as usize);
-        }
     }
 }
 
