@@ -49,8 +49,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-#[path = "../tests/common/bring_up.rs"]
-mod bring_up;
+use guest_model::bring_up;
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 type Device = Balloon<Arc<Mem>>;
 

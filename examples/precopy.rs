@@ -7,7 +7,7 @@
 //! balloon device behind virtio-mmio with its split rings, eventfds and `event-manager`
 //! thread, and a model of the Linux driver (`tests/common/`) running on its own threads with
 //! a page allocator and an optional writer workload. The reference precopy loop
-//! (`virtio_balloon::migration::Precopy`) sends its memory over a loopback TCP socket to a
+//! (`virtio_balloon_precopy::Precopy`) sends its memory over a loopback TCP socket to a
 //! destination that applies it with `Receiver`. After each migration every page the guest
 //! holds as allocated is compared between source and destination.
 //!
@@ -27,8 +27,7 @@
 //! cargo run --release --example precopy -- --help       # the flags
 //! ```
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use guest_model as common;
 
 use std::io::BufWriter;
 use std::process::ExitCode;
@@ -37,9 +36,9 @@ use std::time::{Duration, Instant};
 
 use common::{Destination, Guest, GuestSpec, WriterSpec, MIB};
 use kvm_source::KvmSource;
-use virtio_balloon::migration::{
-    DirtyLog, GuestMemoryDirtyLog, IterationStats, MigrationReport, Precopy, PrecopyConfig,
-    PrecopyNotifierChain, ReceiveStats,
+use virtio_balloon::migration::{DirtyLog, GuestMemoryDirtyLog, PrecopyNotifierChain};
+use virtio_balloon_precopy::{
+    IterationStats, MigrationReport, Precopy, PrecopyConfig, ReceiveStats,
 };
 use vm_memory::GuestAddress;
 

@@ -135,8 +135,7 @@ static LOGGER: CountingLogger = CountingLogger {
 // ---------------------------------------------------------------------------------------
 // Guest memory, the driver's side of the free page queue, and the device.
 
-#[path = "common/bring_up.rs"]
-mod bring_up;
+use guest_model::bring_up;
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 type Device = Balloon<Arc<Mem>>;
 

@@ -29,7 +29,7 @@
 //!
 //! `cargo test --test backings -- --nocapture --test-threads 1` prints the figures.
 
-mod common;
+use guest_model as common;
 
 use std::collections::BTreeSet;
 use std::fs::File;

@@ -10,7 +10,7 @@
 //! (a new target, a new round, STOP or DONE from the migration) bump it and interrupt, as
 //! before; the driver's own writes (`actual`, `poison_val`) and a reset do not bump it.
 
-mod common;
+use guest_model as common;
 
 use std::sync::Arc;
 

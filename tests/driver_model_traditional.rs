@@ -7,7 +7,7 @@
 //! elements come back with used length 0, and the statistics buffer is held until another
 //! one arrives.
 
-mod common;
+use guest_model as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -78,9 +78,7 @@ const LINUX_FEATURES: u64 =
     F_VERSION_1 | F_STATS_VQ | F_FREE_PAGE_HINT | F_INDIRECT_DESC | F_EVENT_IDX;
 
 /// The guest model's virtio-mmio definitions, written independently of the crate's constants.
-#[path = "common/mmio.rs"]
-#[allow(dead_code)]
-mod guest_mmio;
+use guest_model::mmio as guest_mmio;
 
 /// virtio-mmio registers (virtio 1.x, 4.2.2).
 mod reg {
@@ -623,8 +621,7 @@ impl Vm {
 // PROTOCOL §10, items 1–29 and 40.
 // ----------------------------------------------------------------------------------------
 
-#[path = "common/log.rs"]
-mod log_all;
+use guest_model::log as log_all;
 use log_all::log_everything;
 
 /// §10.1 "A zero-length descriptor in any balloon chain" — skip zero-length in-descriptors;

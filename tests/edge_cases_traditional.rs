@@ -72,9 +72,7 @@ const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
 
 /// The guest model's virtio-mmio definitions, written independently of the crate's constants.
-#[path = "common/mmio.rs"]
-#[allow(dead_code)]
-mod guest_mmio;
+use guest_model::mmio as guest_mmio;
 
 /// virtio-mmio registers (virtio 1.x, 4.2.2) and status bits.
 mod reg {

@@ -4,13 +4,14 @@
 //! Tests of the guest model for precopy migration (`tests/common/guest.rs`): layout, page
 //! contents, the writer and its shrinker path, and stopping the VM.
 
-mod common;
+use guest_model as common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use virtio_balloon::migration::{GuestMemoryDirtyLog, MigrationBitmap, VmControl};
+use virtio_balloon::migration::{GuestMemoryDirtyLog, MigrationBitmap};
+use virtio_balloon_precopy::VmControl;
 use vm_memory::{Bytes, GuestAddress};
 
 /// Whether every byte of `[gpa, gpa + len)` is zero.

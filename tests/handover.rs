@@ -7,7 +7,7 @@
 //! and configuration changes through an `InterruptDelivery`, and the event sources a VMM
 //! registers.
 
-mod common;
+use guest_model as common;
 
 use std::sync::{Arc, Mutex};
 

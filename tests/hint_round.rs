@@ -5,7 +5,7 @@
 //! virtio-mmio registers, split rings in guest memory, ioeventfd kicks and the irqfd, while
 //! the test plays the migration thread through `HintControl`.
 
-mod common;
+use guest_model as common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

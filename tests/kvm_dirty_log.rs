@@ -5,7 +5,8 @@
 
 #![cfg(feature = "kvm")]
 
-mod common;
+use guest_model as common;
+use guest_model::require_kvm;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -15,9 +16,11 @@ use common::kvm::{KvmVm, PageVcpu};
 use proptest::prelude::*;
 use virtio_balloon::migration::{
     DirtyLog, DirtyLogClear, DirtyLogError, Error as BitmapError, HarvestedLog, KvmDirtyLog,
-    KvmError, KvmProtection, MigrationBitmap, MigrationReport, NotifierError, Precopy,
-    PrecopyConfig, PrecopyContext, PrecopyError, PrecopyEvent, PrecopyNotifier,
-    PrecopyNotifierChain, Receiver, RegionInfo, VmControl, VmControlError,
+    KvmError, KvmProtection, MigrationBitmap, NotifierError, PrecopyContext, PrecopyEvent,
+    PrecopyNotifier, PrecopyNotifierChain, RegionInfo,
+};
+use virtio_balloon_precopy::{
+    MigrationReport, Precopy, PrecopyConfig, PrecopyError, Receiver, VmControl, VmControlError,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -14,8 +14,7 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-#[path = "common/bring_up.rs"]
-mod bring_up;
+use guest_model::bring_up;
 type Mem = GuestMemoryMmap;
 type Atomic = GuestMemoryAtomic<Mem>;
 

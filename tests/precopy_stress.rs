@@ -26,7 +26,7 @@
 //! time is spent sleeping in rate limits and device lag). A seed's scenario depends only on
 //! the seed, whatever thread runs it; the interleavings do not, which is the point.
 
-mod common;
+use guest_model as common;
 
 use std::io::BufWriter;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -36,11 +36,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::*;
-use virtio_balloon::migration::{
-    CancelToken, GuestMemoryDirtyLog, MigrationReport, Precopy, PrecopyConfig, PrecopyError,
-    PrecopyNotifierChain, ReceiveStats, VmControl, VmControlError, WireError,
-};
+use virtio_balloon::migration::{GuestMemoryDirtyLog, PrecopyNotifierChain};
 use virtio_balloon::HintState;
+use virtio_balloon_precopy::{
+    CancelToken, MigrationReport, Precopy, PrecopyConfig, PrecopyError, ReceiveStats, VmControl,
+    VmControlError, WireError,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Seeds run by default (CI). `PRECOPY_STRESS_SEEDS` runs more (or fewer) locally.

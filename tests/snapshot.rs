@@ -11,7 +11,7 @@
 //! the current device's queues when it is pumped, and relays the current device's interrupt
 //! eventfd to the guest's, so both survive the swap.
 
-mod common;
+use guest_model as common;
 
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -10,7 +10,7 @@
 //! `check_stall` (what its stall timer does in a VMM); one test lets the real timer and
 //! clock do it through the event loop, and only waits for the event to come.
 
-mod common;
+use guest_model as common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -19,7 +19,7 @@
 //! captures in code: a Linux-like driver posting through a small ring (heads reused last in,
 //! first out), `reused` lines, a `# cmd_id` header.
 
-mod common;
+use guest_model as common;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt::Write as _;

@@ -16,7 +16,7 @@
 //! MUST_TELL_HOST) is derived from the elapsed time itself, so a slow machine raises the bound
 //! instead of failing the test.
 
-mod common;
+use guest_model as common;
 
 use std::collections::BTreeSet;
 use std::io;

@@ -31,9 +31,7 @@ const BUF_BASE: u64 = 0x20_0000;
 const TIMEOUT_MS: i32 = 5000;
 
 /// The guest model's virtio-mmio definitions, written independently of the crate's constants.
-#[path = "common/mmio.rs"]
-#[allow(dead_code)]
-mod guest_mmio;
+use guest_model::mmio as guest_mmio;
 
 /// virtio-mmio version 2 register offsets (virtio 1.x, 4.2.2).
 mod reg {
@@ -330,8 +328,7 @@ const STOPPED: MigrationState = MigrationState {
 // Register reads
 // ---------------------------------------------------------------------------------------
 
-#[path = "common/log.rs"]
-mod log_all;
+use guest_model::log as log_all;
 use log_all::log_everything;
 
 #[test]

@@ -18,9 +18,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use virtio_balloon::bitmap::{checked_count_one_with_offset, count_one, count_one_with_offset};
-use virtio_balloon::migration::{
-    DirtyLog, DirtyLogError, HarvestedLog, MigrationBitmap, RegionInfo,
-};
+use virtio_balloon::migration::{DirtyLog, DirtyLogError, HarvestedLog, MigrationBitmap, RegionInfo};
 use vm_memory::GuestAddress;
 
 const PAGE: u64 = 4096;

@@ -10,8 +10,9 @@
 //! * [`PrecopyNotifierChain`]: the precopy events (setup, before and after each bitmap sync,
 //!   complete, cleanup) delivered in order to [`PrecopyNotifier`]s such as the balloon
 //!   device, which starts and stops hint rounds on them.
-//! * [`Precopy`]: the reference precopy loop, which drives both and writes the pages to any
-//!   `Write` in the [`wire`] format; [`Receiver`] applies that stream on the destination.
+//!
+//! The reference precopy loop that drives both, with its stream format and receiver, is the
+//! workspace's `virtio-balloon-precopy` crate.
 //!
 //! # Why hints cannot lose data
 //!
@@ -27,8 +28,6 @@ mod dirty_log;
 #[cfg(feature = "kvm")]
 mod kvm;
 mod notifier;
-mod precopy;
-pub mod wire;
 
 pub use bitmap::{MigrationBitmap, CLEAR_CHUNK_PAGES};
 pub use dirty_log::{
@@ -42,11 +41,6 @@ pub use notifier::{
     MigrationState, NotifierError, NotifierFailure, NotifierId, NotifyError, PrecopyContext,
     PrecopyEvent, PrecopyNotifier, PrecopyNotifierChain,
 };
-pub use precopy::{
-    CancelToken, IterationStats, MigrationReport, Precopy, PrecopyConfig, PrecopyError, VmControl,
-    VmControlError,
-};
-pub use wire::{ReceiveStats, Receiver, WireError};
 
 use std::fmt;
 

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! A logger that formats every record, so the device's rate-limited warnings really format
-//! their arguments in the tests that provoke them. Shared through `#[path]`.
+//! their arguments in the tests that provoke them. Shared by the test binaries.
 
 use std::sync::Once;
 

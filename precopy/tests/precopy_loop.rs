@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use virtio_balloon::migration::{
-    CancelToken, DirtyLog, DirtyLogError, GuestMemoryDirtyLog, HarvestedLog, MigrationBitmap,
-    MigrationState, NotifierError, Precopy, PrecopyConfig, PrecopyContext, PrecopyError,
-    PrecopyEvent, PrecopyNotifier, PrecopyNotifierChain, Receiver, RegionInfo, VmControl,
-    VmControlError,
+    DirtyLog, DirtyLogError, GuestMemoryDirtyLog, HarvestedLog, MigrationBitmap, MigrationState,
+    NotifierError, PrecopyContext, PrecopyEvent, PrecopyNotifier, PrecopyNotifierChain, RegionInfo,
 };
 use virtio_balloon::sink::FreePageSink;
+use virtio_balloon_precopy::{
+    CancelToken, Precopy, PrecopyConfig, PrecopyError, Receiver, VmControl, VmControlError,
+};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -1,7 +1,8 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Test support: a Linux-faithful guest driver model and a harness that wires it to the
+//! The guest side of virtio-balloon's tests, benchmarks, fuzzers and demo: a Linux-faithful
+//! guest driver model and a harness that wires it to the
 //! balloon device the way a VMM would.
 //!
 //! * [`ring`]: the guest side of split virtqueues (Linux `virtio_ring.c`).
@@ -12,12 +13,11 @@
 //!   low-level access for hostile tests.
 //! * [`Harness`]: guest memory + device + event manager thread + driver in one call.
 
-#![allow(dead_code, unused_imports)]
-
+pub mod bring_up;
 pub mod driver;
 pub mod guest;
-#[cfg(feature = "kvm")]
 pub mod kvm;
+pub mod log;
 pub mod mmio;
 pub mod ring;
 

@@ -32,11 +32,11 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::super::Rng;
 use super::{
     config, feature, lock, Driver, DriverError, Part, QueueRole, Result, RingError, DEADLINE,
     PAGE_REPORTING_CAPACITY, TOKEN_STATS,
 };
+use crate::Rng;
 
 /// `VIRTIO_BALLOON_PFN_SHIFT`: PFNs count 4 KiB frames whatever the guest page size.
 pub const VIRTIO_BALLOON_PFN_SHIFT: u32 = 12;

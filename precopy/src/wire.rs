@@ -1,7 +1,7 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The precopy stream: the frames the [`Precopy`](super::Precopy) loop writes and a
+//! The precopy stream: the frames the [`Precopy`](crate::Precopy) loop writes and a
 //! destination applies with [`Receiver`].
 //!
 //! Every frame starts with a 16-byte little-endian header: `kind: u32`, `count: u32`,
@@ -29,8 +29,8 @@ use std::io::{self, Read, Write};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::MigrationBitmap;
-use crate::spec::PAGE_SIZE;
+use virtio_balloon::migration::MigrationBitmap;
+use virtio_balloon::spec::PAGE_SIZE;
 
 /// The format version this crate writes and reads.
 pub const WIRE_VERSION: u32 = 1;
@@ -248,7 +248,7 @@ impl<'a, M: GuestMemoryBackend> Receiver<'a, M> {
     /// # Errors
     ///
     /// When `mem`'s regions cannot be tracked (see [`MigrationBitmap::new`]).
-    pub fn new(mem: &'a M) -> Result<Self, super::Error> {
+    pub fn new(mem: &'a M) -> Result<Self, virtio_balloon::migration::Error> {
         Ok(Receiver {
             mem,
             written: MigrationBitmap::new(mem)?,

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The shortest driver bring-up: negotiate `VERSION_1` + `FREE_PAGE_HINT` over virtio-mmio
-//! registers, set up the free page queue and set DRIVER_OK. Shared (through `#[path]`) by
+//! registers, set up the free page queue and set DRIVER_OK. Shared by
 //! tests and benchmarks that need a device in a known state without the driver model.
 
 use virtio_balloon::spec::{features, mmio, status};

@@ -29,7 +29,6 @@
 //! statsq. In step mode the works are only marked pending; a test runs them with
 //! [`Driver::run_free_page_work`], [`Driver::run_size_work`] and [`Driver::run_stats_work`].
 
-#[path = "balloon.rs"]
 mod balloon;
 
 pub use balloon::{
@@ -49,8 +48,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{cmd, config, feature, isr, reg, status, Bus, MMIO_MAGIC_VALUE};
-use super::ring::{align_up, Desc, GuestMem, Part, RingError, RingLayout, SplitRing, UsedBuf};
+use crate::mmio::{cmd, config, feature, isr, reg, status, Bus, MMIO_MAGIC_VALUE};
+use crate::ring::{align_up, Desc, GuestMem, Part, RingError, RingLayout, SplitRing, UsedBuf};
 
 /// `VIRTIO_BALLOON_HINT_BLOCK_ORDER` on x86-64 with 4 KiB pages: 2^10 pages.
 pub const HINT_BLOCK_BYTES: u64 = 4 << 20;

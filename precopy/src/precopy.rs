@@ -34,13 +34,13 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::wire::{FrameWriter, WIRE_PAGE_SIZE};
-use super::{
+use crate::wire::{FrameWriter, WIRE_PAGE_SIZE};
+use virtio_balloon::migration::{
     DirtyLog, Error as BitmapError, MigrationBitmap, MigrationState, NotifyError, PrecopyEvent,
     PrecopyNotifierChain,
 };
-use crate::spec::PAGE_SIZE;
-use crate::HintControl;
+use virtio_balloon::spec::PAGE_SIZE;
+use virtio_balloon::HintControl;
 
 /// The error a [`VmControl`] returns.
 pub type VmControlError = Box<dyn StdError + Send + Sync>;
@@ -377,10 +377,8 @@ type ProgressFn<'a> = Box<dyn FnMut(&IterationStats) + 'a>;
 /// # Example
 ///
 /// ```
-/// use virtio_balloon::migration::{
-///     GuestMemoryDirtyLog, MigrationBitmap, Precopy, PrecopyNotifierChain, Receiver, VmControl,
-///     VmControlError,
-/// };
+/// use virtio_balloon::migration::{GuestMemoryDirtyLog, MigrationBitmap, PrecopyNotifierChain};
+/// use virtio_balloon_precopy::{Precopy, Receiver, VmControl, VmControlError};
 /// use vm_memory::bitmap::AtomicBitmap;
 /// use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 ///

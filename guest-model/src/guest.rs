@@ -52,14 +52,13 @@ use std::time::{Duration, Instant};
 use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
 
-use virtio_balloon::migration::{
-    MigrationBitmap, ReceiveStats, Receiver, VmControl, VmControlError, WireError,
-};
+use virtio_balloon::migration::MigrationBitmap;
 use virtio_balloon::HintControl;
+use virtio_balloon_precopy::{ReceiveStats, Receiver, VmControl, VmControlError, WireError};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{
+use crate::{
     blocks, guest_memory, Dev, Driver, Harness, HarnessConfig, Mem, Rng, DEADLINE,
     HINT_BLOCK_BYTES, MIB,
 };

@@ -27,8 +27,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use virtio_balloon::migration::KvmSlot;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::guest::PageWriter;
-use super::Mem;
+use crate::guest::PageWriter;
+use crate::Mem;
 
 /// Bytes of a guest page.
 pub const PAGE: u64 = 4096;
@@ -88,7 +88,7 @@ pub fn kvm_unusable() -> Option<String> {
 #[macro_export]
 macro_rules! require_kvm {
     ($($ret:expr)?) => {
-        if let Some(why) = $crate::common::kvm::kvm_unusable() {
+        if let Some(why) = $crate::kvm::kvm_unusable() {
             assert!(
                 std::env::var_os("VIRTIO_BALLOON_REQUIRE_KVM").is_none(),
                 "KVM is required (VIRTIO_BALLOON_REQUIRE_KVM) but unusable: {why}"
