@@ -71,25 +71,30 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::desc::{raw_head, walk, write_chain, write_raw, Desc, F_NEXT, F_WRITE};
+use crate::desc::{
+    desc_from_bytes, raw_head, walk, writable, write_chain, write_raw, Desc, Table, F_NEXT, F_WRITE,
+};
 use crate::hint::{next_cmd_id, CmdChoice, Hint, RecordingSink};
 use crate::layout::{
     guest_write, len_of, Addr, Layout, Len, RegionSpec, Scratch, MAX_REGIONS, PAGE,
     RING_REGION_PAGES, TABLE_ENTRIES,
 };
+use crate::ring::{write_table_desc, DriverRing};
+use guest_model::ring::{GuestMem, RingLayout};
+use std::num::NonZeroUsize;
 use virtio_balloon::backend::{HostRange, MemoryBackend};
 use virtio_balloon::spec::{features as f, mmio, status};
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
-use virtio_balloon::{Balloon, BalloonConfig, BalloonEvents, BalloonState, HintState, QueueRole};
-use virtio_queue::QueueT;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+use virtio_balloon::{
+    Balloon, BalloonConfig, BalloonEvents, BalloonMetrics, BalloonState, HintState, QueueRole,
 };
+use virtio_queue::QueueT;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestRegionMmap, MmapRegion};
 
 // The ring region (at least `RING_REGION_PAGES`): one page of rings per queue, then scratch
 // pages.
-use crate::input::balloon_device::QUEUES;
 const INFLATE: usize = 0;
 const DEFLATE: usize = 1;
 const STATS: usize = 2;
@@ -121,6 +126,8 @@ const SCRATCH: Scratch = Scratch {
 };
 /// Host mappings: region i is mapped in slot i of an arena aligned to 2 MiB.
 const HUGE: u64 = 2 << 20;
+/// The dirty bitmap's page size (the guest memory's, as in `guest_model`).
+const PAGE_SIZE_4K: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
 const ARENA_SLOT: u64 = 4 << 20;
 /// The same limits as the device's (pages.rs, stats.rs).
 const MAX_PFNS_PER_ELEMENT: usize = 4096;
@@ -271,7 +278,7 @@ struct Arena {
     _map: MmapRegion<()>,
 }
 
-fn build_memory(lay: &Layout, host_shift: &[u64]) -> (Arena, GuestMemoryMmap) {
+fn build_memory(lay: &Layout, host_shift: &[u64]) -> (Arena, GuestMem) {
     let size = MAX_REGIONS as u64 * ARENA_SLOT + HUGE;
     let map = MmapRegion::<()>::new(size as usize).expect("arena mapping");
     let base = (map.as_ptr() as u64).next_multiple_of(HUGE);
@@ -288,14 +295,18 @@ fn build_memory(lay: &Layout, host_shift: &[u64]) -> (Arena, GuestMemoryMmap) {
             // writable, is used by nothing else, and outlives the guest memory built on it
             // (the harness drops the arena after the device and the memory).
             let mapping = unsafe {
-                MmapRegionBuilder::new(len as usize).with_raw_mmap_pointer(host as *mut u8)
+                MmapRegionBuilder::new_with_bitmap(
+                    len as usize,
+                    AtomicBitmap::new(len as usize, PAGE_SIZE_4K),
+                )
+                .with_raw_mmap_pointer(host as *mut u8)
             }
             .build()
             .expect("region mapping");
             GuestRegionMmap::new(mapping, GuestAddress(start)).expect("region")
         })
         .collect();
-    let mem = GuestMemoryMmap::from_regions(regions).expect("valid layout");
+    let mem = GuestMem::from_regions(regions).expect("valid layout");
     (Arena { _map: map }, mem)
 }
 
@@ -304,20 +315,20 @@ fn build_memory(lay: &Layout, host_shift: &[u64]) -> (Arena, GuestMemoryMmap) {
 // virtio-queue (`load` for ring indexes, `read_slice` for descriptors and PFN stages), so it
 // fails exactly where they fail.
 
-fn load_u16(mem: &GuestMemoryMmap, addr: u64) -> Option<u16> {
+fn load_u16(mem: &GuestMem, addr: u64) -> Option<u16> {
     mem.load::<u16>(GuestAddress(addr), Ordering::Acquire)
         .ok()
         .map(u16::from_le)
 }
 
-fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> Option<u32> {
+fn read_u32(mem: &GuestMem, addr: u64) -> Option<u32> {
     mem.read_obj::<u32>(GuestAddress(addr))
         .ok()
         .map(u32::from_le)
 }
 
 /// Zeroes what RAM there is in `[addr, addr + len)`.
-fn zero(mem: &GuestMemoryMmap, addr: u64, len: u64) {
+fn zero(mem: &GuestMem, addr: u64, len: u64) {
     let zeros = vec![0u8; len as usize];
     if mem.write_slice(&zeros, GuestAddress(addr)).is_err() {
         for i in 0..len {
@@ -328,10 +339,10 @@ fn zero(mem: &GuestMemoryMmap, addr: u64, len: u64) {
     }
 }
 
-fn read_desc(mem: &GuestMemoryMmap, addr: u64) -> Option<Desc> {
+fn read_desc(mem: &GuestMem, addr: u64) -> Option<Desc> {
     let mut b = [0u8; 16];
     mem.read_slice(&mut b, GuestAddress(addr)).ok()?;
-    Some(Desc::from_bytes(b))
+    Some(desc_from_bytes(b))
 }
 
 /// The device's `check_chain`: at least one descriptor, at most a queue size of them, and
@@ -346,12 +357,12 @@ fn chain_ok(descs: &[Desc], size: u16) -> bool {
 /// The PFNs of an element, read as the device does (readable descriptors as one byte
 /// stream, in stages of 1 KiB per descriptor, trailing bytes ignored, at most 4096).
 /// Returns the PFNs and whether the device reads them all (no stage failed).
-fn pfns_of(mem: &GuestMemoryMmap, descs: &[Desc], reads: &mut Vec<(u64, u64)>) -> (Vec<u32>, bool) {
+fn pfns_of(mem: &GuestMem, descs: &[Desc], reads: &mut Vec<(u64, u64)>) -> (Vec<u32>, bool) {
     let mut out = Vec::new();
     let mut carry = [0u8; 4];
     let mut have = 0usize;
     let mut stage = [0u8; PFN_STAGE as usize];
-    for d in descs.iter().filter(|d| !d.writable()) {
+    for d in descs.iter().filter(|d| !writable(d)) {
         let len = u64::from(d.len);
         let mut off = 0u64;
         while off < len {
@@ -388,14 +399,14 @@ fn pfns_of(mem: &GuestMemoryMmap, descs: &[Desc], reads: &mut Vec<(u64, u64)>) -
 /// entry of the readable descriptors (a byte stream, at most 256 entries), read with the
 /// device's calls; `None` if one fails.
 fn stats_of(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     descs: &[Desc],
     reads: &mut Vec<(u64, u64)>,
 ) -> Option<Vec<(u16, u64)>> {
     let mut out = Vec::new();
     let mut entry = [0u8; STATS_ENTRY];
     let mut have = 0usize;
-    for d in descs.iter().filter(|d| !d.writable()) {
+    for d in descs.iter().filter(|d| !writable(d)) {
         let len = u64::from(d.len);
         let mut off = 0u64;
         while off < len && out.len() < MAX_STATS_ENTRIES {
@@ -471,23 +482,8 @@ impl MemoryBackend for RecordingBackend {
 // ---------------------------------------------------------------------------------------
 // The harness.
 
-type Mem = Arc<GuestMemoryMmap>;
+type Mem = Arc<GuestMem>;
 type Transport = MmioTransport<Balloon<Mem>>;
-
-/// The driver's view of one queue.
-#[derive(Debug, Clone, Copy, Default)]
-struct Ring {
-    /// The size the driver chose; 0 while the queue is not set up by the model.
-    size: u16,
-    /// Where the driver put the descriptor table, the available and the used ring.
-    desc: u64,
-    avail_ring: u64,
-    used_ring: u64,
-    /// The driver's available index (what it last published).
-    avail: Wrapping<u16>,
-    /// The next descriptor index the driver writes.
-    next_desc: u16,
-}
 
 /// What the device is expected to hold in its configuration space, and the discard model.
 #[derive(Debug, Default)]
@@ -549,7 +545,9 @@ struct Harness {
     cfg: BalloonConfig,
     t: Transport,
     max_sizes: [u16; QUEUES],
-    rings: [Ring; QUEUES],
+    /// The driver's side of each queue (`None`: not set up by the driver, or its rings
+    /// are not all in RAM).
+    rings: [Option<DriverRing>; QUEUES],
     next_data: u64,
     model: Model,
     /// Dropped last: the guest memory lives in it.
@@ -596,7 +594,7 @@ impl Harness {
         self.model.given_up.clear();
         self.model.unknown = false;
         for r in &mut self.rings {
-            *r = Ring::default();
+            *r = None;
         }
     }
 
@@ -742,7 +740,7 @@ impl Harness {
             .write_slice(&zeros, GuestAddress(self.lay.ring))
             .unwrap();
         for r in &mut self.rings {
-            *r = Ring::default();
+            *r = None;
         }
 
         self.write_reg(mmio::REG_STATUS, u32::from(status::ACKNOWLEDGE));
@@ -823,13 +821,13 @@ impl Harness {
             if fresh {
                 assert_eq!(self.read_reg(mmio::REG_QUEUE_READY), 1, "queue {q} ready");
             }
-            self.rings[q] = Ring {
+            let layout = RingLayout {
                 size,
-                desc,
-                avail_ring: avail,
-                used_ring: used,
-                ..Ring::default()
+                desc: GuestAddress(desc),
+                avail: GuestAddress(avail),
+                used: GuestAddress(used),
             };
+            self.rings[q] = DriverRing::new(&self.mem, q as u16, layout);
         }
         // Before DRIVER_OK the device looks at nothing; it serves these once active.
         for (q, el) in spec.prepost.iter().take(MAX_PREPOST) {
@@ -854,22 +852,23 @@ impl Harness {
     }
 
     fn used_idx(&self, q: usize) -> u16 {
-        load_u16(&self.mem, self.rings[q].used_ring + 2).unwrap()
+        self.rings[q]
+            .as_ref()
+            .and_then(|r| r.used_idx(&self.mem))
+            .expect("a set up queue")
     }
 
-    fn publish_avail(&self, q: usize) {
-        let r = &self.rings[q];
-        let _ = self.mem.write_obj(
-            r.avail.0.to_le(),
-            GuestAddress(r.avail_ring.wrapping_add(2)),
-        );
-    }
-
-    fn write_desc(&self, table: u64, index: u16, d: Desc) {
-        let _ = self.mem.write_slice(
-            &d.bytes(),
-            GuestAddress(table.wrapping_add(u64::from(index) * 16)),
-        );
+    /// Writes a descriptor into queue `q`'s table or an indirect table, anywhere.
+    fn write_desc(&self, q: usize, table: Table, index: u16, d: Desc) {
+        match (table, &self.rings[q]) {
+            (Table::Ring, Some(r)) => {
+                let _ = r.write_desc(&self.mem, index, d);
+            }
+            (Table::Ring, None) => {}
+            (Table::At(t), _) => {
+                let _ = write_table_desc(&self.mem, t, index, d);
+            }
+        }
     }
 
     fn resolve(&self, c: CmdChoice) -> u32 {
@@ -904,18 +903,17 @@ impl Harness {
     /// Lays an element out on queue `q` and publishes it, like a driver (unless the queue
     /// is not set up or is full).
     fn post(&mut self, q: usize, el: &Element) {
-        let ring = self.rings[q];
-        let size = ring.size;
-        if size == 0 {
-            return;
-        }
-        let Some(used) = load_u16(&self.mem, ring.used_ring.wrapping_add(2)) else {
+        let Some(ring) = &self.rings[q] else {
             return;
         };
-        if (ring.avail - Wrapping(used)).0 >= size {
+        let size = ring.size();
+        let Some(used) = ring.used_idx(&self.mem) else {
+            return;
+        };
+        if (ring.avail_idx() - Wrapping(used)).0 >= size {
             return;
         }
-        let table = ring.desc;
+        let next_desc = ring.next_desc();
         let head = match el {
             Element::Good(g) => {
                 // (addr, len, flags without NEXT)
@@ -957,12 +955,14 @@ impl Harness {
                     parts.extend(readable);
                     parts.extend(writable);
                 }
-                let start = ring.next_desc % size;
+                let start = next_desc % size;
                 let indirect = g.indirect.map(|slot| self.lay.table_slot(u64::from(slot)));
-                self.rings[q].next_desc =
-                    write_chain(parts, table, size, start, indirect, |t, i, d| {
-                        self.write_desc(t, i, d)
-                    });
+                let next = write_chain(parts, size, start, indirect, |t, i, d| {
+                    self.write_desc(q, t, i, d)
+                });
+                if let Some(r) = &mut self.rings[q] {
+                    r.set_next_desc(next);
+                }
                 start
             }
             Element::Raw {
@@ -971,28 +971,18 @@ impl Harness {
                 tables,
                 bytes,
             } => {
-                write_raw(
-                    &self.lay,
-                    &self.mem,
-                    table,
-                    size,
-                    writes,
-                    tables,
-                    |t, i, d| self.write_desc(t, i, d),
-                );
+                write_raw(&self.lay, &self.mem, size, writes, tables, |t, i, d| {
+                    self.write_desc(q, t, i, d)
+                });
                 for (a, b) in bytes.iter().take(MAX_RAW_BYTES) {
                     guest_write(&self.lay, &self.mem, self.lay.addr(*a), b);
                 }
                 raw_head(*head, size)
             }
         };
-        let ring = &mut self.rings[q];
-        let slot = ring
-            .avail_ring
-            .wrapping_add(4 + 2 * u64::from(ring.avail.0 % size));
-        ring.avail += 1;
-        let _ = self.mem.write_obj(head.to_le(), GuestAddress(slot));
-        self.publish_avail(q);
+        if let Some(r) = &mut self.rings[q] {
+            r.publish(&self.mem, head);
+        }
     }
 
     // -----------------------------------------------------------------------------------
@@ -1155,7 +1145,7 @@ impl Harness {
                 if !b.uncertain {
                     for c in discards {
                         assert!(
-                            b.candidates.iter().flatten().any(|d| d.writable()
+                            b.candidates.iter().flatten().any(|d| writable(d)
                                 && c.gpa >= d.addr
                                 && u128::from(c.gpa) + u128::from(c.len)
                                     <= u128::from(d.addr) + u128::from(d.len)),
@@ -1468,20 +1458,18 @@ impl Harness {
             }
             Op::AvailIdx { queue, idx } => {
                 let q = usize::from(*queue) % QUEUES;
-                let size = self.rings[q].size;
-                if size == 0 {
-                    return;
-                }
-                let Some(used) = load_u16(&self.mem, self.rings[q].used_ring.wrapping_add(2))
-                else {
+                let Some(ring) = &mut self.rings[q] else {
                     return;
                 };
-                self.rings[q].avail = if idx & 1 == 1 {
-                    Wrapping(*idx)
+                let Some(used) = ring.used_idx(&self.mem) else {
+                    return;
+                };
+                let idx = if idx & 1 == 1 {
+                    *idx
                 } else {
-                    Wrapping(used) + Wrapping(idx % (size + 1))
+                    used.wrapping_add(idx % (ring.size() + 1))
                 };
-                self.publish_avail(q);
+                ring.set_avail_idx(&self.mem, idx);
             }
             Op::SetTarget(p) => self.set_target(*p, |d| d.set_target(*p)),
             Op::SetTargetBytes(b) => {
@@ -1604,11 +1592,13 @@ impl Harness {
         let page = self.lay.ring + (RING_REGION_PAGES - 1) * PAGE;
         let pfn = ((page >> 12) as u32).to_le_bytes().to_vec();
         self.post(INFLATE, &simple(Payload::Bytes(pfn), Vec::new()));
-        let head = load_u16(&self.mem, self.rings[INFLATE].avail_ring + 4).unwrap();
+        let inflate = self.rings[INFLATE].as_ref().expect("inflate queue set up");
+        let layout = inflate.layout();
+        let head = load_u16(&self.mem, layout.avail.0 + 4).unwrap();
         self.process(INFLATE);
         self.check_state();
         assert_eq!(self.used_idx(INFLATE), 1, "inflate not acknowledged");
-        let e = self.rings[INFLATE].used_ring + 4;
+        let e = layout.used.0 + 4;
         assert_eq!(read_u32(&self.mem, e), Some(u32::from(head)), "used id");
         assert_eq!(read_u32(&self.mem, e + 4), Some(0), "used length");
         self.run(&Op::Inhibit(false));
@@ -1790,7 +1780,7 @@ fn build(input: &Input) -> Harness {
         cfg,
         t: MmioTransport::new(balloon),
         max_sizes: [queue_size, queue_size, queue_size, fpq_size, 32],
-        rings: [Ring::default(); QUEUES],
+        rings: Default::default(),
         next_data: 0,
         model: Model::default(),
         _arena: arena,
@@ -1799,8 +1789,9 @@ fn build(input: &Input) -> Harness {
     h
 }
 
-/// Runs one input.
-pub fn run(input: &Input) {
+/// Runs one input, checking the device after every operation and at the end. Returns the
+/// device's metrics as they were after the input's operations (before the final check).
+pub fn run(input: &Input) -> BalloonMetrics {
     let mut h = build(input);
     if let Some(spec) = &input.setup {
         h.setup(spec);
@@ -1810,5 +1801,7 @@ pub fn run(input: &Input) {
         h.run(op);
         h.check_state();
     }
+    let metrics = h.dev().metrics();
     h.final_check();
+    metrics
 }

@@ -5,60 +5,56 @@
 //! entries and indirect tables) and how a chain is walked (virtio-queue's rules).
 
 use arbitrary::Arbitrary;
-use vm_memory::GuestMemoryMmap;
+use guest_model::ring::GuestMem;
 
 use crate::layout::{guest_write, len_of, Addr, Layout, Len, TABLE_ENTRIES};
 
-/// The descriptor continues through `next`.
-pub const F_NEXT: u16 = 1;
-/// The buffer is device-writable.
-pub const F_WRITE: u16 = 2;
+pub use guest_model::ring::Desc;
 /// The buffer is an indirect table.
-pub const F_INDIRECT: u16 = 4;
+pub use guest_model::ring::VRING_DESC_F_INDIRECT as F_INDIRECT;
+/// The descriptor continues through `next`.
+pub use guest_model::ring::VRING_DESC_F_NEXT as F_NEXT;
+/// The buffer is device-writable.
+pub use guest_model::ring::VRING_DESC_F_WRITE as F_WRITE;
 
 /// The most raw descriptor table writes of one element.
 pub const MAX_RAW_WRITES: usize = 16;
 /// The most raw indirect tables of one element.
 pub const MAX_RAW_TABLES: usize = 2;
 
-/// A split-ring descriptor.
+/// Which descriptor table a descriptor goes into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Desc {
-    /// The buffer's guest address.
-    pub addr: u64,
-    /// The buffer's length.
-    pub len: u32,
-    /// `F_NEXT`, `F_WRITE`, `F_INDIRECT`, anything else.
-    pub flags: u16,
-    /// The next descriptor's index (with `F_NEXT`).
-    pub next: u16,
+pub enum Table {
+    /// The queue's descriptor table (through the queue's `DriverRing`).
+    Ring,
+    /// An indirect table at this guest address.
+    At(u64),
 }
 
-impl Desc {
-    /// The descriptor as it lies in guest memory.
-    pub fn bytes(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&self.next.to_le_bytes());
-        b
-    }
+/// The descriptor as it lies in guest memory.
+pub fn desc_bytes(d: &Desc) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&d.addr.to_le_bytes());
+    b[8..12].copy_from_slice(&d.len.to_le_bytes());
+    b[12..14].copy_from_slice(&d.flags.to_le_bytes());
+    b[14..16].copy_from_slice(&d.next.to_le_bytes());
+    b
+}
 
-    /// The descriptor `b` holds.
-    pub fn from_bytes(b: [u8; 16]) -> Desc {
-        Desc {
-            addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
-            len: u32::from_le_bytes(b[8..12].try_into().unwrap()),
-            flags: u16::from_le_bytes(b[12..14].try_into().unwrap()),
-            next: u16::from_le_bytes(b[14..16].try_into().unwrap()),
-        }
+/// The descriptor `b` holds.
+pub fn desc_from_bytes(b: [u8; 16]) -> Desc {
+    let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = b;
+    Desc {
+        addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+        len: u32::from_le_bytes([l0, l1, l2, l3]),
+        flags: u16::from_le_bytes([f0, f1]),
+        next: u16::from_le_bytes([n0, n1]),
     }
+}
 
-    /// Whether the buffer is device-writable.
-    pub fn writable(&self) -> bool {
-        self.flags & F_WRITE != 0
-    }
+/// Whether the buffer is device-writable.
+pub fn writable(d: &Desc) -> bool {
+    d.flags & F_WRITE != 0
 }
 
 /// The descriptors a split-ring chain yields, in order (virtio-queue's rules): follows NEXT
@@ -117,17 +113,16 @@ pub fn walk(
 
 /// Writes a well-formed chain the way a driver does: `parts` are `(addr, len, flags)`
 /// without `F_NEXT`, which every part but the last gets (no parts: one empty readable
-/// descriptor). Directly into the descriptor table at `table` from index `start` (wrapping
+/// descriptor). Directly into the queue's descriptor table from index `start` (wrapping
 /// at `size`), or, with `indirect`, into the indirect table at that address, referenced by
 /// descriptor `start`. `write(table, index, desc)` writes one descriptor. Returns the index
 /// after the last descriptor used in the descriptor table.
 pub fn write_chain(
     mut parts: Vec<(u64, u32, u16)>,
-    table: u64,
     size: u16,
     start: u16,
     indirect: Option<u64>,
-    mut write: impl FnMut(u64, u16, Desc),
+    mut write: impl FnMut(Table, u16, Desc),
 ) -> u16 {
     if parts.is_empty() {
         parts.push((0, 0, 0));
@@ -146,7 +141,7 @@ pub fn write_chain(
                     flags,
                     next: i as u16 + 1,
                 };
-                write(t, i as u16, d);
+                write(Table::At(t), i as u16, d);
             }
             let d = Desc {
                 addr: t,
@@ -154,7 +149,7 @@ pub fn write_chain(
                 flags: F_INDIRECT,
                 next: 0,
             };
-            write(table, start, d);
+            write(Table::Ring, start, d);
             start.wrapping_add(1)
         }
         None => {
@@ -166,7 +161,7 @@ pub fn write_chain(
                     flags,
                     next: idx(i + 1),
                 };
-                write(table, idx(i), d);
+                write(Table::Ring, idx(i), d);
             }
             idx(n)
         }
@@ -211,15 +206,14 @@ impl RawDesc {
 /// and the tables (with `guest_write`) of a raw element.
 pub fn write_raw(
     lay: &Layout,
-    mem: &GuestMemoryMmap,
-    table: u64,
+    mem: &GuestMem,
     size: u16,
     writes: &[(u16, RawDesc)],
     tables: &[RawTable],
-    mut write: impl FnMut(u64, u16, Desc),
+    mut write: impl FnMut(Table, u16, Desc),
 ) {
     for (idx, d) in writes.iter().take(MAX_RAW_WRITES) {
-        write(table, idx % size, d.desc(lay));
+        write(Table::Ring, idx % size, d.desc(lay));
     }
     for t in tables.iter().take(MAX_RAW_TABLES) {
         let at = lay.addr(t.at);
@@ -228,7 +222,7 @@ pub fn write_raw(
                 lay,
                 mem,
                 at.wrapping_add(16 * i as u64),
-                &d.desc(lay).bytes(),
+                &desc_bytes(&d.desc(lay)),
             );
         }
     }

@@ -42,15 +42,19 @@ use crate::input::hint_desc::*;
 use std::num::Wrapping;
 use std::sync::Arc;
 
-use crate::desc::{raw_head, walk, write_chain, write_raw, Desc, F_NEXT, F_WRITE};
+use crate::desc::{
+    desc_from_bytes, raw_head, walk, write_chain, write_raw, Desc, Table, F_NEXT, F_WRITE,
+};
 use crate::hint::{next_cmd_id, CmdChoice, Hint, RecordingSink};
 use crate::layout::{
     align_down, align_up, guest_write, len_of, Layout, Scratch, PAGE, RING_REGION_PAGES,
 };
+use crate::ring::{write_table_desc, DriverRing};
+use guest_model::ring::{GuestMem, RingLayout};
 use virtio_balloon::spec::{features as f, mmio, status};
 use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintMetrics, HintState, QueueRole};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 // The ring region (at least `RING_REGION_PAGES`): descriptor table, available ring, used
 // ring, then scratch pages.
@@ -92,7 +96,7 @@ const MAX_ROUND_ELEMENTS: usize = 4;
 // of vm-memory's multi-region helpers). The walker is the library's `walk` over
 // `read_desc`; the guest model writes with the library's `guest_write`.
 
-fn read_bytes(mem: &GuestMemoryMmap, addr: u64, buf: &mut [u8]) -> bool {
+fn read_bytes(mem: &GuestMem, addr: u64, buf: &mut [u8]) -> bool {
     for (i, b) in buf.iter_mut().enumerate() {
         let Some(a) = addr.checked_add(i as u64) else {
             return false;
@@ -105,25 +109,25 @@ fn read_bytes(mem: &GuestMemoryMmap, addr: u64, buf: &mut [u8]) -> bool {
     true
 }
 
-fn read_u16(mem: &GuestMemoryMmap, addr: u64) -> u16 {
+fn read_u16(mem: &GuestMem, addr: u64) -> u16 {
     let mut b = [0u8; 2];
     assert!(read_bytes(mem, addr, &mut b), "ring read at {addr:#x}");
     u16::from_le_bytes(b)
 }
 
-fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> u32 {
+fn read_u32(mem: &GuestMem, addr: u64) -> u32 {
     let mut b = [0u8; 4];
     assert!(read_bytes(mem, addr, &mut b), "ring read at {addr:#x}");
     u32::from_le_bytes(b)
 }
 
 /// The descriptor at `addr`, read byte by byte.
-fn read_desc(mem: &GuestMemoryMmap, addr: u64) -> Option<Desc> {
+fn read_desc(mem: &GuestMem, addr: u64) -> Option<Desc> {
     let mut b = [0u8; 16];
     if !read_bytes(mem, addr, &mut b) {
         return None;
     }
-    Some(Desc::from_bytes(b))
+    Some(desc_from_bytes(b))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ struct Element {
     writable: Vec<Desc>,
 }
 
-fn inspect(mem: &GuestMemoryMmap, descs: &[Desc], queue_size: u16) -> Option<Element> {
+fn inspect(mem: &GuestMem, descs: &[Desc], queue_size: u16) -> Option<Element> {
     if descs.len() > usize::from(queue_size) {
         return None;
     }
@@ -290,14 +294,14 @@ impl Model {
 /// Everything about one fuzz case.
 struct Harness {
     lay: Layout,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMem>,
     sink: Arc<RecordingSink>,
-    t: MmioTransport<Balloon<Arc<GuestMemoryMmap>>>,
+    t: MmioTransport<Balloon<Arc<GuestMem>>>,
     fpq: usize,
     driver_features: u64,
     max_size: u16,
-    /// The driver's available index (what it last published).
-    avail: Wrapping<u16>,
+    /// The driver's side of the free page queue.
+    ring: DriverRing,
     model: Model,
 }
 
@@ -340,7 +344,7 @@ impl Harness {
         self.mem
             .write_slice(&zeros, GuestAddress(self.lay.ring))
             .unwrap();
-        self.avail = Wrapping(0);
+        self.ring = fresh_ring(&self.mem, &self.lay, self.model.size, self.fpq);
         self.model.next_avail = Wrapping(0);
         self.model.next_used = Wrapping(0);
         self.model.checked_used = Wrapping(0);
@@ -407,23 +411,26 @@ impl Harness {
         if m.state == HintState::Requested {
             // The fence is taken at activation for a round requested while the driver was
             // away.
-            m.fence = Some(self.avail);
+            m.fence = Some(self.ring.avail_idx());
         }
     }
 
-    fn write_desc(&self, table: u64, index: u16, d: Desc) {
-        self.mem
-            .write_slice(&d.bytes(), GuestAddress(table + u64::from(index) * 16))
-            .unwrap();
+    /// Writes a descriptor into the ring's table or an indirect table (both in the ring
+    /// region, so in RAM).
+    fn write_desc(&self, table: Table, index: u16, d: Desc) {
+        let written = match table {
+            Table::Ring => self.ring.write_desc(&self.mem, index, d),
+            Table::At(t) => write_table_desc(&self.mem, t, index, d),
+        };
+        assert!(written, "descriptor outside the ring region");
     }
 
     /// Lays an element out and publishes it, like a driver (unless the ring is full).
     fn post(&mut self, chain: &Chain) {
         let size = self.model.size;
-        if (self.avail - self.model.next_avail).0 >= size {
+        if (self.ring.avail_idx() - self.model.next_avail).0 >= size {
             return;
         }
-        let table = self.lay.ring + DESC_OFF;
         let head = match chain {
             Chain::Good {
                 start,
@@ -473,7 +480,7 @@ impl Harness {
                 }
                 let start = *start % size;
                 let indirect = indirect.map(|slot| self.lay.table_slot(u64::from(slot)));
-                write_chain(parts, table, size, start, indirect, |t, i, d| {
+                write_chain(parts, size, start, indirect, |t, i, d| {
                     self.write_desc(t, i, d)
                 });
                 start
@@ -484,15 +491,9 @@ impl Harness {
                 tables,
                 cmds,
             } => {
-                write_raw(
-                    &self.lay,
-                    &self.mem,
-                    table,
-                    size,
-                    writes,
-                    tables,
-                    |t, i, d| self.write_desc(t, i, d),
-                );
+                write_raw(&self.lay, &self.mem, size, writes, tables, |t, i, d| {
+                    self.write_desc(t, i, d)
+                });
                 for (a, c) in cmds.iter().take(MAX_RAW_CMDS) {
                     let v = self.model.resolve(*c).to_le_bytes();
                     guest_write(&self.lay, &self.mem, self.lay.addr(*a), &v);
@@ -500,24 +501,13 @@ impl Harness {
                 raw_head(*head, size)
             }
         };
-        let slot = self.avail_addr() + 4 + 2 * u64::from(self.avail.0 % size);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
-        self.avail += 1;
-        self.publish_avail();
-    }
-
-    fn publish_avail(&self) {
-        self.mem
-            .write_obj(self.avail.0.to_le(), GuestAddress(self.avail_addr() + 2))
-            .unwrap();
+        self.ring.publish(&self.mem, head);
     }
 
     /// How many elements the device may pop (the guest model keeps this within a queue
     /// size except after a raw `AvailIdx`).
     fn outstanding(&self) -> u16 {
-        (self.avail - self.model.next_avail).0
+        (self.ring.avail_idx() - self.model.next_avail).0
     }
 
     /// The model pops one element: returns the hints it expects and the walked descriptors.
@@ -788,7 +778,7 @@ impl Harness {
                 assert_eq!(id, m.cmd_id, "start_round id");
                 m.state = HintState::Requested;
                 m.completed = None;
-                m.fence = m.active.then_some(self.avail);
+                m.fence = m.active.then_some(self.ring.avail_idx());
             }
             Op::StopRound => self.drain_op(HintState::Stop),
             Op::Done => self.drain_op(HintState::Done),
@@ -815,12 +805,12 @@ impl Harness {
                 if !self.model.active {
                     return true;
                 }
-                self.avail = if *x & 1 == 1 {
-                    Wrapping(*x)
+                let idx = if *x & 1 == 1 {
+                    *x
                 } else {
-                    self.model.next_avail + Wrapping(*x % (self.model.size + 1))
+                    (self.model.next_avail + Wrapping(*x % (self.model.size + 1))).0
                 };
-                self.publish_avail();
+                self.ring.set_avail_idx(&self.mem, idx);
                 if self.outstanding() > self.model.size {
                     // A raw index more than a queue ahead. What the device does with it is not
                     // modelled; it must not hang (libFuzzer's -timeout catches that) or panic.
@@ -837,14 +827,25 @@ impl Harness {
     }
 }
 
-fn build(input: &Input) -> Option<Harness> {
+/// Fresh rings for the free page queue (their areas zeroed), in the ring region.
+fn fresh_ring(mem: &GuestMem, lay: &Layout, size: u16, fpq: usize) -> DriverRing {
+    let layout = RingLayout {
+        size,
+        desc: GuestAddress(lay.ring + DESC_OFF),
+        avail: GuestAddress(lay.ring + AVAIL_OFF),
+        used: GuestAddress(lay.ring + USED_OFF),
+    };
+    DriverRing::new(mem, fpq as u16, layout).expect("rings in the ring region")
+}
+
+fn build(input: &Input) -> Harness {
     let lay = Layout::new(&input.placement, &input.regions, input.ring_region, SCRATCH);
     let ranges: Vec<(GuestAddress, usize)> = lay
         .regions
         .iter()
         .map(|&(s, l)| (GuestAddress(s), l as usize))
         .collect();
-    let mem = Arc::new(GuestMemoryMmap::from_ranges(&ranges).expect("valid layout"));
+    let mem = Arc::new(GuestMem::from_ranges(&ranges).expect("valid layout"));
     let sink = Arc::new(RecordingSink::new(lay.regions.clone()));
     let max_size = 2u16 << (input.max_size_log % 8);
     let size = (max_size >> (input.size_shift % 3)).max(1);
@@ -879,6 +880,7 @@ fn build(input: &Input) -> Option<Harness> {
     if input.indirect_desc {
         driver_features |= f::bit(f::VIRTIO_F_RING_INDIRECT_DESC);
     }
+    let ring = fresh_ring(&mem, &lay, size, fpq);
     let mut h = Harness {
         lay,
         mem,
@@ -887,7 +889,7 @@ fn build(input: &Input) -> Option<Harness> {
         fpq,
         driver_features,
         max_size,
-        avail: Wrapping(0),
+        ring,
         model: Model {
             state: HintState::Stop,
             cmd_id: 0,
@@ -904,17 +906,17 @@ fn build(input: &Input) -> Option<Harness> {
     };
     h.setup(&[]);
     h.check();
-    Some(h)
+    h
 }
 
-/// Runs one input.
-pub fn run(input: &Input) {
-    let Some(mut h) = build(input) else {
-        return;
-    };
+/// Runs one input, checking the device after every operation. Returns the free page
+/// hinting metrics at the end.
+pub fn run(input: &Input) -> HintMetrics {
+    let mut h = build(input);
     for op in input.ops.iter().take(MAX_OPS) {
         if !h.run(op) {
             break;
         }
     }
+    h.metrics()
 }

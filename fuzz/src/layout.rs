@@ -7,7 +7,8 @@
 //! and indirect tables.
 
 use arbitrary::Arbitrary;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use guest_model::ring::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 /// The guest page size.
 pub const PAGE: u64 = 4096;
@@ -276,7 +277,7 @@ impl Layout {
 /// A write by the guest model outside the rings: skipped where it would touch them (the
 /// model keeps them consistent itself), partial where it leaves RAM (what RAM there is in
 /// the range is written, as if byte by byte).
-pub fn guest_write(lay: &Layout, mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
+pub fn guest_write(lay: &Layout, mem: &GuestMem, addr: u64, bytes: &[u8]) {
     let end = u128::from(addr) + bytes.len() as u128;
     let (ring_lo, ring_hi) = (u128::from(lay.ring), u128::from(lay.ring + lay.scratch.off));
     if u128::from(addr) < ring_hi && end > ring_lo {

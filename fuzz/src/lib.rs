@@ -16,9 +16,11 @@
 #![deny(missing_docs)]
 
 pub mod balloon_device;
+
 pub mod bitmap_offset;
 pub mod desc;
 pub mod hint;
 pub mod hint_desc;
 pub mod input;
 pub mod layout;
+pub mod ring;
