@@ -169,7 +169,7 @@ pub fn write_chain(
 }
 
 /// A descriptor with any contents.
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub struct RawDesc {
     /// The buffer's address.
     pub addr: Addr,
@@ -182,7 +182,7 @@ pub struct RawDesc {
 }
 
 /// Descriptors written anywhere, as an indirect table would be.
-#[derive(Arbitrary, Debug, Clone)]
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
 pub struct RawTable {
     /// Where the first entry goes.
     pub at: Addr,

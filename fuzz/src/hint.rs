@@ -20,7 +20,7 @@ pub fn next_cmd_id(prev: u32) -> u32 {
 }
 
 /// A command the guest writes.
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum CmdChoice {
     /// The current id.
     Current,

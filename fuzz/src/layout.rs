@@ -32,7 +32,7 @@ pub fn align_down(a: u64) -> u64 {
 }
 
 /// One region of the input.
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub struct RegionSpec {
     /// Hole before the region, in pages (0: adjacent to the previous one).
     pub gap_pages: u8,
@@ -51,7 +51,7 @@ impl AsRef<RegionSpec> for RegionSpec {
 }
 
 /// Where the layout lies in the address space.
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub enum Placement {
     /// The layout starts at this page number (below 2^44).
     Low(u32),
@@ -81,7 +81,7 @@ pub struct Scratch {
 }
 
 /// A guest address chosen by the input.
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum Addr {
     /// `page` pages and `offset` bytes into a region (may run past its end).
     Region {
@@ -110,7 +110,7 @@ pub enum Addr {
 }
 
 /// A buffer length chosen by the input.
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum Len {
     /// Whole pages.
     Pages(u8),

@@ -18,6 +18,7 @@
 pub mod balloon_device;
 
 pub mod bitmap_offset;
+pub mod corpus;
 pub mod desc;
 pub mod hint;
 pub mod hint_desc;

@@ -17,7 +17,7 @@ use crate::layout::*;
 pub const QUEUES: usize = 5;
 
 /// A region of the input, with where its host mapping starts.
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub struct MappedRegionSpec {
     pub region: RegionSpec,
     /// With the top bit set, the mapping starts `host_shift % 512` 4 KiB pages past a 2 MiB
@@ -25,14 +25,14 @@ pub struct MappedRegionSpec {
     pub host_shift: u16,
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum HostPage {
     Small,
     Medium,
     Huge,
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum Pfn {
     /// A page of a region (may run past its end).
     Ram {
@@ -56,7 +56,7 @@ pub enum Pfn {
     Raw(u32),
 }
 
-#[derive(Arbitrary, Debug, Clone)]
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
 pub enum Payload {
     None,
     /// Little-endian PFNs.
@@ -69,7 +69,7 @@ pub enum Payload {
     Bytes(Vec<u8>),
 }
 
-#[derive(Arbitrary, Debug, Clone)]
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
 pub struct Good {
     pub payload: Payload,
     /// Trailing bytes after the payload (`% 4` for PFNs, `% 10` for statistics).
@@ -86,7 +86,7 @@ pub struct Good {
     pub indirect: Option<u8>,
 }
 
-#[derive(Arbitrary, Debug, Clone)]
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
 pub enum Element {
     /// What a driver would post.
     Good(Good),
@@ -100,7 +100,7 @@ pub enum Element {
     },
 }
 
-#[derive(Arbitrary, Debug, Clone)]
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
 pub struct SetupSpec {
     /// The features accepted (restricted to the offer, plus VERSION_1, and completed so the
     /// queue numbering stays the offered one).
@@ -120,14 +120,14 @@ pub struct SetupSpec {
     pub place: Vec<(u8, Addr, Addr, Addr)>,
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum Reg {
     Known(u8),
     Raw(u16),
     Config(u8),
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum QueueField {
     MaxSize(u16),
     Size(u16),
@@ -140,7 +140,7 @@ pub enum QueueField {
     EventIdx,
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum Corruption {
     Acked(u64),
     Activated,
@@ -157,7 +157,7 @@ pub enum Corruption {
     MmioStatus(u8),
 }
 
-#[derive(Arbitrary, Debug, Clone)]
+#[derive(Arbitrary, Debug, Clone, PartialEq)]
 pub enum Op {
     MmioWrite {
         reg: Reg,
@@ -228,7 +228,7 @@ pub enum Op {
     },
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub struct Input {
     pub placement: Placement,
     pub regions: Vec<MappedRegionSpec>,

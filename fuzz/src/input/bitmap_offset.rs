@@ -8,7 +8,7 @@
 
 use arbitrary::Arbitrary;
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub struct Region {
     /// Hole before the region, in pages.
     pub gap_pages: u16,
@@ -17,7 +17,7 @@ pub struct Region {
     pub len: u32,
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub enum Placement {
     /// The first region starts at this address (the layout may run past the top).
     At(u64),
@@ -25,7 +25,7 @@ pub enum Placement {
     EndAtTop,
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub enum Op {
     /// A hint anywhere, with raw values (overflow, far outside RAM).
     RawHint { gpa: u64, len: u64 },
@@ -48,7 +48,7 @@ pub enum Op {
     Sync { page_size: u32, words: Vec<u64> },
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub struct Input {
     pub words: Vec<u64>,
     pub queries: Vec<(u16, u16)>,

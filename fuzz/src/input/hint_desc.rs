@@ -12,7 +12,7 @@ use crate::desc::*;
 use crate::hint::*;
 use crate::layout::*;
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub enum CmdShape {
     /// One 4-byte readable descriptor.
     Whole,
@@ -28,20 +28,20 @@ pub enum CmdShape {
     At(Addr),
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub struct CmdSpec {
     pub value: CmdChoice,
     pub slot: u8,
     pub shape: CmdShape,
 }
 
-#[derive(Arbitrary, Debug, Clone, Copy)]
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
 pub struct HintSpec {
     pub addr: Addr,
     pub len: Len,
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub enum Chain {
     /// What a driver would post: a command and hints, in order, direct or indirect.
     Good {
@@ -63,7 +63,7 @@ pub enum Chain {
     },
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub enum Op {
     /// Post an element and leave it on the ring.
     Post(Chain),
@@ -100,7 +100,7 @@ pub enum Op {
     AvailIdx(u16),
 }
 
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Debug, PartialEq)]
 pub struct Input {
     pub placement: Placement,
     pub regions: Vec<RegionSpec>,

@@ -6,4 +6,5 @@
 
 pub mod balloon_device;
 pub mod bitmap_offset;
+pub mod encode;
 pub mod hint_desc;
