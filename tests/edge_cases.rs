@@ -20,11 +20,12 @@
 //! [48 MiB, 64 MiB)   R2
 //! ```
 
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use guest_model::ring::{self, Desc, GuestMem, RingLayout, SplitRing};
 use virtio_balloon::migration::{
     MigrationBitmap, MigrationState, PrecopyEvent, PrecopyNotifierChain,
 };
@@ -33,10 +34,10 @@ use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use virtio_balloon::{
     Balloon, BalloonConfig, BalloonError, HintControl, HintMetrics, HintState, QueueRole,
 };
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
-type Mem = GuestMemoryMmap;
+type Mem = GuestMem;
 type Dev = Balloon<Arc<Mem>>;
 
 const MIB: u64 = 1 << 20;
@@ -108,7 +109,7 @@ fn page(n: u64) -> u64 {
 
 /// Three regions: R0 and R1 adjacent, a hole, R2.
 fn ram() -> Mem {
-    GuestMemoryMmap::from_ranges(&[
+    Mem::from_ranges(&[
         (GuestAddress(R0.0), R0.1 as usize),
         (GuestAddress(R1.0), R1.1 as usize),
         (GuestAddress(R2.0), R2.1 as usize),
@@ -126,39 +127,19 @@ fn cfg() -> BalloonConfig {
     }
 }
 
-/// One descriptor of a chain the guest model builds; `NEXT` and `next` are filled in.
-#[derive(Clone, Copy, Debug)]
-struct Seg {
-    addr: u64,
-    len: u32,
-    flags: u16,
-}
-
 /// A device-readable part.
-fn out(addr: u64, len: u32) -> Seg {
-    Seg {
-        addr,
-        len,
-        flags: 0,
-    }
+fn out(addr: u64, len: u32) -> Desc {
+    Desc::out(addr, len)
 }
 
 /// A device-writable part (a hint on the free page queue).
-fn inp(addr: u64, len: u64) -> Seg {
-    Seg {
-        addr,
-        len: u32::try_from(len).expect("descriptor length"),
-        flags: WRITE,
-    }
+fn inp(addr: u64, len: u64) -> Desc {
+    Desc::input(addr, u32::try_from(len).expect("descriptor length"))
 }
 
 /// A descriptor pointing to an indirect table of `entries` descriptors.
-fn indirect(table: u64, entries: u32) -> Seg {
-    Seg {
-        addr: table,
-        len: entries * 16,
-        flags: INDIRECT,
-    }
+fn indirect(table: u64, entries: u32) -> Desc {
+    Desc::indirect(table, entries)
 }
 
 fn write_u32(mem: &Mem, addr: u64, v: u32) {
@@ -166,175 +147,48 @@ fn write_u32(mem: &Mem, addr: u64, v: u32) {
         .expect("guest write");
 }
 
-fn read_u16(mem: &Mem, addr: u64) -> u16 {
-    let mut b = [0u8; 2];
-    mem.read_slice(&mut b, GuestAddress(addr))
-        .expect("guest read");
-    u16::from_le_bytes(b)
-}
-
-fn read_u32(mem: &Mem, addr: u64) -> u32 {
-    let mut b = [0u8; 4];
-    mem.read_slice(&mut b, GuestAddress(addr))
-        .expect("guest read");
-    u32::from_le_bytes(b)
-}
-
 /// Writes one raw descriptor at `addr`.
 fn store_desc(mem: &Mem, addr: u64, d_addr: u64, len: u32, flags: u16, next: u16) {
-    let mut b = [0u8; 16];
-    b[0..8].copy_from_slice(&d_addr.to_le_bytes());
-    b[8..12].copy_from_slice(&len.to_le_bytes());
-    b[12..14].copy_from_slice(&flags.to_le_bytes());
-    b[14..16].copy_from_slice(&next.to_le_bytes());
-    mem.write_slice(&b, GuestAddress(addr))
+    ring::write_desc_at(mem, GuestAddress(addr), Desc::new(d_addr, len, flags, next))
         .expect("descriptor write");
 }
 
 /// Writes `segs` as one chain into an indirect table at `table` (entry 0 first).
-fn write_table(mem: &Mem, table: u64, segs: &[Seg]) {
-    for (i, s) in segs.iter().enumerate() {
-        let (flags, next) = if i + 1 < segs.len() {
-            (s.flags | NEXT, i as u16 + 1)
-        } else {
-            (s.flags, 0)
-        };
-        store_desc(mem, table + 16 * i as u64, s.addr, s.len, flags, next);
-    }
+fn write_table(mem: &Mem, table: u64, segs: &[Desc]) {
+    ring::write_table(mem, GuestAddress(table), segs).expect("indirect table");
 }
 
-/// The driver side of one split virtqueue, as Linux's `virtio_ring.c` keeps it: a free list
-/// of descriptors, a shadow of the available index, and used entries reclaimed in order.
-struct Ring {
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    free: Vec<u16>,
-    /// The descriptors of each chain still owned by the device, by head.
-    chains: Vec<Option<Vec<u16>>>,
-    avail_idx: u16,
-    last_used: u16,
+/// The driver side of queue `index`'s ring of `size` entries, laid out as Linux's
+/// `vring_init` does at `RING_BASE + index * RING_STRIDE` and cleared, as a driver does with
+/// fresh ring memory.
+///
+/// Not `MockSplitQueue::create`: in virtio-queue 0.18 its `SplitQueueRing::end()` adds the
+/// number of ring *entries* rather than bytes, so the used ring it places overlaps the
+/// available ring (an entry near the middle of the available ring shares its bytes with the
+/// used index) and a ring more than half full corrupts itself.
+fn new_ring(mem: &Mem, index: usize, size: u16) -> SplitRing {
+    let base = RING_BASE + index as u64 * RING_STRIDE;
+    let layout = RingLayout::linux(GuestAddress(base), size);
+    assert!(
+        layout.end() <= base + RING_STRIDE,
+        "ring of {size} entries too big"
+    );
+    SplitRing::new(mem, index as u16, layout, false, true, None).expect("ring memory")
 }
 
-impl Ring {
-    /// Lays out a ring of `size` entries at `base` the way Linux's `vring_init` does
-    /// (descriptors, the available ring right after them, the used ring on the next 4 KiB
-    /// boundary) and clears it, as a driver does with fresh ring memory.
-    ///
-    /// Not `MockSplitQueue::create`: in virtio-queue 0.18 its `SplitQueueRing::end()` adds the
-    /// number of ring *entries* rather than bytes, so the used ring it places overlaps the
-    /// available ring (an entry near the middle of the available ring shares its bytes with
-    /// the used index) and a ring more than half full corrupts itself.
-    fn new(mem: &Mem, base: u64, size: u16) -> Self {
-        let n = u64::from(size);
-        let desc = base;
-        let avail = desc + 16 * n;
-        let used = (avail + 6 + 2 * n).next_multiple_of(PAGE);
-        let end = used + 6 + 8 * n;
-        assert!(end <= base + RING_STRIDE, "ring of {size} entries too big");
-        mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
-            .expect("ring memory");
-        Ring {
-            size,
-            desc,
-            avail,
-            used,
-            free: (0..size).rev().collect(),
-            chains: vec![None; usize::from(size)],
-            avail_idx: 0,
-            last_used: 0,
-        }
-    }
-
-    fn free_count(&self) -> usize {
-        self.free.len()
-    }
-
-    /// Takes `n` descriptors off the free list.
-    fn alloc(&mut self, n: usize) -> Vec<u16> {
-        assert!(
-            self.free.len() >= n,
-            "guest model: {n} descriptors wanted, {} free",
-            self.free.len()
-        );
-        let at = self.free.len() - n;
-        self.free.split_off(at).into_iter().rev().collect()
-    }
-
-    fn write_desc(&self, mem: &Mem, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        store_desc(mem, self.desc + 16 * u64::from(i), addr, len, flags, next);
-    }
-
-    /// Makes the chain starting at `ids[0]` available (Release before the index store).
-    fn publish(&mut self, mem: &Mem, ids: Vec<u16>) -> u16 {
-        let head = ids[0];
-        assert!(self.chains[usize::from(head)].is_none());
-        self.chains[usize::from(head)] = Some(ids);
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_slice(&head.to_le_bytes(), GuestAddress(slot))
-            .expect("avail ring");
-        fence(Ordering::Release);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_slice(&self.avail_idx.to_le_bytes(), GuestAddress(self.avail + 2))
-            .expect("avail idx");
-        head
-    }
-
-    /// Posts `segs` as one chain. Returns its head.
-    fn post(&mut self, mem: &Mem, segs: &[Seg]) -> u16 {
-        let ids = self.alloc(segs.len());
-        for (k, s) in segs.iter().enumerate() {
-            let (flags, next) = match ids.get(k + 1) {
-                Some(&n) => (s.flags | NEXT, n),
-                None => (s.flags, 0),
-            };
-            self.write_desc(mem, ids[k], s.addr, s.len, flags, next);
-        }
-        self.publish(mem, ids)
-    }
-
-    fn used_idx(&self, mem: &Mem) -> u16 {
-        read_u16(mem, self.used + 2)
-    }
-
-    /// The used ring entry at position `i` (id, len).
-    fn used_elem(&self, mem: &Mem, i: u16) -> (u32, u32) {
-        let at = self.used + 4 + 8 * u64::from(i % self.size);
-        (read_u32(mem, at), read_u32(mem, at + 4))
-    }
-
-    /// Chains made available and not yet used by the device.
-    fn pending(&self, mem: &Mem) -> u16 {
-        self.avail_idx.wrapping_sub(self.used_idx(mem))
-    }
-
-    /// `virtqueue_get_buf` until the used ring is empty. Panics on a used entry for a chain
-    /// the device does not own (never posted, or used twice) and on a used length other than
-    /// 0. Returns the heads in used order.
-    fn reclaim(&mut self, mem: &Mem) -> Vec<u16> {
-        let used_idx = self.used_idx(mem);
-        fence(Ordering::Acquire);
-        let mut heads = Vec::new();
-        while self.last_used != used_idx {
-            let (id, len) = self.used_elem(mem, self.last_used);
-            let ids = usize::try_from(id)
-                .ok()
-                .and_then(|i| self.chains.get_mut(i))
-                .and_then(Option::take)
-                .unwrap_or_else(|| {
-                    panic!(
-                        "used entry {} names chain {id}, which the device does not own",
-                        self.last_used
-                    )
-                });
-            assert_eq!(len, 0, "free page queue used length for chain {id}");
-            self.free.extend(ids);
-            heads.push(id as u16);
-            self.last_used = self.last_used.wrapping_add(1);
-        }
-        heads
-    }
+/// `virtqueue_get_buf` until the used ring is empty. Panics on a used entry for a chain the
+/// device does not own (never posted, or used twice) and on a used length other than 0.
+/// Returns the heads in used order.
+fn reclaim(ring: &mut SplitRing, mem: &Mem) -> Vec<u16> {
+    let used = ring
+        .reclaim_all(mem)
+        .unwrap_or_else(|e| panic!("a used entry names a chain the device does not own: {e}"));
+    used.iter()
+        .map(|b| {
+            assert_eq!(b.len, 0, "free page queue used length for chain {}", b.head);
+            b.head
+        })
+        .collect()
 }
 
 /// Counts sink calls and lets a thread wait for a number of them.
@@ -395,7 +249,7 @@ struct Vm {
     count: Arc<Counter>,
     ctl: HintControl,
     fpq: usize,
-    ring: Ring,
+    ring: SplitRing,
 }
 
 impl Vm {
@@ -415,7 +269,7 @@ impl Vm {
             .index(QueueRole::FreePage)
             .expect("a free page queue");
         let ctl = dev.hint_control();
-        let ring = Ring::new(&mem, RING_BASE + fpq as u64 * RING_STRIDE, 2);
+        let ring = new_ring(&mem, fpq, 2);
         Vm {
             mem,
             mmio: MmioTransport::new(dev),
@@ -482,12 +336,24 @@ impl Vm {
             let size = self.r32(reg::QUEUE_NUM_MAX);
             let size = u16::try_from(size).expect("queue size");
             assert!(size > 0, "queue {i} exists");
-            let ring = Ring::new(&self.mem, RING_BASE + i as u64 * RING_STRIDE, size);
+            let ring = new_ring(&self.mem, i, size);
             self.w32(reg::QUEUE_NUM, u32::from(size));
             for (lo, hi, addr) in [
-                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, ring.desc),
-                (reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_HIGH, ring.avail),
-                (reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH, ring.used),
+                (
+                    reg::QUEUE_DESC_LOW,
+                    reg::QUEUE_DESC_HIGH,
+                    ring.layout.desc.0,
+                ),
+                (
+                    reg::QUEUE_AVAIL_LOW,
+                    reg::QUEUE_AVAIL_HIGH,
+                    ring.layout.avail.0,
+                ),
+                (
+                    reg::QUEUE_USED_LOW,
+                    reg::QUEUE_USED_HIGH,
+                    ring.layout.used.0,
+                ),
             ] {
                 self.w32(lo, addr as u32);
                 self.w32(hi, (addr >> 32) as u32);
@@ -524,8 +390,10 @@ impl Vm {
         self.mmio.device_mut().process_queue(i);
     }
 
-    fn post(&mut self, segs: &[Seg]) -> u16 {
-        self.ring.post(&self.mem, segs)
+    fn post(&mut self, segs: &[Desc]) -> u16 {
+        self.ring
+            .add_descs(&self.mem, segs, 0)
+            .expect("guest model: post")
     }
 
     fn post_hint(&mut self, gpa: u64, len: u64) -> u16 {
@@ -562,15 +430,15 @@ impl Vm {
     }
 
     fn used_idx(&self) -> u16 {
-        self.ring.used_idx(&self.mem)
+        self.ring.used_idx(&self.mem).expect("used index")
     }
 
     fn pending(&self) -> u16 {
-        self.ring.pending(&self.mem)
+        self.ring.pending(&self.mem).expect("used index")
     }
 
     fn reclaim(&mut self) -> Vec<u16> {
-        self.ring.reclaim(&self.mem)
+        reclaim(&mut self.ring, &self.mem)
     }
 
     /// Asserts every posted chain came back (once, with used length 0) and reclaims them.
@@ -857,34 +725,50 @@ fn edge_08_malformed_chains() {
     log_everything();
     let mut vm = Vm::ready();
     let id = vm.begin_round();
-    let size = vm.ring.size;
+    let size = vm.ring.size();
     let mem = vm.mem.clone();
 
     // A descriptor pointing to itself.
-    let ids = vm.ring.alloc(1);
+    let ids = vm.ring.alloc(1).unwrap();
     vm.ring
-        .write_desc(&mem, ids[0], page(0), PAGE as u32, WRITE | NEXT, ids[0]);
-    vm.ring.publish(&mem, ids);
+        .write_desc_raw(
+            &mem,
+            ids[0],
+            Desc::new(page(0), PAGE as u32, WRITE | NEXT, ids[0]),
+        )
+        .unwrap();
+    vm.ring.publish_chain(&mem, &ids, 0).unwrap();
     // A loop of two.
-    let ids = vm.ring.alloc(2);
+    let ids = vm.ring.alloc(2).unwrap();
     vm.ring
-        .write_desc(&mem, ids[0], page(1), PAGE as u32, WRITE | NEXT, ids[1]);
+        .write_desc_raw(
+            &mem,
+            ids[0],
+            Desc::new(page(1), PAGE as u32, WRITE | NEXT, ids[1]),
+        )
+        .unwrap();
     vm.ring
-        .write_desc(&mem, ids[1], page(2), PAGE as u32, WRITE | NEXT, ids[0]);
-    vm.ring.publish(&mem, ids);
+        .write_desc_raw(
+            &mem,
+            ids[1],
+            Desc::new(page(2), PAGE as u32, WRITE | NEXT, ids[0]),
+        )
+        .unwrap();
+    vm.ring.publish_chain(&mem, &ids, 0).unwrap();
     // `next` past the table.
-    let ids = vm.ring.alloc(1);
+    let ids = vm.ring.alloc(1).unwrap();
     vm.ring
-        .write_desc(&mem, ids[0], page(3), PAGE as u32, WRITE | NEXT, size + 3);
-    vm.ring.publish(&mem, ids);
+        .write_desc_raw(
+            &mem,
+            ids[0],
+            Desc::new(page(3), PAGE as u32, WRITE | NEXT, size + 3),
+        )
+        .unwrap();
+    vm.ring.publish_chain(&mem, &ids, 0).unwrap();
     // An indirect table whose length is not a multiple of 16.
     let t0 = INDIRECT_BASE;
     write_table(&mem, t0, &[inp(page(4), PAGE), inp(page(5), PAGE)]);
-    vm.post(&[Seg {
-        addr: t0,
-        len: 20,
-        flags: INDIRECT,
-    }]);
+    vm.post(&[Desc::new(t0, 20, INDIRECT, 0)]);
     // An indirect table in the MMIO hole.
     vm.post(&[indirect(HOLE + MIB, 2)]);
     // An indirect table that refers to another one.
@@ -931,7 +815,7 @@ fn edge_08_malformed_chains() {
         ]
     );
     vm.reclaim();
-    let long: Vec<Seg> = (0..u64::from(size))
+    let long: Vec<Desc> = (0..u64::from(size))
         .map(|i| inp(page(100 + i), PAGE))
         .collect();
     vm.post(&long);
@@ -949,9 +833,9 @@ fn edge_08_indirect_chain_longer_than_queue_is_capped() {
     log_everything();
     let mut vm = Vm::ready();
     vm.begin_round();
-    let size = u64::from(vm.ring.size);
+    let size = u64::from(vm.ring.size());
     let entries = 4 * size;
-    let table: Vec<Seg> = (0..entries).map(|i| inp(page(i), PAGE)).collect();
+    let table: Vec<Desc> = (0..entries).map(|i| inp(page(i), PAGE)).collect();
     write_table(&vm.mem, INDIRECT_BASE, &table);
     vm.post(&[indirect(INDIRECT_BASE, entries as u32)]);
     vm.process();
@@ -1100,7 +984,7 @@ fn ram_with_file() -> Mem {
     let tmp = TempFile::new_with_prefix("/tmp/virtio-balloon-edge14-").expect("temp file");
     let file = tmp.into_file();
     file.set_len(2 * MIB).expect("file size");
-    GuestMemoryMmap::from_ranges_with_files([
+    Mem::from_ranges_with_files([
         (GuestAddress(R0.0), R0.1 as usize, None),
         (
             GuestAddress(R1.0),
@@ -1550,7 +1434,7 @@ fn edge_27_queue_not_ready() {
         let mut vm = Vm::with(cfg(), ram(), None);
         if fq == FreeQueue::Absent {
             // The ring memory exists, but the device was never told where it is.
-            vm.ring = Ring::new(&vm.mem, RING_BASE + vm.fpq as u64 * RING_STRIDE, 64);
+            vm.ring = new_ring(&vm.mem, vm.fpq, 64);
         }
         vm.probe(LINUX_FEATURES, fq);
         assert!(vm.ctl.negotiated());
@@ -1662,20 +1546,24 @@ fn used_entries_match_pops(features: u64) {
     );
     vm.probe(features, FreeQueue::Ready);
     let id = vm.begin_round();
-    let size = vm.ring.size;
+    let size = vm.ring.size();
     let base_used = vm.used_idx();
 
     // The guest fills every descriptor and never reclaims.
     let heads: Vec<u16> = (0..u64::from(size))
         .map(|i| vm.post_hint(page(i), PAGE))
         .collect();
-    assert_eq!(vm.ring.free_count(), 0);
+    assert_eq!(usize::from(vm.ring.num_free()), 0);
     vm.process();
     vm.process();
     vm.process();
     assert_eq!(vm.used_idx().wrapping_sub(base_used), size);
     let used: Vec<(u32, u32)> = (0..size)
-        .map(|k| vm.ring.used_elem(&vm.mem, base_used.wrapping_add(k)))
+        .map(|k| {
+            vm.ring
+                .used_elem(&vm.mem, base_used.wrapping_add(k))
+                .unwrap()
+        })
         .collect();
     let expect: Vec<(u32, u32)> = heads.iter().map(|&h| (u32::from(h), 0)).collect();
     assert_eq!(used, expect, "one used entry per pop, in order");
@@ -1694,9 +1582,9 @@ fn used_entries_match_pops(features: u64) {
     let mut returned = 0u64;
     while posted < 70_000 {
         let mut k = 0u64;
-        while vm.ring.free_count() >= 3 {
+        while usize::from(vm.ring.num_free()) >= 3 {
             let n = 1 + (k % 3);
-            let segs: Vec<Seg> = (0..n).map(|j| inp(page(j), PAGE)).collect();
+            let segs: Vec<Desc> = (0..n).map(|j| inp(page(j), PAGE)).collect();
             vm.post(&segs);
             k += 1;
         }
@@ -1726,7 +1614,7 @@ fn edge_40_flood_of_small_hints() {
     let mut next = 0u64;
     let mut wakeups = 0;
     while next < total || vm.pending() > 0 {
-        while next < total && vm.ring.free_count() > 0 {
+        while next < total && usize::from(vm.ring.num_free()) > 0 {
             vm.post_hint(R1.0 + next * PAGE, PAGE);
             next += 1;
         }
@@ -1772,10 +1660,10 @@ fn edge_40_hostile_indirect_tables_are_bounded() {
         ..cfg()
     });
     vm.begin_round();
-    let size = u64::from(vm.ring.size);
+    let size = u64::from(vm.ring.size());
     // One table of 1024 hints, shared by every element (one ring slot each).
     let entries = 1024u64;
-    let table: Vec<Seg> = (0..entries).map(|i| inp(page(i), PAGE)).collect();
+    let table: Vec<Desc> = (0..entries).map(|i| inp(page(i), PAGE)).collect();
     write_table(&vm.mem, INDIRECT_BASE, &table);
     for _ in 0..2 * BUDGET {
         vm.post(&[indirect(INDIRECT_BASE, entries as u32)]);
@@ -1835,13 +1723,14 @@ fn edge_40_stop_round_while_guest_floods() {
             let mut after = 0;
             let mut i = 0u64;
             while after < AFTER_STOP {
-                if ring.free_count() == 0 {
-                    ring.reclaim(&mem);
+                if ring.num_free() == 0 {
+                    reclaim(&mut ring, &mem);
                     thread::yield_now();
                     continue;
                 }
                 let late = stopped.load(Ordering::Acquire);
-                ring.post(&mem, &[inp(R1.0 + (i % 4096) * PAGE, PAGE)]);
+                ring.add_descs(&mem, &[inp(R1.0 + (i % 4096) * PAGE, PAGE)], 0)
+                    .unwrap();
                 i += 1;
                 if late {
                     after += 1;
@@ -2013,9 +1902,9 @@ fn fence_survives_avail_index_wrap() {
     let mut vm = Vm::ready();
     // Move the available index to 0xfffd with elements the device ignores (STOP).
     let target = 0xfffd_u16;
-    while vm.ring.avail_idx != target {
-        let room = vm.ring.free_count() as u16;
-        let left = target.wrapping_sub(vm.ring.avail_idx);
+    while vm.ring.avail_idx() != target {
+        let room = usize::from(vm.ring.num_free()) as u16;
+        let left = target.wrapping_sub(vm.ring.avail_idx());
         for _ in 0..room.min(left) {
             vm.post_hint(page(0), PAGE);
         }
@@ -2038,7 +1927,7 @@ fn fence_survives_avail_index_wrap() {
     vm.post_hint(page(1), PAGE);
     vm.post_hint(page(2), PAGE);
     vm.post_start(n1);
-    assert_eq!(vm.ring.avail_idx, 1);
+    assert_eq!(vm.ring.avail_idx(), 1);
     vm.post_hint(page(3), PAGE);
     vm.process();
     assert_eq!(vm.state(), HintState::Start);
@@ -2056,11 +1945,14 @@ fn edge_08_available_index_far_ahead_does_not_hang() {
     let mut vm = Vm::ready();
     let id = vm.begin_round();
     vm.post_hint(page(0), PAGE);
-    let good_idx = vm.ring.avail_idx;
+    let good_idx = vm.ring.avail_idx();
     // The driver publishes an index 250 entries ahead of a 64-entry ring.
     let bad_idx = good_idx.wrapping_add(250);
     vm.mem
-        .write_slice(&bad_idx.to_le_bytes(), GuestAddress(vm.ring.avail + 2))
+        .write_slice(
+            &bad_idx.to_le_bytes(),
+            GuestAddress(vm.ring.layout.avail.0 + 2),
+        )
         .unwrap();
     vm.process();
     vm.ctl.stop_round();
@@ -2071,7 +1963,10 @@ fn edge_08_available_index_far_ahead_does_not_hang() {
 
     // The driver repairs its index: the queued element is served (in STOP, so ignored).
     vm.mem
-        .write_slice(&good_idx.to_le_bytes(), GuestAddress(vm.ring.avail + 2))
+        .write_slice(
+            &good_idx.to_le_bytes(),
+            GuestAddress(vm.ring.layout.avail.0 + 2),
+        )
         .unwrap();
     vm.process();
     assert_eq!(vm.pending(), 0);

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
+use guest_model::ring::{GuestMem, Part, RingLayout, SplitRing};
 use virtio_balloon::backend::{HostRange, MemoryBackend};
 use virtio_balloon::device::pages::{MAX_PFNS_PER_ELEMENT, PENDING_RANGES};
 use virtio_balloon::device::stats::tag;
@@ -37,9 +38,9 @@ use virtio_balloon::{
     Balloon, BalloonConfig, BalloonEvents, BalloonMetrics, HintState, QueueLayout, QueueRole,
     StatsReport,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-type Mem = GuestMemoryMmap;
+type Mem = GuestMem;
 type Dev = Balloon<Arc<Mem>>;
 type Mmio = MmioTransport<Dev>;
 
@@ -62,10 +63,6 @@ const BUF_BASE: u64 = 2 * MIB;
 const BUF_END: u64 = 8 * MIB;
 /// Inflate targets start here (PFN 0x800, inside R0).
 const TARGETS: u64 = 8 * MIB;
-
-/// Descriptor flags.
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
 
 /// VIRTIO_F_RING_EVENT_IDX: not accepted, so every used buffer raises an interrupt.
 const F_EVENT_IDX: u64 = 1 << 29;
@@ -95,7 +92,7 @@ const ISR_USED: u32 = 1;
 
 /// Three regions: R0 and R1 adjacent, a hole, R2.
 fn ram() -> Mem {
-    GuestMemoryMmap::from_ranges(&[
+    Mem::from_ranges(&[
         (GuestAddress(R0.0), R0.1 as usize),
         (GuestAddress(R1.0), R1.1 as usize),
         (GuestAddress(R2.0), R2.1 as usize),
@@ -105,7 +102,7 @@ fn ram() -> Mem {
 
 /// One region of 128 MiB (room for 10,000 scattered PFNs).
 fn big_ram() -> Mem {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (128 * MIB) as usize)]).expect("memory")
+    Mem::from_ranges(&[(GuestAddress(0), (128 * MIB) as usize)]).expect("memory")
 }
 
 /// The PFN (4 KiB units) of a guest address.
@@ -118,13 +115,6 @@ fn read_u16(mem: &Mem, addr: u64) -> u16 {
     mem.read_slice(&mut b, GuestAddress(addr))
         .expect("guest read");
     u16::from_le_bytes(b)
-}
-
-fn read_u32(mem: &Mem, addr: u64) -> u32 {
-    let mut b = [0u8; 4];
-    mem.read_slice(&mut b, GuestAddress(addr))
-        .expect("guest read");
-    u32::from_le_bytes(b)
 }
 
 /// The host virtual address of a guest address.
@@ -255,104 +245,20 @@ impl MemoryBackend for Recorder {
 // The guest driver model
 // ----------------------------------------------------------------------------------------
 
-/// One descriptor of a chain.
-#[derive(Clone, Copy, Debug)]
-struct Seg {
-    addr: u64,
-    len: u32,
-    flags: u16,
-}
-
 /// A device-readable descriptor.
-fn out(addr: u64, len: usize) -> Seg {
-    Seg {
-        addr,
-        len: u32::try_from(len).expect("descriptor length"),
-        flags: 0,
-    }
+fn out(addr: u64, len: usize) -> Part {
+    Part::out(
+        GuestAddress(addr),
+        u32::try_from(len).expect("descriptor length"),
+    )
 }
 
 /// A device-writable descriptor.
-fn inp(addr: u64, len: u64) -> Seg {
-    Seg {
-        addr,
-        len: u32::try_from(len).expect("descriptor length"),
-        flags: WRITE,
-    }
-}
-
-/// The driver side of one split virtqueue. Descriptors are handed out in order and never
-/// reused (the tests post fewer chains than the queue has entries), so a buffer the device
-/// still holds is never overwritten.
-struct Ring {
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-}
-
-impl Ring {
-    /// Lays a ring out at `base` as Linux's `vring_init` does and clears it.
-    fn new(mem: &Mem, base: u64, size: u16) -> Self {
-        let n = u64::from(size);
-        let desc = base;
-        let avail = desc + 16 * n;
-        let used = (avail + 6 + 2 * n).next_multiple_of(PAGE);
-        let end = used + 6 + 8 * n;
-        assert!(end <= base + RING_STRIDE, "ring of {size} entries too big");
-        mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
-            .expect("ring memory");
-        Ring {
-            size,
-            desc,
-            avail,
-            used,
-            next_desc: 0,
-            avail_idx: 0,
-        }
-    }
-
-    fn post(&mut self, mem: &Mem, segs: &[Seg]) -> u16 {
-        assert!(!segs.is_empty());
-        assert!(
-            usize::from(self.next_desc) + segs.len() <= usize::from(self.size),
-            "test ring out of descriptors"
-        );
-        let head = self.next_desc;
-        for (k, s) in segs.iter().enumerate() {
-            let i = head + k as u16;
-            let last = k + 1 == segs.len();
-            let flags = if last { s.flags } else { s.flags | NEXT };
-            let next = if last { 0 } else { i + 1 };
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&s.addr.to_le_bytes());
-            b[8..12].copy_from_slice(&s.len.to_le_bytes());
-            b[12..14].copy_from_slice(&flags.to_le_bytes());
-            b[14..16].copy_from_slice(&next.to_le_bytes());
-            mem.write_slice(&b, GuestAddress(self.desc + 16 * u64::from(i)))
-                .expect("descriptor");
-        }
-        self.next_desc += segs.len() as u16;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_slice(&head.to_le_bytes(), GuestAddress(slot))
-            .expect("avail ring");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_slice(&self.avail_idx.to_le_bytes(), GuestAddress(self.avail + 2))
-            .expect("avail idx");
-        head
-    }
-
-    fn used_idx(&self, mem: &Mem) -> u16 {
-        read_u16(mem, self.used + 2)
-    }
-
-    /// The used ring entry at position `i`: (id, len).
-    fn used_elem(&self, mem: &Mem, i: u16) -> (u32, u32) {
-        let at = self.used + 4 + 8 * u64::from(i % self.size);
-        (read_u32(mem, at), read_u32(mem, at + 4))
-    }
+fn inp(addr: u64, len: u64) -> Part {
+    Part::input(
+        GuestAddress(addr),
+        u32::try_from(len).expect("descriptor length"),
+    )
 }
 
 /// A balloon behind virtio-mmio with a recording backend, its guest memory and the guest's
@@ -362,7 +268,7 @@ struct Rig {
     mem: Arc<Mem>,
     rec: Arc<Recorder>,
     layout: QueueLayout,
-    rings: Vec<Ring>,
+    rings: Vec<SplitRing>,
     next_buf: u64,
 }
 
@@ -463,12 +369,32 @@ impl Rig {
             self.w32(reg::QUEUE_SEL, i as u32);
             let size = u16::try_from(self.r32(reg::QUEUE_NUM_MAX)).expect("queue size");
             assert!(size > 0);
-            let ring = Ring::new(&self.mem, RING_BASE + i as u64 * RING_STRIDE, size);
+            // Fresh ring memory laid out as Linux's `vring_init` does.
+            let base = RING_BASE + i as u64 * RING_STRIDE;
+            let layout = RingLayout::linux(GuestAddress(base), size);
+            assert!(
+                layout.end() <= base + RING_STRIDE,
+                "ring of {size} entries too big"
+            );
+            let ring =
+                SplitRing::new(&self.mem, i as u16, layout, false, true, None).expect("ring");
             self.w32(reg::QUEUE_NUM, u32::from(size));
             for (lo, hi, addr) in [
-                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, ring.desc),
-                (reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_HIGH, ring.avail),
-                (reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH, ring.used),
+                (
+                    reg::QUEUE_DESC_LOW,
+                    reg::QUEUE_DESC_HIGH,
+                    ring.layout.desc.0,
+                ),
+                (
+                    reg::QUEUE_AVAIL_LOW,
+                    reg::QUEUE_AVAIL_HIGH,
+                    ring.layout.avail.0,
+                ),
+                (
+                    reg::QUEUE_USED_LOW,
+                    reg::QUEUE_USED_HIGH,
+                    ring.layout.used.0,
+                ),
             ] {
                 self.w32(lo, addr as u32);
                 self.w32(hi, (addr >> 32) as u32);
@@ -510,7 +436,7 @@ impl Rig {
         self.layout.index(role).expect("queue offered")
     }
 
-    fn ring(&self, role: QueueRole) -> &Ring {
+    fn ring(&self, role: QueueRole) -> &SplitRing {
         &self.rings[self.q(role)]
     }
 
@@ -534,7 +460,7 @@ impl Rig {
     }
 
     /// Copies `bytes` as readable pieces of the given lengths, each in its own buffer.
-    fn scatter(&mut self, bytes: &[u8], lens: &[usize]) -> Vec<Seg> {
+    fn scatter(&mut self, bytes: &[u8], lens: &[usize]) -> Vec<Part> {
         assert_eq!(lens.iter().sum::<usize>(), bytes.len());
         let mut segs = Vec::new();
         let mut at = 0;
@@ -546,9 +472,13 @@ impl Rig {
         segs
     }
 
-    fn post(&mut self, role: QueueRole, segs: &[Seg]) -> u16 {
+    fn post(&mut self, role: QueueRole, segs: &[Part]) -> u16 {
         let i = self.q(role);
-        self.rings[i].post(&self.mem, segs)
+        // Tests post fewer chains than the queue has entries and never reclaim, so a buffer
+        // the device still holds is never overwritten.
+        self.rings[i]
+            .add(&self.mem, segs, false, 0)
+            .expect("test ring out of descriptors")
     }
 
     /// One wakeup of the queue's handler.
@@ -558,16 +488,18 @@ impl Rig {
     }
 
     fn used_idx(&self, role: QueueRole) -> u16 {
-        self.ring(role).used_idx(&self.mem)
+        self.ring(role).used_idx(&self.mem).expect("used index")
     }
 
     fn used(&self, role: QueueRole, i: u16) -> (u32, u32) {
-        self.ring(role).used_elem(&self.mem, i)
+        self.ring(role)
+            .used_elem(&self.mem, i)
+            .expect("used element")
     }
 
     /// Posts one chain, serves the queue once and checks the chain came back as the next
     /// used entry with used length 0. Returns its head.
-    fn element(&mut self, role: QueueRole, segs: &[Seg]) -> u16 {
+    fn element(&mut self, role: QueueRole, segs: &[Part]) -> u16 {
         let before = self.used_idx(role);
         let head = self.post(role, segs);
         self.process(role);
@@ -599,7 +531,7 @@ impl Rig {
     }
 
     /// Posts a statistics buffer and serves the queue once.
-    fn stats(&mut self, segs: &[Seg]) -> u16 {
+    fn stats(&mut self, segs: &[Part]) -> u16 {
         let head = self.post(QueueRole::Stats, segs);
         self.process(QueueRole::Stats);
         head
@@ -657,7 +589,7 @@ impl Rig {
 
     /// Watches the used index of `role`'s ring from inside the backend.
     fn watch_used(&self, role: QueueRole) {
-        let addr = self.ring(role).used + 2;
+        let addr = self.ring(role).layout.used.0 + 2;
         *self.rec.watch.lock().unwrap() = Some((self.mem.clone(), addr));
     }
 }

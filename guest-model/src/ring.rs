@@ -78,6 +78,49 @@ pub struct Desc {
     pub next: u16,
 }
 
+impl Desc {
+    /// A descriptor written as given: no flag added, `next` as passed.
+    pub fn new(addr: u64, len: u32, flags: u16, next: u16) -> Self {
+        Desc {
+            addr,
+            len,
+            flags,
+            next,
+        }
+    }
+
+    /// A device-readable descriptor (no flags).
+    pub fn out(addr: u64, len: u32) -> Self {
+        Desc::new(addr, len, 0, 0)
+    }
+
+    /// A device-writable descriptor (`VRING_DESC_F_WRITE`).
+    pub fn input(addr: u64, len: u32) -> Self {
+        Desc::new(addr, len, VRING_DESC_F_WRITE, 0)
+    }
+
+    /// A descriptor naming an indirect table of `entries` descriptors at `table`
+    /// (`VRING_DESC_F_INDIRECT`, length `16 * entries`).
+    pub fn indirect(table: u64, entries: u32) -> Self {
+        Desc::new(
+            table,
+            entries.saturating_mul(DESC_SIZE as u32),
+            VRING_DESC_F_INDIRECT,
+            0,
+        )
+    }
+}
+
+impl From<Part> for Desc {
+    fn from(p: Part) -> Self {
+        if p.writable {
+            Desc::input(p.addr.0, p.len)
+        } else {
+            Desc::out(p.addr.0, p.len)
+        }
+    }
+}
+
 /// Where a queue's three parts live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingLayout {
@@ -401,6 +444,103 @@ impl SplitRing {
         Ok(head)
     }
 
+    /// Adds a chain of raw descriptors and publishes it: each descriptor's address, length
+    /// and flags are written as given, `VRING_DESC_F_NEXT` and `next` are filled in for every
+    /// descriptor but the last, whose `next` is written as given. Flags such as
+    /// `VRING_DESC_F_INDIRECT` with a hand-written table ([`write_table`]) or a write-only
+    /// command let hostile tests post what Linux never would, with the free list kept right.
+    /// Returns the head.
+    pub fn add_descs(
+        &mut self,
+        mem: &GuestMem,
+        descs: &[Desc],
+        token: u64,
+    ) -> Result<u16, RingError> {
+        if descs.is_empty() {
+            return Err(RingError::Empty);
+        }
+        let n = u16::try_from(descs.len()).unwrap_or(u16::MAX);
+        let ids = self.alloc(n)?;
+        for (k, (&i, d)) in ids.iter().zip(descs).enumerate() {
+            let d = match ids.get(k + 1) {
+                Some(&next) => Desc {
+                    flags: d.flags | VRING_DESC_F_NEXT,
+                    next,
+                    ..*d
+                },
+                None => *d,
+            };
+            self.write_desc_raw(mem, i, d)?;
+        }
+        self.publish_chain(mem, &ids, token)
+    }
+
+    /// Takes `n` descriptors off the free list, in free-list order, without writing or
+    /// publishing anything: the caller writes them with [`write_desc_raw`](Self::write_desc_raw)
+    /// (any flags, any `next`, loops included) and hands them to
+    /// [`publish_chain`](Self::publish_chain).
+    pub fn alloc(&mut self, n: u16) -> Result<Vec<u16>, RingError> {
+        if let Some(why) = &self.broken {
+            return Err(RingError::Broken(why.clone()));
+        }
+        if n == 0 {
+            return Err(RingError::Empty);
+        }
+        if self.num_free < n {
+            return Err(RingError::NoSpace {
+                needed: n,
+                free: self.num_free,
+            });
+        }
+        let mut ids = Vec::with_capacity(usize::from(n));
+        let mut i = self.free_head;
+        for _ in 0..n {
+            ids.push(i);
+            i = self.next[usize::from(i)];
+        }
+        self.free_head = i;
+        self.num_free -= n;
+        Ok(ids)
+    }
+
+    /// Publishes descriptors taken with [`alloc`](Self::alloc) as one chain headed by
+    /// `ids[0]`: when the device returns the head, all of `ids` go back to the free list,
+    /// whatever the descriptors' own `next` fields say.
+    pub fn publish_chain(
+        &mut self,
+        mem: &GuestMem,
+        ids: &[u16],
+        token: u64,
+    ) -> Result<u16, RingError> {
+        let (&head, rest) = ids.split_first().ok_or(RingError::Empty)?;
+        let size = self.layout.size;
+        let mut i = head;
+        for &n in rest {
+            if i >= size || self.next[usize::from(i)] != n {
+                return Err(RingError::Memory(format!(
+                    "descriptors {ids:?} were not taken together by alloc"
+                )));
+            }
+            i = n;
+        }
+        if head >= size || self.desc_state[usize::from(head)].is_some() {
+            return Err(RingError::Memory(format!(
+                "descriptor {head} is already a head"
+            )));
+        }
+        self.desc_state[usize::from(head)] = Some(HeadState {
+            token,
+            ring_descs: u16::try_from(ids.len()).unwrap_or(u16::MAX),
+        });
+        self.publish_head(mem, head)?;
+        Ok(head)
+    }
+
+    /// Chains published and not used by the device yet (avail index minus used index).
+    pub fn pending(&self, mem: &GuestMem) -> Result<u16, RingError> {
+        Ok(self.avail_idx_shadow.wrapping_sub(self.used_idx(mem)?))
+    }
+
     /// Puts `head` into the next avail ring slot and publishes the new avail index with a
     /// Release fence before the store. No free-list bookkeeping: use it raw only for hostile
     /// tests (a head the driver never set up is "not a head" when it comes back).
@@ -557,7 +697,28 @@ impl SplitRing {
     }
 }
 
-fn write_desc_at(mem: &GuestMem, at: GuestAddress, d: Desc) -> Result<(), RingError> {
+/// Writes `descs` as one chain into the table at `table`, entry 0 first: every entry but the
+/// last gets `VRING_DESC_F_NEXT` and `next` = its successor's index; the last is written as
+/// given. The table can be an indirect table or, for hostile tests, any guest memory.
+pub fn write_table(mem: &GuestMem, table: GuestAddress, descs: &[Desc]) -> Result<(), RingError> {
+    let mut at = table;
+    for (k, d) in descs.iter().enumerate() {
+        let d = match u16::try_from(k + 1) {
+            Ok(next) if k + 1 < descs.len() => Desc {
+                flags: d.flags | VRING_DESC_F_NEXT,
+                next,
+                ..*d
+            },
+            _ => *d,
+        };
+        write_desc_at(mem, at, d)?;
+        at = GuestAddress(at.0.wrapping_add(DESC_SIZE));
+    }
+    Ok(())
+}
+
+/// Writes one raw descriptor at guest address `at`, whatever it holds.
+pub fn write_desc_at(mem: &GuestMem, at: GuestAddress, d: Desc) -> Result<(), RingError> {
     let mut raw = [0u8; 16];
     raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
     raw[8..12].copy_from_slice(&d.len.to_le_bytes());
