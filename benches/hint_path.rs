@@ -50,6 +50,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use guest_model::bring_up;
+use guest_model::ring::{Desc, RingLayout, SplitRing};
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 type Device = Balloon<Arc<Mem>>;
 
@@ -74,36 +75,23 @@ const CMD_BUF: u64 = RING_BLOCK + 0xc000;
 /// The descriptor of the start buffer; descriptors `0..BATCH` are the hints.
 const START_DESC: u16 = QUEUE_SIZE - 1;
 
-const VRING_DESC_F_WRITE: u16 = 2;
-
-fn write_desc(mem: &Mem, index: u16, addr: u64, len: u32, flags: u16) {
-    let at = DESC_TABLE + u64::from(index) * 16;
-    mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
-    mem.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
-    mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
-    mem.write_obj(0u16, GuestAddress(at + 14)).unwrap();
+/// The driver's side of a ring over the shared descriptor table: `avail` and `used` are its
+/// own. The table is cleared here, so both rings are made before any descriptor is written.
+fn driver_ring(mem: &Mem, avail: u64, used: u64) -> SplitRing {
+    let layout = RingLayout {
+        size: QUEUE_SIZE,
+        desc: GuestAddress(DESC_TABLE),
+        avail: GuestAddress(avail),
+        used: GuestAddress(used),
+    };
+    SplitRing::new(mem, 0, layout, false, true, None).unwrap()
 }
 
-/// The driver's side of one available ring.
-struct AvailRing {
-    addr: u64,
-    idx: u16,
-}
-
-impl AvailRing {
-    /// Makes `heads` available: ring entries first, then the index with Release, as Linux.
-    fn post(&mut self, mem: &Mem, heads: impl IntoIterator<Item = u16>) {
-        for head in heads {
-            let slot = self.addr + 4 + 2 * u64::from(self.idx % QUEUE_SIZE);
-            mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
-            self.idx = self.idx.wrapping_add(1);
-        }
-        mem.store(
-            self.idx.to_le(),
-            GuestAddress(self.addr + 2),
-            Ordering::Release,
-        )
-        .unwrap();
+/// Makes `heads` available, each with Linux's ordering (ring entry, Release, index). The
+/// descriptors are written once and reposted as they are: no free-list bookkeeping.
+fn post(ring: &mut SplitRing, mem: &Mem, heads: impl IntoIterator<Item = u16>) {
+    for head in heads {
+        ring.publish_head(mem, head).unwrap();
     }
 }
 
@@ -111,32 +99,32 @@ fn used_idx(mem: &Mem, used: u64) -> u16 {
     u16::from_le(mem.load(GuestAddress(used + 2), Ordering::Acquire).unwrap())
 }
 
-/// 4 GiB of guest memory with the descriptor table written: `0..BATCH` are device-writable
-/// 4 MiB blocks, `START_DESC` is the readable 4-byte command buffer.
-fn guest_memory() -> Arc<Mem> {
+/// 4 GiB of guest memory with the device's and the floor's rings and the descriptor table
+/// written: `0..BATCH` are device-writable 4 MiB blocks, `START_DESC` is the readable 4-byte
+/// command buffer.
+fn guest_memory() -> (Arc<Mem>, SplitRing, SplitRing) {
     let mem = Arc::new(Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap());
+    let device = driver_ring(&mem, DEVICE_AVAIL, DEVICE_USED);
+    let floor = driver_ring(&mem, FLOOR_AVAIL, FLOOR_USED);
     for i in 0..BATCH {
-        write_desc(
-            &mem,
-            i,
-            u64::from(i) * BLOCK,
-            BLOCK as u32,
-            VRING_DESC_F_WRITE,
-        );
+        let d = Desc::input(u64::from(i) * BLOCK, BLOCK as u32);
+        device.write_desc_raw(&mem, i, d).unwrap();
     }
-    write_desc(&mem, START_DESC, CMD_BUF, 4, 0);
-    mem
+    device
+        .write_desc_raw(&mem, START_DESC, Desc::out(CMD_BUF, 4))
+        .unwrap();
+    (mem, device, floor)
 }
 
 /// A balloon driven into START through its registers, as a driver and a migration would.
 struct HintDevice {
     transport: MmioTransport<Device>,
     queue: usize,
-    avail: AvailRing,
+    avail: SplitRing,
 }
 
 impl HintDevice {
-    fn new(mem: &Arc<Mem>, sink: Arc<MigrationBitmap>) -> Self {
+    fn new(mem: &Arc<Mem>, avail: SplitRing, sink: Arc<MigrationBitmap>) -> Self {
         let cfg = BalloonConfig {
             // Without a stats queue, a driver acking only FREE_PAGE_HINT numbers the queues as
             // the device does.
@@ -156,16 +144,13 @@ impl HintDevice {
         let mut dev = HintDevice {
             transport: t,
             queue,
-            avail: AvailRing {
-                addr: DEVICE_AVAIL,
-                idx: 0,
-            },
+            avail,
         };
         // The migration starts a round; the guest reads the id and posts its start buffer.
         let control = dev.transport.device().hint_control();
         let id = control.start_round();
         mem.write_obj(id.to_le(), GuestAddress(CMD_BUF)).unwrap();
-        dev.avail.post(mem, [START_DESC]);
+        post(&mut dev.avail, mem, [START_DESC]);
         dev.process();
         assert_eq!(control.status().state, HintState::Start);
         dev
@@ -222,20 +207,16 @@ fn drain_bare(
 }
 
 fn bench_hint_path(c: &mut Criterion) {
-    let mem = guest_memory();
+    let (mem, device_ring, mut floor_avail) = guest_memory();
     let sink = Arc::new(MigrationBitmap::new(&*mem).unwrap());
     let mut group = c.benchmark_group("hint_path");
     group.throughput(Throughput::Elements(u64::from(BATCH)));
 
     let mut floor = floor_queue(&mem);
-    let mut floor_avail = AvailRing {
-        addr: FLOOR_AVAIL,
-        idx: 0,
-    };
     // Every benchmark prepares its batch the same way: refill the bitmap, post the chains.
     let mut post_floor = |m: &Mem| {
         sink.mark_all_dirty();
-        floor_avail.post(m, 0..BATCH);
+        post(&mut floor_avail, m, 0..BATCH);
     };
 
     group.bench_function("floor_pop_add_used", |b| {
@@ -286,7 +267,7 @@ fn bench_hint_path(c: &mut Criterion) {
         })
     });
 
-    let mut dev = HintDevice::new(&mem, sink.clone());
+    let mut dev = HintDevice::new(&mem, device_ring, sink.clone());
     let irq = dev.transport.device().interrupt_handle();
     let hinted_before = sink.hinted_pages();
     let mut batches = 0u64;
@@ -308,7 +289,7 @@ fn bench_hint_path(c: &mut Criterion) {
                     let _ = irq.eventfd().read();
                     irq.ack(irq.status());
                     sink.mark_all_dirty();
-                    avail.post(&mem, 0..BATCH);
+                    post(avail, &mem, 0..BATCH);
                 },
                 || transport.device_mut().process_queue(*queue),
             )

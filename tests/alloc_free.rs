@@ -19,6 +19,10 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use guest_model::ring::{
+    self, Desc, RingLayout, SplitRing, VRING_DESC_F_INDIRECT as F_INDIRECT,
+    VRING_DESC_F_NEXT as F_NEXT, VRING_DESC_F_WRITE as F_WRITE,
+};
 use virtio_balloon::migration::MigrationBitmap;
 use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintControl, HintMetrics, HintState, QueueRole};
@@ -157,107 +161,50 @@ const USED: u64 = DESC_TABLE + 0x2000;
 const CMD_BUF: u64 = DESC_TABLE + 0x4000;
 const INDIRECT: u64 = DESC_TABLE + 0x5000;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-
-/// One descriptor as the driver writes it.
-#[derive(Clone, Copy)]
-struct D {
-    addr: u64,
-    len: u32,
-    flags: u16,
-}
-
-fn hint(addr: u64, len: u32) -> D {
-    D {
-        addr,
-        len,
-        flags: F_WRITE,
-    }
-}
-
-fn out(addr: u64, len: u32) -> D {
-    D {
-        addr,
-        len,
-        flags: 0,
-    }
-}
-
-/// The guest's side: it writes chains from descriptor 0 up for each batch (the device uses
-/// every chain before the next batch) and makes them available.
+/// The guest's side of the free page queue: Linux's ring writer. The device uses every
+/// chain of a batch before the next one, and the chains are reclaimed after each batch.
 struct Guest {
     mem: Arc<Mem>,
-    next_desc: u16,
-    heads: Vec<u16>,
-    avail_idx: u16,
+    ring: SplitRing,
+    /// Chains added since the last batch.
+    posted: u16,
+}
+
+fn hint(addr: u64, len: u32) -> Desc {
+    Desc::input(addr, len)
+}
+
+fn out(addr: u64, len: u32) -> Desc {
+    Desc::out(addr, len)
 }
 
 impl Guest {
-    fn write_desc(&self, index: u16, d: D, next: u16) {
-        let at = GuestAddress(DESC_TABLE + u64::from(index) * 16);
-        let mut raw = [0u8; 16];
-        raw[..8].copy_from_slice(&d.addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&d.len.to_le_bytes());
-        raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        raw[14..].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&raw, at).unwrap();
-    }
-
     /// Adds a chain of `parts`, linked with NEXT.
-    fn chain(&mut self, parts: &[D]) {
-        let head = self.next_desc;
-        for (i, d) in parts.iter().enumerate() {
-            let index = self.next_desc;
-            self.next_desc += 1;
-            let last = i + 1 == parts.len();
-            let d = D {
-                flags: d.flags | if last { 0 } else { F_NEXT },
-                ..*d
-            };
-            self.write_desc(index, d, if last { 0 } else { index + 1 });
-        }
-        self.heads.push(head);
+    fn chain(&mut self, parts: &[Desc]) {
+        self.ring.add_descs(&self.mem, parts, 0).unwrap();
+        self.posted += 1;
     }
 
-    /// Adds a one-descriptor chain written as is (its flags and `next` untouched).
-    fn raw(&mut self, d: D, next: u16) {
-        let index = self.next_desc;
-        self.next_desc += 1;
-        self.write_desc(index, d, next);
-        self.heads.push(index);
+    /// Adds a one-descriptor chain written as is (its flags and `next` untouched); `next`
+    /// gets the descriptor's own index when `None` (a loop).
+    fn raw(&mut self, d: Desc, next: Option<u16>) {
+        let ids = self.ring.alloc(1).unwrap();
+        let d = Desc {
+            next: next.unwrap_or(ids[0]),
+            ..d
+        };
+        self.ring.write_desc_raw(&self.mem, ids[0], d).unwrap();
+        self.ring.publish_chain(&self.mem, &ids, 0).unwrap();
+        self.posted += 1;
     }
 
-    /// Makes the chains added since the last call available.
+    /// The chains added since the last call (all published already).
     fn publish(&mut self) -> u16 {
-        assert!(self.next_desc <= QUEUE_SIZE && self.heads.len() < usize::from(QUEUE_SIZE));
-        for &head in &self.heads {
-            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
-            self.mem
-                .write_obj(head.to_le(), GuestAddress(slot))
-                .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-        }
-        self.mem
-            .store(
-                self.avail_idx.to_le(),
-                GuestAddress(AVAIL + 2),
-                Ordering::Release,
-            )
-            .unwrap();
-        let n = self.heads.len() as u16;
-        self.heads.clear();
-        self.next_desc = 0;
-        n
+        std::mem::take(&mut self.posted)
     }
 
     fn used_idx(&self) -> u16 {
-        u16::from_le(
-            self.mem
-                .load(GuestAddress(USED + 2), Ordering::Acquire)
-                .unwrap(),
-        )
+        self.ring.used_idx(&self.mem).unwrap()
     }
 
     /// The 4 MiB block `i` of the low region (round-robin).
@@ -306,26 +253,21 @@ impl Setup {
         bring_up::bring_up_hinting(&mut t, &[(queue, QUEUE_SIZE, [DESC_TABLE, AVAIL, USED])]);
 
         // An indirect table one descriptor longer than the queue: 4 KiB hints, chained.
-        for i in 0..=QUEUE_SIZE {
-            let last = i == QUEUE_SIZE;
-            let mut raw = [0u8; 16];
-            raw[..8].copy_from_slice(&Guest::block(u64::from(i)).to_le_bytes());
-            raw[8..12].copy_from_slice(&0x1000u32.to_le_bytes());
-            let flags = F_WRITE | if last { 0 } else { F_NEXT };
-            raw[12..14].copy_from_slice(&flags.to_le_bytes());
-            raw[14..].copy_from_slice(&(if last { 0 } else { i + 1 }).to_le_bytes());
-            mem.write_slice(&raw, GuestAddress(INDIRECT + u64::from(i) * 16))
-                .unwrap();
-        }
+        let table: Vec<Desc> = (0..=QUEUE_SIZE)
+            .map(|i| hint(Guest::block(u64::from(i)), 0x1000))
+            .collect();
+        ring::write_table(&mem, GuestAddress(INDIRECT), &table).unwrap();
+        let layout = RingLayout::linux(GuestAddress(DESC_TABLE), QUEUE_SIZE);
+        assert_eq!((layout.avail.0, layout.used.0), (AVAIL, USED));
+        let ring = SplitRing::new(&mem, queue as u16, layout, false, true, None).unwrap();
 
         let mut s = Setup {
             transport: t,
             queue,
             guest: Guest {
                 mem,
-                next_desc: 0,
-                heads: Vec::new(),
-                avail_idx: 0,
+                ring,
+                posted: 0,
             },
             sink,
             control,
@@ -349,6 +291,9 @@ impl Setup {
             posted,
             "every chain is used"
         );
+        let g = &mut self.guest;
+        let used = g.ring.reclaim_all(&g.mem).unwrap();
+        assert_eq!(used.len(), usize::from(posted));
         n
     }
 
@@ -388,39 +333,14 @@ impl Setup {
             g.chain(&[hint(Guest::block(0), BLOCK as u32), out(CMD_BUF, 4)]); // order
             g.chain(&[out(CMD_BUF, 2), hint(Guest::block(1), BLOCK as u32)]); // short command
             g.chain(&[out(HIGH_END + MIB, 4)]); // unreadable command
-            let me = g.next_desc;
-            g.raw(
-                D {
-                    addr: Guest::block(2),
-                    len: BLOCK as u32,
-                    flags: F_WRITE | F_NEXT,
-                },
-                me,
-            ); // a loop
-            g.raw(
-                D {
-                    addr: Guest::block(3),
-                    len: BLOCK as u32,
-                    flags: F_WRITE | F_NEXT,
-                },
-                QUEUE_SIZE,
-            ); // next past the table
-            g.raw(
-                D {
-                    addr: INDIRECT,
-                    len: 3,
-                    flags: F_INDIRECT,
-                },
-                0,
-            ); // an indirect table of 3 bytes is not a table: an empty chain
-            g.raw(
-                D {
-                    addr: INDIRECT,
-                    len: (u32::from(QUEUE_SIZE) + 1) * 16,
-                    flags: F_INDIRECT,
-                },
-                0,
-            ); // a chain longer than the queue, through an indirect table
+            let looped = Desc::new(Guest::block(2), BLOCK as u32, F_WRITE | F_NEXT, 0);
+            g.raw(looped, None); // a loop
+            let past = Desc::new(Guest::block(3), BLOCK as u32, F_WRITE | F_NEXT, QUEUE_SIZE);
+            g.raw(past, Some(QUEUE_SIZE)); // next past the table
+                                           // An indirect table of 3 bytes is not a table: an empty chain.
+            g.raw(Desc::new(INDIRECT, 3, F_INDIRECT, 0), Some(0));
+            let long = Desc::indirect(INDIRECT, u32::from(QUEUE_SIZE) + 1);
+            g.raw(long, Some(0)); // a chain longer than the queue, through an indirect table
 
             // Well-formed elements whose hints are refused or trimmed.
             g.chain(&[hint(HIGH_END + BLOCK, BLOCK as u32)]); // outside RAM

@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
+use guest_model::ring::{Desc, GuestMem, Part, RingLayout, SplitRing, VRING_DESC_F_NEXT};
 use virtio_balloon::migration::{MigrationState, PrecopyEvent, PrecopyNotifierChain};
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::spec::features as f;
@@ -16,9 +17,9 @@ use virtio_balloon::{
     Balloon, BalloonConfig, BalloonError, HintControl, HintState, QueueLayout, QueueRole,
 };
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
-type Mem = GuestMemoryMmap;
+type Mem = GuestMem;
 type Dev = Balloon<Arc<Mem>>;
 type Mmio = MmioTransport<Dev>;
 type Loop = EventManager<Arc<Mutex<Mmio>>>;
@@ -86,7 +87,7 @@ const EVENT_IDX: u32 = 29;
 // ---------------------------------------------------------------------------------------
 
 fn memory() -> Arc<Mem> {
-    Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap())
+    Arc::new(Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap())
 }
 
 fn cfg_with(f: impl FnOnce(&mut BalloonConfig)) -> BalloonConfig {
@@ -171,114 +172,83 @@ fn negotiate(t: &mut Mmio, acked: u64) -> bool {
     rd(t, reg::STATUS) & st::FEATURES_OK != 0
 }
 
-/// The driver side of one split queue, laid out at `base`.
-#[derive(Debug)]
-struct Ring {
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
+/// The driver side of queue `index`'s ring, the queues 64 KiB apart.
+fn ring_for(mem: &Mem, index: u32, size: u16) -> SplitRing {
+    ring_at(mem, 0x1_0000 * (u64::from(index) + 1), size)
 }
 
-impl Ring {
-    fn new(base: u64, size: u16) -> Self {
-        let desc = base;
-        let avail = desc + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        Ring {
-            size,
-            desc,
-            avail,
-            used,
-            next_desc: 0,
-            avail_idx: 0,
-        }
-    }
+/// The driver side of a ring of `size` entries laid out (and cleared) at `base` as Linux's
+/// `vring_init` does.
+fn ring_at(mem: &Mem, base: u64, size: u16) -> SplitRing {
+    let layout = RingLayout::linux(GuestAddress(base), size);
+    SplitRing::new(mem, 0, layout, false, true, None).unwrap()
+}
 
-    /// A ring for queue `index`, each queue 64 KiB apart.
-    fn for_queue(index: u32, size: u16) -> Self {
-        Ring::new(0x1_0000 * (u64::from(index) + 1), size)
-    }
-
+/// What the tests do with a ring: program it, post buffers (descriptors are never reclaimed:
+/// no test posts more chains than a queue has entries) and read the used ring.
+trait TestRing {
     /// Selects queue `index` and programs size, addresses and ready.
+    fn program(&self, t: &mut Mmio, index: u32);
+    /// Posts a chain of `(addr, len, device_writable)` parts. Returns its head.
+    fn post(&mut self, mem: &Mem, parts: &[(u64, u32, bool)]) -> u16;
+    /// Posts one descriptor whose NEXT points back at itself (a loop).
+    fn post_looped(&mut self, mem: &Mem, addr: u64) -> u16;
+    /// Posts a one-descriptor device-readable buffer.
+    fn post_out(&mut self, mem: &Mem, addr: u64, len: u32) -> u16;
+    /// The device's used index.
+    fn used(&self, mem: &Mem) -> u16;
+    /// The used element at position `i`: (id, len).
+    fn elem(&self, mem: &Mem, i: u16) -> (u32, u32);
+}
+
+impl TestRing for SplitRing {
     fn program(&self, t: &mut Mmio, index: u32) {
+        let l = self.layout;
         wr(t, reg::QUEUE_SEL, index);
-        wr(t, reg::QUEUE_NUM, u32::from(self.size));
-        wr(t, reg::QUEUE_DESC_LOW, self.desc as u32);
-        wr(t, reg::QUEUE_DESC_HIGH, (self.desc >> 32) as u32);
-        wr(t, reg::QUEUE_AVAIL_LOW, self.avail as u32);
-        wr(t, reg::QUEUE_AVAIL_HIGH, (self.avail >> 32) as u32);
-        wr(t, reg::QUEUE_USED_LOW, self.used as u32);
-        wr(t, reg::QUEUE_USED_HIGH, (self.used >> 32) as u32);
+        wr(t, reg::QUEUE_NUM, u32::from(l.size));
+        wr(t, reg::QUEUE_DESC_LOW, l.desc.0 as u32);
+        wr(t, reg::QUEUE_DESC_HIGH, (l.desc.0 >> 32) as u32);
+        wr(t, reg::QUEUE_AVAIL_LOW, l.avail.0 as u32);
+        wr(t, reg::QUEUE_AVAIL_HIGH, (l.avail.0 >> 32) as u32);
+        wr(t, reg::QUEUE_USED_LOW, l.used.0 as u32);
+        wr(t, reg::QUEUE_USED_HIGH, (l.used.0 >> 32) as u32);
         wr(t, reg::QUEUE_READY, 1);
     }
 
-    /// Posts a chain of `(addr, len, device_writable)` parts. Returns its head.
     fn post(&mut self, mem: &Mem, parts: &[(u64, u32, bool)]) -> u16 {
-        assert!(!parts.is_empty());
-        let head = self.next_desc;
-        for (i, &(addr, len, writable)) in parts.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
-            let next = (idx + 1) % self.size;
-            let mut flags = if writable { 2u16 } else { 0 };
-            if i + 1 < parts.len() {
-                flags |= 1;
-            }
-            let at = self.desc + 16 * u64::from(idx);
-            mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
-            mem.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
-            mem.write_obj(next.to_le(), GuestAddress(at + 14)).unwrap();
-        }
-        self.next_desc = (head + parts.len() as u16) % self.size;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
-            .unwrap();
-        head
+        let parts: Vec<Part> = parts
+            .iter()
+            .map(|&(addr, len, writable)| Part {
+                addr: GuestAddress(addr),
+                len,
+                writable,
+            })
+            .collect();
+        self.add(mem, &parts, false, 0).unwrap()
     }
 
-    /// Posts one descriptor whose NEXT points back at itself (a loop).
     fn post_looped(&mut self, mem: &Mem, addr: u64) -> u16 {
-        let head = self.post_out(mem, addr, 8);
-        let at = self.desc + 16 * u64::from(head);
-        mem.write_obj(1u16.to_le(), GuestAddress(at + 12)).unwrap();
-        mem.write_obj(head.to_le(), GuestAddress(at + 14)).unwrap();
-        head
+        let ids = self.alloc(1).unwrap();
+        let d = Desc::new(addr, 8, VRING_DESC_F_NEXT, ids[0]);
+        self.write_desc_raw(mem, ids[0], d).unwrap();
+        self.publish_chain(mem, &ids, 0).unwrap()
     }
 
-    /// Makes a raw avail ring entry with `head`, whatever it is.
-    fn post_head(&mut self, mem: &Mem, head: u16) {
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
-    /// Posts a one-descriptor device-readable buffer.
     fn post_out(&mut self, mem: &Mem, addr: u64, len: u32) -> u16 {
         self.post(mem, &[(addr, len, false)])
     }
 
-    fn used_idx(&self, mem: &Mem) -> u16 {
-        u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).unwrap())
+    fn used(&self, mem: &Mem) -> u16 {
+        self.used_idx(mem).unwrap()
     }
 
-    /// The used element at position `i`: (id, len).
-    fn used_elem(&self, mem: &Mem, i: u16) -> (u32, u32) {
-        let at = self.used + 4 + 8 * u64::from(i % self.size);
-        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (u32::from_le(id), u32::from_le(len))
+    fn elem(&self, mem: &Mem, i: u16) -> (u32, u32) {
+        self.used_elem(mem, i).unwrap()
     }
 }
 
 /// Negotiates `acked`, programs `rings` (queue index, ring) and sets DRIVER_OK.
-fn bring_up(t: &mut Mmio, acked: u64, rings: &[(u32, &Ring)]) {
+fn bring_up(t: &mut Mmio, acked: u64, rings: &[(u32, &SplitRing)]) {
     assert!(negotiate(t, acked), "FEATURES_OK refused");
     for (index, ring) in rings {
         ring.program(t, *index);
@@ -422,7 +392,7 @@ fn queue_ready_reads_back_per_queue() {
         wr(&mut r.t, reg::QUEUE_SEL, i);
         assert_eq!(rd(&r.t, reg::QUEUE_READY), 0);
     }
-    Ring::for_queue(1, 16).program(&mut r.t, 1);
+    ring_for(&r.mem, 1, 16).program(&mut r.t, 1);
     wr(&mut r.t, reg::QUEUE_SEL, 0);
     assert_eq!(rd(&r.t, reg::QUEUE_READY), 0);
     wr(&mut r.t, reg::QUEUE_SEL, 1);
@@ -437,7 +407,7 @@ fn queue_ready_reads_back_per_queue() {
     assert_eq!(rd(&r.t, reg::QUEUE_READY), 1);
 
     // The free page queue stays readable after activation (the event loop owns it).
-    Ring::for_queue(3, 16).program(&mut r.t, 3);
+    ring_for(&r.mem, 3, 16).program(&mut r.t, 3);
     wr(&mut r.t, reg::STATUS, st::LIVE);
     assert_eq!(rd(&r.t, reg::STATUS), st::LIVE);
     wr(&mut r.t, reg::QUEUE_SEL, 3);
@@ -595,7 +565,7 @@ fn failed_status_is_sticky_and_blocks_negotiation() {
     assert!(negotiate(&mut r.t, acked));
     wr(&mut r.t, reg::STATUS, st::NEGOTIATED | st::FAILED);
     assert_eq!(rd(&r.t, reg::STATUS), st::NEGOTIATED | st::FAILED);
-    Ring::for_queue(0, 16).program(&mut r.t, 0);
+    ring_for(&r.mem, 0, 16).program(&mut r.t, 0);
     let q = r.t.device().queue(0).unwrap();
     assert!(!q.ready());
     assert_eq!(q.desc_table(), 0);
@@ -615,8 +585,8 @@ fn status_zero_resets_everything_but_num_pages() {
     let mut r = rig(BalloonConfig::default());
     let acked = r.ack;
     assert_ne!(acked & bit(4), 0, "PAGE_POISON is acked");
-    let ring0 = Ring::for_queue(0, 16);
-    let ring3 = Ring::for_queue(3, 64);
+    let ring0 = ring_for(&r.mem, 0, 16);
+    let ring3 = ring_for(&r.mem, 3, 64);
     assert!(negotiate(&mut r.t, acked));
     ring0.program(&mut r.t, 0);
     ring3.program(&mut r.t, 3);
@@ -798,7 +768,7 @@ fn queue_regs(t: &Mmio, index: usize) -> (bool, u16, u64, u64, u64) {
 #[test]
 fn queue_registers_ignored_before_features_ok() {
     let mut r = rig(BalloonConfig::default());
-    let ring = Ring::new(0x1_0000, 16);
+    let ring = ring_at(&r.mem, 0x1_0000, 16);
     let pristine = (false, 256, 0, 0, 0);
     ring.program(&mut r.t, 0);
     assert_eq!(queue_regs(&r.t, 0), pristine, "at RESET");
@@ -813,7 +783,13 @@ fn queue_registers_ignored_before_features_ok() {
     ring.program(&mut r.t, 0);
     assert_eq!(
         queue_regs(&r.t, 0),
-        (true, 16, ring.desc, ring.avail, ring.used),
+        (
+            true,
+            16,
+            ring.layout.desc.0,
+            ring.layout.avail.0,
+            ring.layout.used.0,
+        ),
         "at FEATURES_OK"
     );
 }
@@ -821,12 +797,12 @@ fn queue_registers_ignored_before_features_ok() {
 #[test]
 fn queue_registers_ignored_after_driver_ok() {
     let mut r = rig(BalloonConfig::default());
-    let ring = Ring::for_queue(0, 16);
+    let ring = ring_for(&r.mem, 0, 16);
     bring_up(&mut r.t, r.ack, &[(0, &ring)]);
     let before0 = queue_regs(&r.t, 0);
     let before1 = queue_regs(&r.t, 1);
-    Ring::new(0x8_0000, 32).program(&mut r.t, 0);
-    Ring::new(0x9_0000, 32).program(&mut r.t, 1);
+    ring_at(&r.mem, 0x8_0000, 32).program(&mut r.t, 0);
+    ring_at(&r.mem, 0x9_0000, 32).program(&mut r.t, 1);
     wr(&mut r.t, reg::QUEUE_SEL, 0);
     wr(&mut r.t, reg::QUEUE_READY, 0);
     assert_eq!(queue_regs(&r.t, 0), before0);
@@ -857,7 +833,7 @@ fn queue_registers_reject_bad_values_and_high_halves_compose() {
     );
     // Writes with no queue selected change nothing and do not panic.
     wr(&mut r.t, reg::QUEUE_SEL, 9);
-    Ring::new(0x1_0000, 16).program(&mut r.t, 9);
+    ring_at(&r.mem, 0x1_0000, 16).program(&mut r.t, 9);
     for i in 1..4 {
         assert!(!queue_regs(&r.t, i).0, "queue {i}");
     }
@@ -1088,8 +1064,8 @@ fn activation_refused_when_a_ready_queue_lies_outside_guest_memory() {
     for (what, breaks) in cases {
         let mut r = rig(BalloonConfig::default());
         let acked = r.ack;
-        let good = Ring::for_queue(0, 64);
-        let bad = Ring::for_queue(1, 64);
+        let good = ring_for(&r.mem, 0, 64);
+        let bad = ring_for(&r.mem, 1, 64);
         assert!(negotiate(&mut r.t, acked));
         good.program(&mut r.t, 0);
         bad.program(&mut r.t, 1);
@@ -1109,7 +1085,11 @@ fn activation_refused_when_a_ready_queue_lies_outside_guest_memory() {
 
         wr(&mut r.t, reg::STATUS, 0);
         assert_eq!(rd(&r.t, reg::STATUS), 0);
-        bring_up(&mut r.t, acked, &[(0, &good), (1, &Ring::for_queue(1, 64))]);
+        bring_up(
+            &mut r.t,
+            acked,
+            &[(0, &good), (1, &ring_for(&r.mem, 1, 64))],
+        );
     }
 }
 
@@ -1124,7 +1104,7 @@ fn queue_that_is_not_ready_does_not_block_activation() {
     wr(&mut r.t, reg::QUEUE_DESC_HIGH, 0x10);
     wr(&mut r.t, reg::QUEUE_AVAIL_HIGH, 0x10);
     wr(&mut r.t, reg::QUEUE_USED_HIGH, 0x10);
-    Ring::for_queue(0, 64).program(&mut r.t, 0);
+    ring_for(&r.mem, 0, 64).program(&mut r.t, 0);
     wr(&mut r.t, reg::STATUS, st::LIVE);
     assert_eq!(rd(&r.t, reg::STATUS), st::LIVE);
     assert!(r.t.device().is_activated());
@@ -1271,15 +1251,15 @@ fn access_sweep_on_a_fresh_device_never_panics() {
     assert_eq!(rd(&r.t, reg::STATUS), 0);
     assert_eq!(rd(&r.t, reg::MAGIC), 0x7472_6976);
     let acked = r.ack;
-    let mut ring = Ring::for_queue(0, 16);
+    let mut ring = ring_for(&r.mem, 0, 16);
     bring_up(&mut r.t, acked, &[(0, &ring)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
     let head = ring.post_out(&r.mem, BUF_BASE, 8);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(ring.used_idx(&r.mem), 1);
-    assert_eq!(ring.used_elem(&r.mem, 0), (u32::from(head), 0));
+    assert_eq!(ring.used(&r.mem), 1);
+    assert_eq!(ring.elem(&r.mem, 0), (u32::from(head), 0));
 }
 
 #[test]
@@ -1287,8 +1267,8 @@ fn access_sweep_on_an_active_device_never_panics() {
     log_everything();
     let mut r = rig(all_features());
     let acked = r.ack;
-    let mut ring = Ring::for_queue(0, 16);
-    let fpq = Ring::for_queue(3, 64);
+    let mut ring = ring_for(&r.mem, 0, 16);
+    let fpq = ring_for(&r.mem, 3, 64);
     bring_up(&mut r.t, acked, &[(0, &ring), (3, &fpq)]);
     r.hints.start_round();
     let (mut em, shared) = event_loop(r.t);
@@ -1301,8 +1281,8 @@ fn access_sweep_on_an_active_device_never_panics() {
     let head = ring.post_out(&r.mem, BUF_BASE, 8);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     settle(&mut em);
-    assert_eq!(ring.used_idx(&r.mem), 1);
-    assert_eq!(ring.used_elem(&r.mem, 0), (u32::from(head), 0));
+    assert_eq!(ring.used(&r.mem), 1);
+    assert_eq!(ring.elem(&r.mem, 0), (u32::from(head), 0));
 
     // Zeros reset it on the way (Status = 0); all-ones are invalid everywhere.
     for pattern in [0x00, 0xff] {
@@ -1311,15 +1291,15 @@ fn access_sweep_on_an_active_device_never_panics() {
     }
     let mut t = shared.lock().unwrap();
     wr(&mut t, reg::STATUS, 0);
-    let mut ring = Ring::new(0x30_0000, 16);
+    let mut ring = ring_at(&r.mem, 0x30_0000, 16);
     bring_up(&mut t, acked, &[(0, &ring)]);
     drop(t);
     settle(&mut em);
     let head = ring.post_out(&r.mem, BUF_BASE, 8);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     settle(&mut em);
-    assert_eq!(ring.used_idx(&r.mem), 1);
-    assert_eq!(ring.used_elem(&r.mem, 0), (u32::from(head), 0));
+    assert_eq!(ring.used(&r.mem), 1);
+    assert_eq!(ring.elem(&r.mem, 0), (u32::from(head), 0));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1608,7 +1588,7 @@ fn config_writes_need_driver_status() {
 #[test]
 fn config_change_before_driver_ok_bumps_generation_without_interrupt() {
     let mut r = negotiated_rig(BalloonConfig::default());
-    let fpq = Ring::for_queue(3, 64);
+    let fpq = ring_for(&r.mem, 3, 64);
     fpq.program(&mut r.t, 3);
     let gen0 = rd(&r.t, reg::CONFIG_GENERATION);
     let id = r.hints.start_round();
@@ -1658,7 +1638,7 @@ fn start_round_after_driver_ok_raises_the_config_interrupt() {
 }
 
 /// Posts a start buffer carrying `id` on the free page queue.
-fn post_cmd(ring: &mut Ring, mem: &Mem, slot: u64, id: u32) -> u16 {
+fn post_cmd(ring: &mut SplitRing, mem: &Mem, slot: u64, id: u32) -> u16 {
     mem.write_obj(id.to_le(), GuestAddress(slot)).unwrap();
     ring.post_out(mem, slot, 4)
 }
@@ -1666,7 +1646,7 @@ fn post_cmd(ring: &mut Ring, mem: &Mem, slot: u64, id: u32) -> u16 {
 #[test]
 fn hint_id_in_config_follows_the_state() {
     let mut r = rig(BalloonConfig::default());
-    let mut fpq = Ring::for_queue(3, 64);
+    let mut fpq = ring_for(&r.mem, 3, 64);
     bring_up(&mut r.t, r.ack, &[(3, &fpq)]);
     let fpq_index =
         r.t.device()
@@ -1685,8 +1665,8 @@ fn hint_id_in_config_follows_the_state() {
     r.t.device_mut().process_queue(fpq_index);
     assert_eq!(r.hints.status().state, HintState::Start);
     assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id, "START");
-    assert_eq!(fpq.used_idx(&r.mem), 1);
-    assert_eq!(fpq.used_elem(&r.mem, 0).1, 0, "used length 0");
+    assert_eq!(fpq.used(&r.mem), 1);
+    assert_eq!(fpq.elem(&r.mem, 0).1, 0, "used length 0");
 
     r.hints.stop_round();
     assert_eq!(r.hints.status().state, HintState::Stop);
@@ -1729,7 +1709,7 @@ fn hint_ids_are_never_reserved_and_rise_across_reset() {
 fn reset_during_a_round_goes_to_stop_without_config_interrupt() {
     for started in [false, true] {
         let mut r = rig(BalloonConfig::default());
-        let mut fpq = Ring::for_queue(3, 64);
+        let mut fpq = ring_for(&r.mem, 3, 64);
         bring_up(&mut r.t, r.ack, &[(3, &fpq)]);
         let id = r.hints.start_round();
         if started {
@@ -1928,11 +1908,11 @@ fn plain_queues_return_buffers_with_used_length_zero_and_interrupt() {
     let reporting = layout.index(QueueRole::Reporting).unwrap() as u32;
     assert_eq!((inflate, deflate, reporting), (0, 1, 4));
     let mut rings = [
-        (inflate, Ring::for_queue(inflate, 16)),
-        (deflate, Ring::for_queue(deflate, 16)),
-        (reporting, Ring::for_queue(reporting, 32)),
+        (inflate, ring_for(&r.mem, inflate, 16)),
+        (deflate, ring_for(&r.mem, deflate, 16)),
+        (reporting, ring_for(&r.mem, reporting, 32)),
     ];
-    let refs: Vec<(u32, &Ring)> = rings.iter().map(|(i, ring)| (*i, ring)).collect();
+    let refs: Vec<(u32, &SplitRing)> = rings.iter().map(|(i, ring)| (*i, ring)).collect();
     bring_up(&mut r.t, r.ack, &refs);
     let irq = r.t.device().interrupt_handle();
     let (mut em, shared) = event_loop(r.t);
@@ -1951,12 +1931,8 @@ fn plain_queues_return_buffers_with_used_length_zero_and_interrupt() {
         };
         wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, *index);
         assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-        assert_eq!(ring.used_idx(&r.mem), 1, "queue {index}");
-        assert_eq!(
-            ring.used_elem(&r.mem, 0),
-            (u32::from(head), 0),
-            "queue {index}"
-        );
+        assert_eq!(ring.used(&r.mem), 1, "queue {index}");
+        assert_eq!(ring.elem(&r.mem, 0), (u32::from(head), 0), "queue {index}");
         assert_eq!(
             rd(&shared.lock().unwrap(), reg::INTERRUPT_STATUS),
             ISR_USED,
@@ -1973,7 +1949,7 @@ fn plain_queues_return_buffers_with_used_length_zero_and_interrupt() {
 fn stats_queue_holds_its_buffer_until_the_next_arrives() {
     let mut r = rig(BalloonConfig::default());
     let stats = r.t.device().queue_layout().index(QueueRole::Stats).unwrap() as u32;
-    let mut ring = Ring::for_queue(stats, 16);
+    let mut ring = ring_for(&r.mem, stats, 16);
     bring_up(&mut r.t, r.ack, &[(stats, &ring)]);
     let irq = r.t.device().interrupt_handle();
     let (mut em, shared) = event_loop(r.t);
@@ -1982,7 +1958,7 @@ fn stats_queue_holds_its_buffer_until_the_next_arrives() {
     let first = ring.post_out(&r.mem, BUF_BASE, 10 * 6);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, stats);
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(ring.used_idx(&r.mem), 0, "the first buffer is held");
+    assert_eq!(ring.used(&r.mem), 0, "the first buffer is held");
     assert_eq!(irq.status(), 0);
     assert_eq!(irq.eventfd().read().unwrap_or(0), 0);
 
@@ -1990,16 +1966,16 @@ fn stats_queue_holds_its_buffer_until_the_next_arrives() {
     assert_ne!(first, second);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, stats);
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(ring.used_idx(&r.mem), 1);
-    assert_eq!(ring.used_elem(&r.mem, 0), (u32::from(first), 0));
+    assert_eq!(ring.used(&r.mem), 1);
+    assert_eq!(ring.elem(&r.mem, 0), (u32::from(first), 0));
     assert_eq!(irq.status(), ISR_USED as u8);
     assert_eq!(irq.eventfd().read().unwrap(), 1);
 
     ring.post_out(&r.mem, BUF_BASE + 0x2000, 10 * 6);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, stats);
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(ring.used_idx(&r.mem), 2);
-    assert_eq!(ring.used_elem(&r.mem, 1), (u32::from(second), 0));
+    assert_eq!(ring.used(&r.mem), 2);
+    assert_eq!(ring.elem(&r.mem, 1), (u32::from(second), 0));
 }
 
 #[test]
@@ -2009,8 +1985,8 @@ fn flooded_queue_is_served_over_several_wakeups_without_starving_another() {
         c.queue_size = 64;
     });
     let mut r = rig(cfg);
-    let mut inflate = Ring::for_queue(0, 64);
-    let mut deflate = Ring::for_queue(1, 64);
+    let mut inflate = ring_for(&r.mem, 0, 64);
+    let mut deflate = ring_for(&r.mem, 1, 64);
     bring_up(&mut r.t, r.ack, &[(0, &inflate), (1, &deflate)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
@@ -2022,7 +1998,7 @@ fn flooded_queue_is_served_over_several_wakeups_without_starving_another() {
 
     // Wakeup 1: one batch of 4 from inflate; its eventfd is re-armed for the rest.
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(inflate.used_idx(&r.mem), 4);
+    assert_eq!(inflate.used(&r.mem), 4);
     assert_eq!(take_queue_evt(&shared.lock().unwrap(), 0), 1, "re-armed");
     // (Put the re-arm back, as it was.)
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
@@ -2033,16 +2009,16 @@ fn flooded_queue_is_served_over_several_wakeups_without_starving_another() {
 
     // Wakeup 2: both queues; deflate is served before inflate is drained.
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 2);
-    assert_eq!(deflate.used_idx(&r.mem), 1);
-    assert_eq!(deflate.used_elem(&r.mem, 0), (u32::from(dhead), 0));
-    assert_eq!(inflate.used_idx(&r.mem), 8);
+    assert_eq!(deflate.used(&r.mem), 1);
+    assert_eq!(deflate.elem(&r.mem, 0), (u32::from(dhead), 0));
+    assert_eq!(inflate.used(&r.mem), 8);
 
     // Wakeup 3: the last 2.
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(inflate.used_idx(&r.mem), 10);
+    assert_eq!(inflate.used(&r.mem), 10);
     assert_eq!(em.run_with_timeout(0).unwrap(), 0, "nothing left to do");
     for (i, &head) in heads.iter().enumerate() {
-        assert_eq!(inflate.used_elem(&r.mem, i as u16), (u32::from(head), 0));
+        assert_eq!(inflate.elem(&r.mem, i as u16), (u32::from(head), 0));
     }
 }
 
@@ -2050,8 +2026,8 @@ fn flooded_queue_is_served_over_several_wakeups_without_starving_another() {
 fn free_page_queue_flood_is_served_in_batches() {
     let cfg = cfg_with(|c| c.chains_per_wakeup = 3);
     let mut r = rig(cfg);
-    let mut fpq = Ring::for_queue(3, 64);
-    let mut inflate = Ring::for_queue(0, 16);
+    let mut fpq = ring_for(&r.mem, 3, 64);
+    let mut inflate = ring_for(&r.mem, 0, 16);
     bring_up(&mut r.t, r.ack, &[(0, &inflate), (3, &fpq)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
@@ -2062,16 +2038,16 @@ fn free_page_queue_flood_is_served_in_batches() {
     }
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 3);
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(fpq.used_idx(&r.mem), 3);
+    assert_eq!(fpq.used(&r.mem), 3);
     let ihead = inflate.post_out(&r.mem, BUF_BASE + 0x1_0000, 4);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 2);
-    assert_eq!(fpq.used_idx(&r.mem), 6);
-    assert_eq!(inflate.used_elem(&r.mem, 0), (u32::from(ihead), 0));
+    assert_eq!(fpq.used(&r.mem), 6);
+    assert_eq!(inflate.elem(&r.mem, 0), (u32::from(ihead), 0));
     assert_eq!(em.run_with_timeout(TIMEOUT_MS).unwrap(), 1);
-    assert_eq!(fpq.used_idx(&r.mem), 7);
+    assert_eq!(fpq.used(&r.mem), 7);
     for i in 0..7 {
-        assert_eq!(fpq.used_elem(&r.mem, i).1, 0, "used length 0");
+        assert_eq!(fpq.elem(&r.mem, i).1, 0, "used length 0");
     }
     assert_eq!(r.hints.status().state, HintState::Start);
     assert_eq!(r.sink.total_bytes(), 6 * 0x1000);
@@ -2080,8 +2056,8 @@ fn free_page_queue_flood_is_served_in_batches() {
 #[test]
 fn pause_stops_processing_until_resume() {
     let mut r = rig(BalloonConfig::default());
-    let mut inflate = Ring::for_queue(0, 16);
-    let mut fpq = Ring::for_queue(3, 64);
+    let mut inflate = ring_for(&r.mem, 0, 16);
+    let mut fpq = ring_for(&r.mem, 3, 64);
     bring_up(&mut r.t, r.ack, &[(0, &inflate), (3, &fpq)]);
     let irq = r.t.device().interrupt_handle();
     let (mut em, shared) = event_loop(r.t);
@@ -2098,22 +2074,22 @@ fn pause_stops_processing_until_resume() {
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 3);
     settle(&mut em);
     shared.lock().unwrap().device_mut().process_queue(0);
-    assert_eq!(inflate.used_idx(&r.mem), 0, "paused");
-    assert_eq!(fpq.used_idx(&r.mem), 0, "paused");
+    assert_eq!(inflate.used(&r.mem), 0, "paused");
+    assert_eq!(fpq.used(&r.mem), 0, "paused");
     assert_eq!(r.hints.status().state, HintState::Requested);
     assert_eq!(irq.status(), 0);
     // stop_round while paused changes the state but moves nothing on the ring.
     r.hints.stop_round();
-    assert_eq!(fpq.used_idx(&r.mem), 0, "paused");
+    assert_eq!(fpq.used(&r.mem), 0, "paused");
     let id = r.hints.start_round();
     post_cmd(&mut fpq, &r.mem, BUF_BASE + 0x2000, id);
 
     shared.lock().unwrap().device_mut().resume();
     assert!(!shared.lock().unwrap().device().is_paused());
     settle(&mut em);
-    assert_eq!(inflate.used_idx(&r.mem), 1);
-    assert_eq!(inflate.used_elem(&r.mem, 0), (u32::from(head), 0));
-    assert_eq!(fpq.used_idx(&r.mem), 2);
+    assert_eq!(inflate.used(&r.mem), 1);
+    assert_eq!(inflate.elem(&r.mem, 0), (u32::from(head), 0));
+    assert_eq!(fpq.used(&r.mem), 2);
     assert_eq!(r.hints.status().state, HintState::Start);
     assert_ne!(irq.status() & ISR_USED as u8, 0);
 }
@@ -2122,63 +2098,63 @@ fn pause_stops_processing_until_resume() {
 fn malformed_chains_are_returned_and_do_not_stall_the_queues() {
     log_everything();
     let mut r = rig(BalloonConfig::default());
-    let mut inflate = Ring::for_queue(0, 16);
-    let mut stats = Ring::for_queue(2, 16);
+    let mut inflate = ring_for(&r.mem, 0, 16);
+    let mut stats = ring_for(&r.mem, 2, 16);
     bring_up(&mut r.t, r.ack, &[(0, &inflate), (2, &stats)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
 
     // Inflate: a looped chain, a head past the table, then a good chain.
     let looped = inflate.post_looped(&r.mem, BUF_BASE);
-    inflate.post_head(&r.mem, 16 + 5);
+    inflate.publish_head(&r.mem, 16 + 5).unwrap();
     let good = inflate.post_out(&r.mem, BUF_BASE + 0x100, 4);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     settle(&mut em);
-    let used = inflate.used_idx(&r.mem);
+    let used = inflate.used(&r.mem);
     assert!(used >= 2, "used {used}");
-    assert_eq!(inflate.used_elem(&r.mem, 0), (u32::from(looped), 0));
-    assert_eq!(inflate.used_elem(&r.mem, used - 1), (u32::from(good), 0));
+    assert_eq!(inflate.elem(&r.mem, 0), (u32::from(looped), 0));
+    assert_eq!(inflate.elem(&r.mem, used - 1), (u32::from(good), 0));
 
     // Stats: a malformed buffer is returned at once and does not replace the held one.
     let held = stats.post_out(&r.mem, BUF_BASE + 0x1000, 60);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 2);
     settle(&mut em);
-    assert_eq!(stats.used_idx(&r.mem), 0);
+    assert_eq!(stats.used(&r.mem), 0);
     let bad = stats.post_looped(&r.mem, BUF_BASE + 0x2000);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 2);
     settle(&mut em);
-    assert_eq!(stats.used_idx(&r.mem), 1);
-    assert_eq!(stats.used_elem(&r.mem, 0), (u32::from(bad), 0));
+    assert_eq!(stats.used(&r.mem), 1);
+    assert_eq!(stats.elem(&r.mem, 0), (u32::from(bad), 0));
     stats.post_out(&r.mem, BUF_BASE + 0x3000, 60);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 2);
     settle(&mut em);
-    assert_eq!(stats.used_idx(&r.mem), 2);
-    assert_eq!(stats.used_elem(&r.mem, 1), (u32::from(held), 0));
+    assert_eq!(stats.used(&r.mem), 2);
+    assert_eq!(stats.elem(&r.mem, 1), (u32::from(held), 0));
 }
 
 #[test]
 fn nothing_is_served_before_driver_ok_or_after_reset() {
     let mut r = rig(BalloonConfig::default());
     let acked = r.ack;
-    let mut inflate = Ring::for_queue(0, 16);
+    let mut inflate = ring_for(&r.mem, 0, 16);
     assert!(negotiate(&mut r.t, acked));
     inflate.program(&mut r.t, 0);
     let (mut em, shared) = event_loop(r.t);
     let head = inflate.post_out(&r.mem, BUF_BASE, 4);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     settle(&mut em);
-    assert_eq!(inflate.used_idx(&r.mem), 0, "before DRIVER_OK");
+    assert_eq!(inflate.used(&r.mem), 0, "before DRIVER_OK");
     // DRIVER_OK looks at buffers posted before it.
     wr(&mut shared.lock().unwrap(), reg::STATUS, st::LIVE);
     settle(&mut em);
-    assert_eq!(inflate.used_idx(&r.mem), 1);
-    assert_eq!(inflate.used_elem(&r.mem, 0), (u32::from(head), 0));
+    assert_eq!(inflate.used(&r.mem), 1);
+    assert_eq!(inflate.elem(&r.mem, 0), (u32::from(head), 0));
     // After a reset the old ring is left alone.
     wr(&mut shared.lock().unwrap(), reg::STATUS, 0);
     inflate.post_out(&r.mem, BUF_BASE, 4);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     settle(&mut em);
-    assert_eq!(inflate.used_idx(&r.mem), 1);
+    assert_eq!(inflate.used(&r.mem), 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2340,12 +2316,12 @@ fn event_idx_feature_is_offered_and_accepted() {
     let offered = device_features(&mut r.t);
     assert_ne!(offered & bit(EVENT_IDX), 0);
     assert_ne!(offered & bit(28), 0);
-    let mut ring = Ring::for_queue(0, 16);
+    let mut ring = ring_for(&r.mem, 0, 16);
     bring_up(&mut r.t, offered, &[(0, &ring)]);
     assert!(r.t.device().has_feature(EVENT_IDX));
     let head = ring.post_out(&r.mem, BUF_BASE, 4);
     r.t.device_mut().process_queue(0);
-    assert_eq!(ring.used_elem(&r.mem, 0), (u32::from(head), 0));
+    assert_eq!(ring.elem(&r.mem, 0), (u32::from(head), 0));
     // used_event is 0: the first used buffer crosses it and interrupts.
     assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), ISR_USED);
 }
