@@ -10,16 +10,24 @@ use std::sync::Arc;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintState, QueueRole};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 use guest_model::bring_up;
-type Mem = GuestMemoryMmap;
+use guest_model::ring::{GuestMem as Mem, Part, RingLayout, SplitRing};
 type Atomic = GuestMemoryAtomic<Mem>;
 
 const RING_SIZE: u16 = 16;
-const WRITE: u16 = 2;
+
+/// The driver side of a ring at `base`, laid out as Linux does.
+fn ring(mem: &Mem, base: u64) -> SplitRing {
+    let layout = RingLayout::linux(GuestAddress(base), RING_SIZE);
+    SplitRing::new(mem, 0, layout, false, true, None).unwrap()
+}
+
+/// A one-part chain.
+fn post(q: &mut SplitRing, mem: &Mem, part: Part) {
+    q.add(mem, &[part], false, 0).unwrap();
+}
 
 #[test]
 fn queues_survive_guest_memory_losing_their_rings() {
@@ -36,10 +44,9 @@ fn queues_survive_guest_memory_losing_their_rings() {
     let fpq = balloon.queue_layout().index(QueueRole::FreePage).unwrap();
     let mut t = MmioTransport::new(balloon);
 
-    let inflate_q = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), RING_SIZE);
-    let fp_q = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), RING_SIZE);
-    let rings =
-        |q: &MockSplitQueue<'_, Mem>| [q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0];
+    let mut inflate_q = ring(&mem, 0x1_0000);
+    let mut fp_q = ring(&mem, 0x2_0000);
+    let rings = |q: &SplitRing| [q.layout.desc.0, q.layout.avail.0, q.layout.used.0];
     bring_up::bring_up_hinting(
         &mut t,
         &[
@@ -56,16 +63,17 @@ fn queues_survive_guest_memory_losing_their_rings() {
     // A round in START.
     let id = hints.start_round();
     mem.write_obj(id, GuestAddress(0x3_0000)).unwrap();
-    let start = RawDescriptor::from(Descriptor::new(0x3_0000, 4, 0, 0));
-    fp_q.add_desc_chains(&[start], 0).unwrap();
+    post(&mut fp_q, &mem, Part::out(GuestAddress(0x3_0000), 4));
     t.device_mut().process_queue(fpq);
     assert_eq!(hints.status().state, HintState::Start);
 
     // The guest posts a hint and a PFN array; then the memory map loses the rings.
-    let hint = RawDescriptor::from(Descriptor::new(0x20_0000, 0x1000, WRITE, 0));
-    fp_q.add_desc_chains(&[hint], 1).unwrap();
-    let pfns = RawDescriptor::from(Descriptor::new(0x3_1000, 4, 0, 0));
-    inflate_q.add_desc_chains(&[pfns], 0).unwrap();
+    post(
+        &mut fp_q,
+        &mem,
+        Part::input(GuestAddress(0x20_0000), 0x1000),
+    );
+    post(&mut inflate_q, &mem, Part::out(GuestAddress(0x3_1000), 4));
     atomic
         .lock()
         .unwrap()
@@ -78,9 +86,9 @@ fn queues_survive_guest_memory_losing_their_rings() {
         sink.hints().is_empty(),
         "nothing is applied without the rings"
     );
-    assert_eq!(inflate_q.used().idx().load(), 0);
+    assert_eq!(inflate_q.used_idx(&mem).unwrap(), 0);
     assert_eq!(
-        fp_q.used().idx().load(),
+        fp_q.used_idx(&mem).unwrap(),
         1,
         "only the start buffer was used"
     );
@@ -89,8 +97,8 @@ fn queues_survive_guest_memory_losing_their_rings() {
     atomic.lock().unwrap().replace(mem.clone());
     t.device_mut().process_queue(inflate);
     t.device_mut().process_queue(fpq);
-    assert_eq!(inflate_q.used().idx().load(), 1);
-    assert_eq!(fp_q.used().idx().load(), 2);
+    assert_eq!(inflate_q.used_idx(&mem).unwrap(), 1);
+    assert_eq!(fp_q.used_idx(&mem).unwrap(), 2);
     assert!(sink.hints().is_empty());
     assert_eq!(hints.status().metrics.hints_wrong_state, 1);
 }
