@@ -30,6 +30,7 @@
 //! `cargo test --test backings -- --nocapture --test-threads 1` prints the figures.
 
 use guest_model as common;
+use guest_model::backend::{BackendOp, RecordingBackend};
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -39,9 +40,7 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use virtio_balloon::backend::{
-    DiscardPolicy, HostRange, MadviseBackend, MemoryBackend, RegionBacking,
-};
+use virtio_balloon::backend::{DiscardPolicy, MadviseBackend, RegionBacking};
 use virtio_balloon::sink::RecordingSink;
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -347,48 +346,10 @@ fn memory(region: MmapRegion<AtomicBitmap>) -> Mem {
 // ---------------------------------------------------------------------------------------------
 // The device side: the default backend, with its calls recorded.
 
-/// One discard the device asked for.
-#[derive(Clone, Copy, Debug)]
-struct Discard {
-    gpa: u64,
-    len: u64,
-    host: u64,
-    backing: RegionBacking,
-}
-
-/// [`MadviseBackend`] with every discard recorded.
-struct Watch {
-    inner: MadviseBackend,
-    discards: Mutex<Vec<Discard>>,
-}
-
-impl MemoryBackend for Watch {
-    fn host_page_size(&self) -> u64 {
-        self.inner.host_page_size()
-    }
-
-    fn discard(&self, range: &HostRange<'_>) -> io::Result<()> {
-        lock(&self.discards).push(Discard {
-            gpa: range.gpa.0,
-            len: range.len,
-            host: range.host_addr as u64,
-            backing: range.backing,
-        });
-        self.inner.discard(range)
-    }
-
-    fn populate(&self, range: &HostRange<'_>) -> io::Result<()> {
-        self.inner.populate(range)
-    }
-}
-
 /// The harness over `mem`: step mode (the test runs the driver's size work), the balloon's
 /// page pool the region under test, handed out in ascending order.
-fn rig(mem: Mem, len: u64, policy: DiscardPolicy) -> (Harness, Arc<Watch>) {
-    let watch = Arc::new(Watch {
-        inner: MadviseBackend::new().with_policy(policy),
-        discards: Mutex::new(Vec::new()),
-    });
+fn rig(mem: Mem, len: u64, policy: DiscardPolicy) -> (Harness, Arc<RecordingBackend>) {
+    let watch = RecordingBackend::over(Arc::new(MadviseBackend::new().with_policy(policy)));
     let mut cfg = HarnessConfig::balloon(REGION + len, len);
     cfg.regions = vec![(GuestAddress(0), REGION), (GuestAddress(REGION), len)];
     cfg.driver.page_order = PageOrder::Ascending;
@@ -593,7 +554,7 @@ fn run(case: Case) {
     assert_eq!(balloon, frames(REGION, n), "{name}: the balloon");
 
     // The device: every discard in whole pages of the region, with its backing.
-    let discards = lock(&watch.discards).clone();
+    let discards = watch.of(BackendOp::Discard);
     assert!(!discards.is_empty(), "{name}: no discard");
     let mut asked = 0;
     for d in &discards {
@@ -602,7 +563,7 @@ fn run(case: Case) {
             "{name}: {d:?}"
         );
         assert_eq!(d.backing, case.backing, "{name}: {d:?}");
-        assert_eq!((d.host % page, d.len % page), (0, 0), "{name}: {d:?}");
+        assert_eq!((d.host_addr % page, d.len % page), (0, 0), "{name}: {d:?}");
         asked += d.len;
     }
     assert_eq!(asked, n, "{name}: bytes the device asked to discard");

@@ -12,15 +12,15 @@
 //! eventfd to the guest's, so both survive the swap.
 
 use guest_model as common;
+use guest_model::backend::RecordingBackend;
 
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::driver::{PAGE_POISON_VAL, TOKEN_STATS};
 use common::*;
 use serde::{Deserialize, Serialize};
-use virtio_balloon::backend::{HostRange, MemoryBackend};
+use virtio_balloon::backend::MemoryBackend;
 use virtio_balloon::device::{ManualClock, QueueSnapshot, BALLOON_STATE_VERSION};
 use virtio_balloon::sink::{FreePageSink, HintRecord, RecordingSink};
 use virtio_balloon::spec::features as f;
@@ -43,29 +43,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A backend that only records what it is asked to do.
-#[derive(Debug, Default)]
-struct RecordingBackend {
-    discards: Mutex<Vec<(u64, u64)>>,
-    populates: Mutex<Vec<(u64, u64)>>,
-}
-
-impl RecordingBackend {
-    fn discards(&self) -> Vec<(u64, u64)> {
-        lock(&self.discards).clone()
-    }
-}
-
-impl MemoryBackend for RecordingBackend {
-    fn discard(&self, range: &HostRange<'_>) -> io::Result<()> {
-        lock(&self.discards).push((range.gpa.0, range.len));
-        Ok(())
-    }
-
-    fn populate(&self, range: &HostRange<'_>) -> io::Result<()> {
-        lock(&self.populates).push((range.gpa.0, range.len));
-        Ok(())
-    }
+/// A backend that only records what it is asked to do (4 KiB host pages).
+fn recording_backend() -> Arc<RecordingBackend> {
+    RecordingBackend::new(4096)
 }
 
 /// Guest memory, a swappable device behind its transport, and the guest driver model.
@@ -88,7 +68,7 @@ impl Rig {
     fn new(hc: HarnessConfig) -> Rig {
         let mem = guest_memory(&hc.regions);
         let sink = Arc::new(RecordingSink::default());
-        let backend = Arc::new(RecordingBackend::default());
+        let backend = recording_backend();
         let balloon: Balloon<Mem> =
             Balloon::with_backend(hc.balloon, mem.clone(), sink.clone(), backend.clone())
                 .expect("create the balloon");
@@ -219,7 +199,7 @@ impl Rig {
         mmio: MmioState,
     ) -> Result<(), RestoreError> {
         let sink = Arc::new(RecordingSink::default());
-        let backend = Arc::new(RecordingBackend::default());
+        let backend = recording_backend();
         let dev = Balloon::restore(cfg, self.mem.clone(), sink.clone(), backend.clone(), state)?;
         self.hints = dev.hint_control();
         *lock(&self.dev) = MmioTransport::restore(dev, mmio);
@@ -241,7 +221,7 @@ impl Rig {
 /// A restore that is expected to fail (fresh sink and backend).
 fn try_restore(rig: &Rig, cfg: BalloonConfig, state: &BalloonState) -> RestoreError {
     let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
-    let backend: Arc<dyn MemoryBackend> = Arc::new(RecordingBackend::default());
+    let backend: Arc<dyn MemoryBackend> = recording_backend();
     match Balloon::restore(cfg, rig.mem.clone(), sink, backend, state) {
         Ok(dev) => panic!("restore succeeded: {dev:?}"),
         Err(e) => e,
@@ -251,7 +231,7 @@ fn try_restore(rig: &Rig, cfg: BalloonConfig, state: &BalloonState) -> RestoreEr
 /// A restored device with a fresh sink and backend, not put behind any bus.
 fn restore_detached(rig: &Rig, state: &BalloonState) -> Balloon<Mem> {
     let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
-    let backend: Arc<dyn MemoryBackend> = Arc::new(RecordingBackend::default());
+    let backend: Arc<dyn MemoryBackend> = recording_backend();
     Balloon::restore(rig.cfg, rig.mem.clone(), sink, backend, state).expect("restore")
 }
 
@@ -1035,7 +1015,7 @@ fn transport_restore_keeps_a_status_that_matches_the_device() {
         rig.cfg,
         rig.mem.clone(),
         Arc::new(RecordingSink::default()),
-        Arc::new(RecordingBackend::default()),
+        recording_backend(),
     )
     .expect("create");
     let inactive = fresh.save_state();
@@ -1258,7 +1238,7 @@ fn restore_golden(state: &BalloonState) -> (Balloon<Mem>, Arc<ManualClock>) {
         ..BalloonConfig::default()
     };
     let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
-    let backend: Arc<dyn MemoryBackend> = Arc::new(RecordingBackend::default());
+    let backend: Arc<dyn MemoryBackend> = recording_backend();
     let mut dev = Balloon::restore(cfg, mem, sink, backend, state).expect("restore the golden");
     let clock = Arc::new(ManualClock::new());
     dev.set_clock(clock.clone());
@@ -1610,7 +1590,7 @@ fn a_stall_watch_in_progress_keeps_its_closest_distance_across_restore() {
         ..rig.cfg
     };
     let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
-    let backend: Arc<dyn MemoryBackend> = Arc::new(RecordingBackend::default());
+    let backend: Arc<dyn MemoryBackend> = recording_backend();
     let mut dev = Balloon::restore(off, rig.mem.clone(), sink, backend, &stalled).expect("restore");
     assert!(!dev.target_stalled());
     assert!(!dev.take_events().contains(BalloonEvents::TARGET_STALLED));

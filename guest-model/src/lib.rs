@@ -12,7 +12,9 @@
 //!   reporting; step by step or with background interrupt and workqueue threads, plus
 //!   low-level access for hostile tests.
 //! * [`Harness`]: guest memory + device + event manager thread + driver in one call.
+//! * [`backend`]: a memory backend that records what the device discarded and populated.
 
+pub mod backend;
 pub mod bring_up;
 pub mod driver;
 pub mod guest;

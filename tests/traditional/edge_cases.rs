@@ -23,13 +23,11 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use guest_model::ring::{GuestMem, Part, RingLayout, SplitRing};
-use virtio_balloon::backend::{HostRange, MemoryBackend};
 use virtio_balloon::device::pages::{MAX_PFNS_PER_ELEMENT, PENDING_RANGES};
 use virtio_balloon::device::stats::tag;
 use virtio_balloon::sink::RecordingSink;
@@ -110,13 +108,6 @@ fn pfn(gpa: u64) -> u32 {
     u32::try_from(gpa / PAGE).expect("PFN fits 32 bits")
 }
 
-fn read_u16(mem: &Mem, addr: u64) -> u16 {
-    let mut b = [0u8; 2];
-    mem.read_slice(&mut b, GuestAddress(addr))
-        .expect("guest read");
-    u16::from_le_bytes(b)
-}
-
 /// The host virtual address of a guest address.
 fn host_of(mem: &Mem, gpa: u64) -> u64 {
     mem.get_host_address(GuestAddress(gpa)).expect("gpa in RAM") as u64
@@ -153,93 +144,8 @@ fn shuffle<T>(v: &mut [T], mut seed: u64) {
     }
 }
 
-// ----------------------------------------------------------------------------------------
-// The recording memory backend
-// ----------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Discard,
-    Populate,
-}
-
-/// One backend call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Call {
-    op: Op,
-    gpa: u64,
-    len: u64,
-    host: u64,
-    region_offset: u64,
-    /// The used index of the watched ring at the time of the call, if one is watched.
-    used_seen: Option<u16>,
-}
-
-impl Call {
-    fn end(&self) -> u64 {
-        self.gpa + self.len
-    }
-
-    fn covers(&self, gpa: u64) -> bool {
-        self.gpa <= gpa && gpa < self.end()
-    }
-
-    /// The 4 KiB PFNs the call covers.
-    fn pfns(&self) -> impl Iterator<Item = u64> {
-        (self.gpa / PAGE)..(self.end() / PAGE)
-    }
-}
-
-/// Records every call; the host page size is configurable.
-struct Recorder {
-    page: u64,
-    calls: Mutex<Vec<Call>>,
-    /// Guest memory and the address of a ring's used index to sample on every call.
-    watch: Mutex<Option<(Arc<Mem>, u64)>>,
-}
-
-impl Recorder {
-    fn new(page: u64) -> Self {
-        Recorder {
-            page,
-            calls: Mutex::new(Vec::new()),
-            watch: Mutex::new(None),
-        }
-    }
-
-    fn record(&self, op: Op, r: &HostRange<'_>) {
-        let used_seen = self
-            .watch
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|(mem, addr)| read_u16(mem, *addr));
-        self.calls.lock().unwrap().push(Call {
-            op,
-            gpa: r.gpa.0,
-            len: r.len,
-            host: r.host_addr as u64,
-            region_offset: r.region_offset,
-            used_seen,
-        });
-    }
-}
-
-impl MemoryBackend for Recorder {
-    fn host_page_size(&self) -> u64 {
-        self.page
-    }
-
-    fn discard(&self, range: &HostRange<'_>) -> io::Result<()> {
-        self.record(Op::Discard, range);
-        Ok(())
-    }
-
-    fn populate(&self, range: &HostRange<'_>) -> io::Result<()> {
-        self.record(Op::Populate, range);
-        Ok(())
-    }
-}
+// The recording memory backend: `guest_model::backend::RecordingBackend`.
+use guest_model::backend::{BackendCall, BackendOp, RecordingBackend};
 
 // ----------------------------------------------------------------------------------------
 // The guest driver model
@@ -266,7 +172,7 @@ fn inp(addr: u64, len: u64) -> Part {
 struct Rig {
     t: Arc<Mutex<Mmio>>,
     mem: Arc<Mem>,
-    rec: Arc<Recorder>,
+    rec: Arc<RecordingBackend>,
     layout: QueueLayout,
     rings: Vec<SplitRing>,
     next_buf: u64,
@@ -290,7 +196,7 @@ impl Rig {
     /// A device at status 0 over `mem`, whose backend has `host_page` pages.
     fn new(cfg: BalloonConfig, mem: Mem, host_page: u64) -> Self {
         let mem = Arc::new(mem);
-        let rec = Arc::new(Recorder::new(host_page));
+        let rec = RecordingBackend::new(host_page);
         let dev = Balloon::with_backend(
             cfg,
             mem.clone(),
@@ -546,8 +452,8 @@ impl Rig {
     }
 
     /// Every backend call so far, each checked against the guest memory layout.
-    fn calls(&self) -> Vec<Call> {
-        let calls = self.rec.calls.lock().unwrap().clone();
+    fn calls(&self) -> Vec<BackendCall> {
+        let calls = self.rec.all();
         for c in &calls {
             self.check_call(c);
         }
@@ -555,16 +461,16 @@ impl Rig {
     }
 
     /// The backend calls so far, forgotten.
-    fn take_calls(&self) -> Vec<Call> {
+    fn take_calls(&self) -> Vec<BackendCall> {
         let calls = self.calls();
-        self.rec.calls.lock().unwrap().clear();
+        self.rec.clear();
         calls
     }
 
     /// What every backend call must satisfy: a non-empty range inside one guest memory
     /// region, with the host address and region offset of its first byte; discards are made
     /// of whole host pages.
-    fn check_call(&self, c: &Call) {
+    fn check_call(&self, c: &BackendCall) {
         assert!(c.len > 0, "{c:?}: empty range");
         let region = self
             .mem
@@ -576,11 +482,19 @@ impl Rig {
             "{c:?}: crosses the end of its region"
         );
         assert_eq!(c.region_offset, c.gpa - start, "{c:?}: region offset");
-        assert_eq!(c.host, host_of(&self.mem, c.gpa), "{c:?}: host address");
-        if c.op == Op::Discard {
-            assert_eq!(c.host % self.rec.page, 0, "{c:?}: discard not host aligned");
+        assert_eq!(
+            c.host_addr,
+            host_of(&self.mem, c.gpa),
+            "{c:?}: host address"
+        );
+        if c.op == BackendOp::Discard {
             assert_eq!(
-                c.len % self.rec.page,
+                c.host_addr % self.rec.page(),
+                0,
+                "{c:?}: discard not host aligned"
+            );
+            assert_eq!(
+                c.len % self.rec.page(),
                 0,
                 "{c:?}: discard of a partial host page"
             );
@@ -589,14 +503,14 @@ impl Rig {
 
     /// Watches the used index of `role`'s ring from inside the backend.
     fn watch_used(&self, role: QueueRole) {
-        let addr = self.ring(role).layout.used.0 + 2;
-        *self.rec.watch.lock().unwrap() = Some((self.mem.clone(), addr));
+        let used = self.ring(role).layout.used;
+        self.rec.watch_used(self.mem.clone(), used, used);
     }
 }
 
 /// The 4 KiB pages (PFNs) covered by the calls of kind `op`, with multiplicity checked: a
 /// page covered twice panics.
-fn pages_once(calls: &[Call], op: Op) -> BTreeSet<u64> {
+fn pages_once(calls: &[BackendCall], op: BackendOp) -> BTreeSet<u64> {
     let mut set = BTreeSet::new();
     for c in calls.iter().filter(|c| c.op == op) {
         for p in c.pfns() {
@@ -610,7 +524,7 @@ fn pages_once(calls: &[Call], op: Op) -> BTreeSet<u64> {
 }
 
 /// The 4 KiB pages covered by the calls of kind `op` (repeats allowed).
-fn pages(calls: &[Call], op: Op) -> BTreeSet<u64> {
+fn pages(calls: &[BackendCall], op: BackendOp) -> BTreeSet<u64> {
     calls
         .iter()
         .filter(|c| c.op == op)
@@ -623,7 +537,7 @@ fn set_of(pfns: &[u32]) -> BTreeSet<u64> {
 }
 
 /// The (gpa, len) of each call of kind `op`, in order.
-fn ranges(calls: &[Call], op: Op) -> Vec<(u64, u64)> {
+fn ranges(calls: &[BackendCall], op: BackendOp) -> Vec<(u64, u64)> {
     calls
         .iter()
         .filter(|c| c.op == op)
@@ -683,7 +597,7 @@ fn edge_30_narrow_and_unaligned_config_writes_merge_into_actual() {
     assert!(ev.contains(BalloonEvents::ACTUAL_CHANGED | BalloonEvents::TARGET_REACHED));
     assert!(r.dev(|d| d.target_reached()));
     assert_eq!(
-        ranges(&r.take_calls(), Op::Discard),
+        ranges(&r.take_calls(), BackendOp::Discard),
         [(TARGETS, 4 * PAGE)],
         "reaching the target flushes the pending range"
     );
@@ -866,7 +780,10 @@ fn edge_32_writes_to_num_pages_and_cmd_id_are_ignored() {
     assert_eq!(r.dev(|d| d.num_pages()), 100);
     assert_eq!(r.dev(|d| d.actual()), 100);
     assert!(r.take_events().contains(BalloonEvents::TARGET_REACHED));
-    assert_eq!(ranges(&r.take_calls(), Op::Discard), [(TARGETS, 2 * PAGE)]);
+    assert_eq!(
+        ranges(&r.take_calls(), BackendOp::Discard),
+        [(TARGETS, 2 * PAGE)]
+    );
     assert_eq!(
         r.r32(reg::CONFIG_GENERATION),
         generation_after_round,
@@ -927,7 +844,7 @@ fn edge_33_poison_val_latched_late_writes_ignored_cleared_on_reset() {
         &[inp(x, 0x4000), inp(x + 0x10_0000, 0x2000)],
     );
     assert_eq!(
-        ranges(&r.take_calls(), Op::Discard),
+        ranges(&r.take_calls(), BackendOp::Discard),
         [(x, 0x4000), (x + 0x10_0000, 0x2000)]
     );
     let m = r.metrics().pages;
@@ -938,7 +855,7 @@ fn edge_33_poison_val_latched_late_writes_ignored_cleared_on_reset() {
     let mut fresh = Rig::ready(cfg(), ram(), PAGE);
     assert_eq!(fresh.dev(|d| d.poison_val()), 0);
     fresh.element(QueueRole::Reporting, &[inp(x, 0x1000)]);
-    assert_eq!(ranges(&fresh.calls(), Op::Discard), [(x, 0x1000)]);
+    assert_eq!(ranges(&fresh.calls(), BackendOp::Discard), [(x, 0x1000)]);
 }
 
 /// §10.34 "Inflate payload not a multiple of 4 bytes" — the trailing 1–3 bytes are ignored
@@ -960,7 +877,11 @@ fn edge_34_inflate_payload_not_a_multiple_of_four() {
         r.element(QueueRole::Inflate, &[out(addr, 12 + k)]);
         r.flush();
         let calls = r.take_calls();
-        assert_eq!(pages_once(&calls, Op::Discard), set_of(&wanted), "k = {k}");
+        assert_eq!(
+            pages_once(&calls, BackendOp::Discard),
+            set_of(&wanted),
+            "k = {k}"
+        );
         let m = r.metrics().pages;
         assert_eq!(m.inflated_pages - before.inflated_pages, 3, "k = {k}");
         assert_eq!(m.pfns_outside_ram, 0);
@@ -981,7 +902,7 @@ fn edge_34_inflate_payload_not_a_multiple_of_four() {
     r.flush();
     let calls = r.take_calls();
     assert_eq!(
-        ranges(&calls, Op::Discard),
+        ranges(&calls, BackendOp::Discard),
         [
             (u64::from(b) * PAGE, 2 * PAGE),
             (u64::from(b + 7) * PAGE, PAGE)
@@ -1034,10 +955,10 @@ fn edge_35_pfns_outside_ram_are_skipped_and_acked() {
     assert_eq!(m.inflated_pages, inside.len() as u64);
     r.flush();
     let calls = r.take_calls();
-    assert_eq!(pages_once(&calls, Op::Discard), set_of(&inside));
+    assert_eq!(pages_once(&calls, BackendOp::Discard), set_of(&inside));
     // The run across the R0/R1 boundary is two calls, one per region; the run from the end
     // of R1 into the hole is clipped at the end of R1.
-    let got = ranges(&calls, Op::Discard);
+    let got = ranges(&calls, BackendOp::Discard);
     assert!(got.contains(&(R1.0 - PAGE, PAGE)), "{got:x?}");
     assert!(got.contains(&(R1.0, PAGE)), "{got:x?}");
     assert!(got.contains(&(R1.0 + R1.1 - PAGE, PAGE)), "{got:x?}");
@@ -1057,7 +978,10 @@ fn edge_35_pfns_outside_ram_are_skipped_and_acked() {
 
     // Deflate: the same rule.
     r.deflate(&[pfn(HOLE.0) + 5, pfn(R2.0) + 1, 0xffff_ffff]);
-    assert_eq!(ranges(&r.take_calls(), Op::Populate), [(R2.0 + PAGE, PAGE)]);
+    assert_eq!(
+        ranges(&r.take_calls(), BackendOp::Populate),
+        [(R2.0 + PAGE, PAGE)]
+    );
     let m = r.metrics().pages;
     assert_eq!(m.pfns_outside_ram, outside.len() as u64 + 6);
     assert_eq!(m.deflated_pages, 1);
@@ -1078,14 +1002,17 @@ fn edge_36_repeated_pfns_within_and_across_elements() {
     assert!(r.calls().is_empty());
     r.flush();
     assert_eq!(
-        ranges(&r.take_calls(), Op::Discard),
+        ranges(&r.take_calls(), BackendOp::Discard),
         [(TARGETS, 4 * PAGE)],
         "one discard for both elements"
     );
     // The same page once more, after the flush: discarded again (no memory of it).
     r.inflate(&[a, a]);
     r.flush();
-    assert_eq!(ranges(&r.take_calls(), Op::Discard), [(TARGETS, PAGE)]);
+    assert_eq!(
+        ranges(&r.take_calls(), BackendOp::Discard),
+        [(TARGETS, PAGE)]
+    );
 
     // A Linux-sized element (256 PFNs): 8 scattered pages, each 32 times, shuffled. Every
     // page is discarded exactly once.
@@ -1098,7 +1025,7 @@ fn edge_36_repeated_pfns_within_and_across_elements() {
     r.flush();
     let calls = r.take_calls();
     assert_eq!(calls.len(), 8, "{calls:x?}");
-    assert_eq!(pages_once(&calls, Op::Discard), set_of(&distinct));
+    assert_eq!(pages_once(&calls, BackendOp::Discard), set_of(&distinct));
     assert_eq!(r.metrics().pages.inflated_pages, 3 + 2 + 1 + 8);
 }
 
@@ -1117,7 +1044,7 @@ fn edge_36_repeats_across_chunks_of_one_long_element() {
     let calls = r.take_calls();
     let mut want: BTreeSet<u64> = (u64::from(a)..u64::from(a) + 256).collect();
     want.insert(u64::from(a - 0x80));
-    assert_eq!(pages(&calls, Op::Discard), want);
+    assert_eq!(pages(&calls, BackendOp::Discard), want);
 }
 
 /// §10.36 in an element longer than one 256-PFN chunk (Linux never sends one): runs are
@@ -1137,10 +1064,10 @@ fn edge_36_repeat_in_a_later_chunk_is_discarded_again() {
     let calls = r.take_calls();
     let mut want: BTreeSet<u64> = (u64::from(a)..u64::from(a) + 256).collect();
     want.insert(u64::from(a - 0x80));
-    assert_eq!(pages(&calls, Op::Discard), want);
+    assert_eq!(pages(&calls, BackendOp::Discard), want);
     let covered: u64 = calls
         .iter()
-        .filter(|c| c.op == Op::Discard)
+        .filter(|c| c.op == BackendOp::Discard)
         .map(|c| c.pfns().count() as u64)
         .sum();
     assert_eq!(
@@ -1160,20 +1087,20 @@ fn edge_36_deflate_of_never_inflated_pfns() {
     r.deflate(&[n, n]);
     let calls = r.take_calls();
     assert_eq!(
-        ranges(&calls, Op::Populate),
+        ranges(&calls, BackendOp::Populate),
         [
             (u64::from(n) * PAGE, 2 * PAGE),
             (u64::from(n + 5) * PAGE, PAGE),
             (u64::from(n) * PAGE, PAGE)
         ]
     );
-    assert!(ranges(&calls, Op::Discard).is_empty());
+    assert!(ranges(&calls, BackendOp::Discard).is_empty());
     let m = r.metrics().pages;
     assert_eq!((m.deflate_elements, m.deflated_pages), (2, 4));
     r.inflate(&[n]);
     r.flush();
     assert_eq!(
-        ranges(&r.take_calls(), Op::Discard),
+        ranges(&r.take_calls(), BackendOp::Discard),
         [(u64::from(n) * PAGE, PAGE)]
     );
 }
@@ -1200,15 +1127,17 @@ fn edge_36_no_per_page_state_for_10000_scattered_pfns() {
         10_000 - PENDING_RANGES,
         "all but the pending runs discarded already"
     );
-    assert!(calls.iter().all(|c| c.op == Op::Discard && c.len == PAGE));
-    let seen = pages_once(&calls, Op::Discard);
+    assert!(calls
+        .iter()
+        .all(|c| c.op == BackendOp::Discard && c.len == PAGE));
+    let seen = pages_once(&calls, BackendOp::Discard);
     let want = set_of(&all);
     assert!(seen.is_subset(&want));
     r.flush();
     let last = r.take_calls();
     assert_eq!(last.len(), PENDING_RANGES);
     let mut seen = seen;
-    seen.extend(pages_once(&last, Op::Discard));
+    seen.extend(pages_once(&last, BackendOp::Discard));
     assert_eq!(seen, want);
 
     // Only counters moved.
@@ -1226,15 +1155,15 @@ fn edge_36_no_per_page_state_for_10000_scattered_pfns() {
     }
     r.flush();
     let calls = r.take_calls();
-    assert_eq!(pages_once(&calls, Op::Discard), want);
+    assert_eq!(pages_once(&calls, BackendOp::Discard), want);
     // Deflating them populates each and discards nothing.
     for chunk in all.chunks(3334) {
         r.deflate(chunk);
     }
     r.flush();
     let calls = r.take_calls();
-    assert!(ranges(&calls, Op::Discard).is_empty());
-    assert_eq!(pages_once(&calls, Op::Populate), want);
+    assert!(ranges(&calls, BackendOp::Discard).is_empty());
+    assert_eq!(pages_once(&calls, BackendOp::Populate), want);
 }
 
 /// §10.36, host pages of 64 KiB: 10,000 scattered PFNs touching 1,000 host pages, none of
@@ -1266,7 +1195,10 @@ fn edge_36_partial_page_table_is_bounded() {
     // The newest one: still tracked, discarded whole.
     r.inflate(&missing.map(|s| pfn(host_page(999)) + s));
     r.flush();
-    assert_eq!(ranges(&r.take_calls(), Op::Discard), [(host_page(999), HP)]);
+    assert_eq!(
+        ranges(&r.take_calls(), BackendOp::Discard),
+        [(host_page(999), HP)]
+    );
 }
 
 /// §10.36 "a deflated page is never discarded afterwards" — by the pending range: the
@@ -1285,16 +1217,16 @@ fn edge_36_deflated_page_not_discarded_by_pending_range() {
     let deflated = u64::from(a + 1) * PAGE;
     let populate_at = calls
         .iter()
-        .position(|c| c.op == Op::Populate && c.covers(deflated))
+        .position(|c| c.op == BackendOp::Populate && c.covers(deflated))
         .expect("populated");
     for c in &calls[populate_at..] {
         assert!(
-            !(c.op == Op::Discard && c.covers(deflated)),
+            !(c.op == BackendOp::Discard && c.covers(deflated)),
             "{c:x?} discards a deflated page: {calls:x?}"
         );
     }
     // What was inflated before the deflate was discarded before it.
-    assert_eq!(calls[0].op, Op::Discard);
+    assert_eq!(calls[0].op, BackendOp::Discard);
     assert!(calls[0].covers(deflated));
     assert!(populate_at > 0);
 }
@@ -1323,18 +1255,18 @@ fn edge_36_deflated_piece_not_discarded_by_partial_table() {
         r.flush();
         let calls = r.take_calls();
         assert!(
-            ranges(&calls, Op::Discard).is_empty(),
+            ranges(&calls, BackendOp::Discard).is_empty(),
             "host page {h:#x}: a deflated piece was discarded: {calls:x?}"
         );
         assert_eq!(
-            ranges(&calls, Op::Populate),
+            ranges(&calls, BackendOp::Populate),
             [(h, HP)],
             "populate covers the whole host page"
         );
         // The piece comes back: the page is whole now.
         r.inflate(&[p + 10]);
         r.flush();
-        assert_eq!(ranges(&r.take_calls(), Op::Discard), [(h, HP)]);
+        assert_eq!(ranges(&r.take_calls(), BackendOp::Discard), [(h, HP)]);
     }
 }
 
@@ -1537,16 +1469,16 @@ fn deflate_populates_before_the_used_entry_is_written() {
     assert_eq!(r.used(QueueRole::Deflate, 0), (u32::from(h1), 0));
     assert_eq!(r.used(QueueRole::Deflate, 1), (u32::from(h2), 0));
     let calls = r.take_calls();
-    let seen: Vec<(Op, u64, u64, Option<u16>)> = calls
+    let seen: Vec<(BackendOp, u64, u64, Option<u16>)> = calls
         .iter()
-        .map(|c| (c.op, c.gpa, c.len, c.used_seen))
+        .map(|c| (c.op, c.gpa, c.len, c.used_idx))
         .collect();
     assert_eq!(
         seen,
         [
-            (Op::Discard, TARGETS, 4 * PAGE, Some(0)),
-            (Op::Populate, TARGETS + PAGE, PAGE, Some(0)),
-            (Op::Populate, TARGETS + 9 * PAGE, 2 * PAGE, Some(1)),
+            (BackendOp::Discard, TARGETS, 4 * PAGE, Some(0)),
+            (BackendOp::Populate, TARGETS + PAGE, PAGE, Some(0)),
+            (BackendOp::Populate, TARGETS + 9 * PAGE, 2 * PAGE, Some(1)),
         ]
     );
 }
@@ -1576,7 +1508,7 @@ fn reset_drops_the_pending_inflate_range() {
     r.inflate(&[a + 8]);
     r.flush();
     assert_eq!(
-        ranges(&r.take_calls(), Op::Discard),
+        ranges(&r.take_calls(), BackendOp::Discard),
         [(u64::from(a + 8) * PAGE, PAGE)]
     );
 }
@@ -1600,7 +1532,7 @@ fn host_page_of_64k_discarded_once_all_16_pfns_are_inflated() {
     r.inflate(&odd);
     assert!(r.calls().is_empty(), "the last run still waits");
     r.flush();
-    assert_eq!(ranges(&r.take_calls(), Op::Discard), [(h, HP)]);
+    assert_eq!(ranges(&r.take_calls(), BackendOp::Discard), [(h, HP)]);
 
     // Adjacent halves in two elements, the second half first.
     let h2 = h + 4 * HP;
@@ -1610,7 +1542,7 @@ fn host_page_of_64k_discarded_once_all_16_pfns_are_inflated() {
     assert!(r.calls().is_empty());
     r.inflate(&(p2..p2 + 8).collect::<Vec<_>>());
     r.flush();
-    assert_eq!(ranges(&r.take_calls(), Op::Discard), [(h2, HP)]);
+    assert_eq!(ranges(&r.take_calls(), BackendOp::Discard), [(h2, HP)]);
 
     // 15 of 16 (the piece in the middle missing), in two elements: never discarded.
     let h3 = h + 8 * HP;
@@ -1635,7 +1567,7 @@ fn inflate_element_is_capped_at_max_pfns() {
     r.flush();
     let calls = r.take_calls();
     let want: BTreeSet<u64> = (u64::from(a)..u64::from(a) + MAX_PFNS_PER_ELEMENT as u64).collect();
-    assert_eq!(pages_once(&calls, Op::Discard), want);
+    assert_eq!(pages_once(&calls, BackendOp::Discard), want);
     let m = r.metrics().pages;
     assert_eq!(m.inflated_pages, MAX_PFNS_PER_ELEMENT as u64);
     assert_eq!(m.pfns_over_limit, 1);
@@ -1657,8 +1589,11 @@ fn inhibited_discards_ack_without_discarding() {
     r.dev(|d| d.set_discards_inhibited(false));
     r.flush();
     let calls = r.take_calls();
-    assert!(ranges(&calls, Op::Discard).is_empty(), "{calls:x?}");
-    assert_eq!(ranges(&calls, Op::Populate), [(TARGETS + 9 * PAGE, PAGE)]);
+    assert!(ranges(&calls, BackendOp::Discard).is_empty(), "{calls:x?}");
+    assert_eq!(
+        ranges(&calls, BackendOp::Populate),
+        [(TARGETS + 9 * PAGE, PAGE)]
+    );
     let m = r.metrics().pages;
     assert_eq!(m.discards_inhibited_bytes, 4 * PAGE);
     assert_eq!(m.reporting_elements_skipped, 1);
@@ -1666,7 +1601,7 @@ fn inhibited_discards_ack_without_discarding() {
     r.inflate(&[a + 4]);
     r.flush();
     assert_eq!(
-        ranges(&r.take_calls(), Op::Discard),
+        ranges(&r.take_calls(), BackendOp::Discard),
         [(TARGETS + 4 * PAGE, PAGE)]
     );
 }
@@ -1686,13 +1621,16 @@ fn flush_timer_discards_the_pending_range_through_the_event_loop() {
     let q = r.q(QueueRole::Inflate) as u32;
     r.w32(reg::QUEUE_NOTIFY, q);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while r.rec.calls.lock().unwrap().is_empty() {
+    while r.rec.is_empty() {
         assert!(Instant::now() < deadline, "the flush timer never fired");
         em.run_with_timeout(1000).expect("event loop");
     }
     assert_eq!(r.used_idx(QueueRole::Inflate), 1);
     assert_eq!(r.used(QueueRole::Inflate, 0), (u32::from(head), 0));
-    assert_eq!(ranges(&r.take_calls(), Op::Discard), [(TARGETS, 3 * PAGE)]);
+    assert_eq!(
+        ranges(&r.take_calls(), BackendOp::Discard),
+        [(TARGETS, 3 * PAGE)]
+    );
     // Nothing more is pending.
     r.flush();
     assert!(r.calls().is_empty());
@@ -1715,7 +1653,7 @@ fn unreadable_elements_are_acked_and_counted() {
     assert_eq!(m.pages.malformed_elements, 3);
     assert_eq!(m.pages.inflated_pages, 1);
     assert_eq!(
-        ranges(&r.take_calls(), Op::Discard),
+        ranges(&r.take_calls(), BackendOp::Discard),
         [(u64::from(a) * PAGE, PAGE)]
     );
     let first = r.stats(&[out(outside, 10)]);

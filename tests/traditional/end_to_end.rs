@@ -19,14 +19,13 @@
 use guest_model as common;
 
 use std::collections::BTreeSet;
-use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::driver::PAGE_POISON_VAL;
 use common::*;
-use virtio_balloon::backend::{HostRange, MadviseBackend, MemoryBackend, NoopBackend};
+use virtio_balloon::backend::{MadviseBackend, MemoryBackend, NoopBackend};
 use virtio_balloon::device::pages::PENDING_CAP;
 use virtio_balloon::device::stats::tag;
 use virtio_balloon::device::DISCARD_FLUSH_DELAY;
@@ -46,151 +45,15 @@ const SALT_BEFORE: u64 = 0x5a5a_0000_0000_0001;
 const SALT_AFTER: u64 = 0xc3c3_0000_0000_0001;
 
 // ---------------------------------------------------------------------------------------------
-// The recording backend.
+// The recording backend (`guest_model::backend`).
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Discard,
-    Populate,
-}
-
-/// One call the device made on its backend.
-#[derive(Clone, Copy, Debug)]
-struct Call {
-    op: Op,
-    gpa: u64,
-    len: u64,
-    host_addr: u64,
-    /// When the call returned.
-    at: Instant,
-    /// The used index the device had published on inflateq (discards) or deflateq
-    /// (populates) when the call was made, read from the driver's ring in guest memory.
-    used_idx: Option<u16>,
-}
-
-impl Call {
-    /// The 4 KiB frames the call touches.
-    fn pfns(&self) -> std::ops::Range<u64> {
-        self.gpa / PAGE..(self.gpa + self.len).div_ceil(PAGE)
-    }
-
-    fn touches(&self, pfns: &BTreeSet<u64>) -> bool {
-        pfns.range(self.pfns()).next().is_some()
-    }
-}
-
-/// Where the driver's inflateq and deflateq used rings are.
-struct Rings {
-    mem: Mem,
-    inflate_used: GuestAddress,
-    deflate_used: GuestAddress,
-}
-
-/// A [`MemoryBackend`] that records every call and passes it on.
-struct Recorder {
-    inner: Arc<dyn MemoryBackend>,
-    calls: Mutex<Vec<Call>>,
-    rings: Mutex<Option<Rings>>,
-}
-
-impl Recorder {
-    fn over(inner: Arc<dyn MemoryBackend>) -> Arc<Recorder> {
-        Arc::new(Recorder {
-            inner,
-            calls: Mutex::new(Vec::new()),
-            rings: Mutex::new(None),
-        })
-    }
-
-    /// Starts reading the used indexes of the driver's inflateq and deflateq (after a probe;
-    /// the model lays its rings out at the same addresses on every probe).
-    fn watch_rings(&self, h: &Harness) {
-        let d = &h.driver;
-        let used = |role: QueueRole| {
-            let q = d.queue_index(role).expect("queue set up");
-            d.ring_layout(q).expect("ring layout").used
-        };
-        *lock(&self.rings) = Some(Rings {
-            mem: h.mem.clone(),
-            inflate_used: used(QueueRole::Inflate),
-            deflate_used: used(QueueRole::Deflate),
-        });
-    }
-
-    fn used_idx(&self, op: Op) -> Option<u16> {
-        let rings = lock(&self.rings);
-        let r = rings.as_ref()?;
-        let used = match op {
-            Op::Discard => r.inflate_used,
-            Op::Populate => r.deflate_used,
-        };
-        // `used.idx` follows `used.flags`.
-        r.mem.read_obj::<u16>(GuestAddress(used.0 + 2)).ok()
-    }
-
-    fn record(
-        &self,
-        op: Op,
-        range: &HostRange<'_>,
-        call: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<()> {
-        let used_idx = self.used_idx(op);
-        let r = call();
-        lock(&self.calls).push(Call {
-            op,
-            gpa: range.gpa.0,
-            len: range.len,
-            host_addr: range.host_addr as u64,
-            at: Instant::now(),
-            used_idx,
-        });
-        r
-    }
-
-    /// The number of calls so far (a mark for [`since`](Self::since)).
-    fn mark(&self) -> usize {
-        lock(&self.calls).len()
-    }
-
-    /// The calls of kind `op` from `mark` on.
-    fn since(&self, mark: usize, op: Op) -> Vec<Call> {
-        lock(&self.calls)[mark..]
-            .iter()
-            .filter(|c| c.op == op)
-            .copied()
-            .collect()
-    }
-
-    /// Every call of kind `op`.
-    fn of(&self, op: Op) -> Vec<Call> {
-        self.since(0, op)
-    }
-
-    /// Every call, in order.
-    fn all(&self) -> Vec<Call> {
-        lock(&self.calls).clone()
-    }
-}
-
-impl MemoryBackend for Recorder {
-    fn host_page_size(&self) -> u64 {
-        self.inner.host_page_size()
-    }
-
-    fn discard(&self, range: &HostRange<'_>) -> io::Result<()> {
-        self.record(Op::Discard, range, || self.inner.discard(range))
-    }
-
-    fn populate(&self, range: &HostRange<'_>) -> io::Result<()> {
-        self.record(Op::Populate, range, || self.inner.populate(range))
-    }
-}
+use common::backend::{BackendCall, BackendOp, RecordingBackend};
 
 /// A harness whose device uses a recorder over `inner`.
-fn rig(cfg: HarnessConfig, inner: Arc<dyn MemoryBackend>) -> (Harness, Arc<Recorder>) {
-    let rec = Recorder::over(inner);
+fn rig(cfg: HarnessConfig, inner: Arc<dyn MemoryBackend>) -> (Harness, Arc<RecordingBackend>) {
+    let rec = RecordingBackend::over(inner);
     let h = Harness::with_backend(cfg, Arc::new(RecordingSink::default()), rec.clone());
-    rec.watch_rings(&h);
+    rec.watch_driver_rings(h.mem.clone(), &h.driver);
     (h, rec)
 }
 
@@ -212,12 +75,12 @@ fn madvise_4k(test: &str) -> Option<Arc<dyn MemoryBackend>> {
 // Page sets and guest memory.
 
 /// The union of the frames the calls touch.
-fn union(calls: &[Call]) -> BTreeSet<u64> {
+fn union(calls: &[BackendCall]) -> BTreeSet<u64> {
     calls.iter().flat_map(|c| c.pfns()).collect()
 }
 
 /// The union of the frames the calls touch; asserts no frame is touched twice.
-fn union_once(calls: &[Call]) -> BTreeSet<u64> {
+fn union_once(calls: &[BackendCall]) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();
     for c in calls {
         for p in c.pfns() {
@@ -228,7 +91,7 @@ fn union_once(calls: &[Call]) -> BTreeSet<u64> {
 }
 
 /// Asserts that every call lies inside RAM `[0, ram_end)` and covers whole host pages.
-fn assert_inside_ram_and_aligned(calls: &[Call], ram_end: u64, host_page: u64) {
+fn assert_inside_ram_and_aligned(calls: &[BackendCall], ram_end: u64, host_page: u64) {
     for c in calls {
         assert!(c.len > 0, "{c:?}");
         assert!(c.gpa + c.len <= ram_end, "outside RAM: {c:?}");
@@ -368,14 +231,14 @@ fn inflate_and_deflate_to_a_target_discard_and_populate_exactly_the_balloon_page
     assert_eq!(dev(&h, |b| b.actual_bytes()), 16 * MIB);
     let inflated = balloon_pfns(d);
     assert_eq!(inflated.len(), 4096);
-    let discards = rec.of(Op::Discard);
+    let discards = rec.of(BackendOp::Discard);
     assert_inside_ram_and_aligned(&discards, ram, page);
     assert_eq!(
         union_once(&discards),
         inflated,
         "reaching the target flushed: the discards cover exactly the balloon"
     );
-    assert!(rec.of(Op::Populate).is_empty());
+    assert!(rec.of(BackendOp::Populate).is_empty());
     let m = dev(&h, |b| b.metrics()).pages;
     assert_eq!(m.inflate_elements, 16);
     assert_eq!(m.inflated_pages, 4096);
@@ -394,7 +257,7 @@ fn inflate_and_deflate_to_a_target_discard_and_populate_exactly_the_balloon_page
     assert_eq!(kept.len(), 1024);
     assert!(kept.is_subset(&inflated));
     let deflated: BTreeSet<u64> = inflated.difference(&kept).copied().collect();
-    let populates = rec.since(mark, Op::Populate);
+    let populates = rec.since(mark, BackendOp::Populate);
     assert_inside_ram_and_aligned(&populates, ram, page);
     assert_eq!(
         union(&populates),
@@ -409,7 +272,7 @@ fn inflate_and_deflate_to_a_target_discard_and_populate_exactly_the_balloon_page
 
     // Whatever the device does on its own later, it never discards a deflated page.
     let_the_device_flush(&h);
-    let late = rec.since(mark, Op::Discard);
+    let late = rec.since(mark, BackendOp::Discard);
     assert!(
         late.iter().all(|c| !c.touches(&deflated)),
         "a deflated page was discarded: {late:?}"
@@ -435,7 +298,7 @@ fn discarded_balloon_pages_read_zero_and_deflated_pages_keep_what_the_guest_writ
 
     set_target_and_wait(&h, &mut ev, 4096);
     let inflated = balloon_pfns(d);
-    assert_eq!(union_once(&rec.of(Op::Discard)), inflated);
+    assert_eq!(union_once(&rec.of(BackendOp::Discard)), inflated);
     assert_pages_zero(mem, &inflated, "discarded balloon page");
     let untouched: BTreeSet<u64> = pool.difference(&inflated).copied().collect();
     assert_pages_hold(mem, &untouched, SALT_BEFORE, "pool page the guest kept");
@@ -447,7 +310,7 @@ fn discarded_balloon_pages_read_zero_and_deflated_pages_keep_what_the_guest_writ
     let kept = balloon_pfns(d);
     let deflated: BTreeSet<u64> = inflated.difference(&kept).copied().collect();
     assert_eq!(deflated.len(), 3072);
-    assert!(union(&rec.since(mark, Op::Populate)).is_superset(&deflated));
+    assert!(union(&rec.since(mark, BackendOp::Populate)).is_superset(&deflated));
     write_pages(mem, &deflated, SALT_AFTER);
     let_the_device_flush(&h);
     assert_pages_hold(mem, &deflated, SALT_AFTER, "deflated page after the flush");
@@ -461,14 +324,14 @@ fn discarded_balloon_pages_read_zero_and_deflated_pages_keep_what_the_guest_writ
     let again: BTreeSet<u64> = last.difference(&kept).copied().collect();
     assert_eq!(again.len(), 1024);
     let_the_device_flush(&h);
-    let since_deflate = rec.since(mark, Op::Discard);
+    let since_deflate = rec.since(mark, BackendOp::Discard);
     assert!(
         since_deflate
             .iter()
             .all(|c| c.pfns().all(|p| last.contains(&p))),
         "after the deflate only re-inflated pages may be discarded: {since_deflate:?}"
     );
-    assert_eq!(union_once(&rec.since(mark2, Op::Discard)), again);
+    assert_eq!(union_once(&rec.since(mark2, BackendOp::Discard)), again);
     let in_use: BTreeSet<u64> = deflated.difference(&again).copied().collect();
     assert_pages_hold(mem, &in_use, SALT_AFTER, "deflated page the guest kept");
     assert_pages_zero(mem, &last, "page in the balloon");
@@ -507,18 +370,20 @@ fn a_deflate_right_after_an_inflate_is_never_discarded_later() {
     let calls = rec.all();
     let first_populate = calls
         .iter()
-        .position(|c| c.op == Op::Populate)
+        .position(|c| c.op == BackendOp::Populate)
         .expect("a populate");
-    assert_eq!(union_once(&rec.of(Op::Discard)), inflated);
-    assert!(calls[first_populate..].iter().all(|c| c.op == Op::Populate));
-    assert_eq!(union(&rec.of(Op::Populate)), released);
+    assert_eq!(union_once(&rec.of(BackendOp::Discard)), inflated);
+    assert!(calls[first_populate..]
+        .iter()
+        .all(|c| c.op == BackendOp::Populate));
+    assert_eq!(union(&rec.of(BackendOp::Populate)), released);
 
     // The guest uses the released pages; the device's timer and flushes leave them alone.
     write_pages(mem, &released, SALT_AFTER);
     let_the_device_flush(&h);
     d.update_balloon_size();
     let_the_device_flush(&h);
-    assert!(rec.since(first_populate, Op::Discard).is_empty());
+    assert!(rec.since(first_populate, BackendOp::Discard).is_empty());
     assert_pages_hold(mem, &released, SALT_AFTER, "released page");
     assert_pages_zero(mem, &kept, "page in the balloon");
     let rest: BTreeSet<u64> = pool.difference(&inflated).copied().collect();
@@ -575,7 +440,7 @@ fn inflate_one_gib(order: PageOrder, must_tell_host: bool) -> GibFigures {
             owner[p as usize] = i as u32;
         }
     }
-    let discards = rec.of(Op::Discard);
+    let discards = rec.of(BackendOp::Discard);
     assert_inside_ram_and_aligned(&discards, ram, rec.host_page_size());
     let mut covered = vec![false; owner.len()];
     for c in &discards {
@@ -708,8 +573,8 @@ fn oom_deflates_256_pages_below_the_target_and_the_device_accepts_it() {
     let after = balloon_pfns(d);
     let deflated: BTreeSet<u64> = before.difference(&after).copied().collect();
     assert_eq!(deflated.len() as u64, VIRTIO_BALLOON_OOM_NR_PAGES);
-    assert_eq!(union(&rec.since(mark, Op::Populate)), deflated);
-    assert!(rec.since(mark, Op::Discard).is_empty());
+    assert_eq!(union(&rec.since(mark, BackendOp::Populate)), deflated);
+    assert!(rec.since(mark, BackendOp::Discard).is_empty());
     let r = d.requests_on(QueueRole::Deflate);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].used_len, Some(0));
@@ -763,7 +628,7 @@ fn with_must_tell_host_every_deflated_page_is_populated_before_its_ack() {
 
     let deflates = d.requests_on(QueueRole::Deflate);
     assert_eq!(deflates.len(), 8);
-    let populates = rec.since(mark, Op::Populate);
+    let populates = rec.since(mark, BackendOp::Populate);
     assert!(
         populates
             .iter()
@@ -775,7 +640,7 @@ fn with_must_tell_host_every_deflated_page_is_populated_before_its_ack() {
         let released = r.released.expect("released");
         assert!(acked <= released, "pages released before the ack: {r:?}");
         // The populates made while element i's used entry was not yet published.
-        let mine: Vec<Call> = populates
+        let mine: Vec<BackendCall> = populates
             .iter()
             .filter(|c| c.used_idx == Some(i as u16))
             .copied()
@@ -1001,7 +866,10 @@ fn around_reported() -> BTreeSet<u64> {
     pfn_range(30 * MIB, 22 * MIB)
 }
 
-fn reporting_rig(guest_poison: Option<u32>, test: &str) -> Option<(Harness, Arc<Recorder>)> {
+fn reporting_rig(
+    guest_poison: Option<u32>,
+    test: &str,
+) -> Option<(Harness, Arc<RecordingBackend>)> {
     let backend = madvise_4k(test)?;
     let mut cfg = HarnessConfig::balloon(64 * MIB, 8 * MIB);
     cfg.driver.guest_poison = guest_poison;
@@ -1029,9 +897,9 @@ fn report(h: &Harness) -> virtio_balloon::device::PageMetrics {
     dev(h, |b| b.metrics()).pages
 }
 
-fn assert_reported_blocks_discarded(h: &Harness, rec: &Recorder, mark: usize) {
+fn assert_reported_blocks_discarded(h: &Harness, rec: &RecordingBackend, mark: usize) {
     let discards: Vec<(u64, u64)> = rec
-        .since(mark, Op::Discard)
+        .since(mark, BackendOp::Discard)
         .iter()
         .map(|c| (c.gpa, c.len))
         .collect();
@@ -1090,7 +958,7 @@ fn reporting_with_a_poison_value_discards_nothing() {
         ),
         (1, 1, 0)
     );
-    assert!(rec.of(Op::Discard).is_empty());
+    assert!(rec.of(BackendOp::Discard).is_empty());
     assert_pages_hold(&h.mem, &around_reported(), SALT_BEFORE, "poisoned page");
     h.assert_clean();
 }
@@ -1111,7 +979,7 @@ fn reporting_while_discards_are_inhibited_is_skipped() {
         ),
         (1, 1, 0)
     );
-    assert!(rec.of(Op::Discard).is_empty());
+    assert!(rec.of(BackendOp::Discard).is_empty());
     assert_pages_hold(
         &h.mem,
         &around_reported(),
@@ -1190,18 +1058,18 @@ fn a_reset_in_the_middle_of_inflation_drops_the_pending_discards() {
     d.reset(false);
     let_the_device_flush(&h);
     assert!(
-        rec.since(mark, Op::Discard).is_empty(),
+        rec.since(mark, BackendOp::Discard).is_empty(),
         "a discard after the reset"
     );
 
     // The next driver instance owns every page: the balloon it starts with is empty.
     d.probe().unwrap();
-    rec.watch_rings(&h);
+    rec.watch_driver_rings(h.mem.clone(), &h.driver);
     assert_eq!(d.balloon_num_pages(), 0);
     let owned: BTreeSet<u64> = a.union(&b).copied().collect();
     write_pages(mem, &owned, SALT_AFTER);
     let_the_device_flush(&h);
-    assert!(rec.since(mark, Op::Discard).is_empty());
+    assert!(rec.since(mark, BackendOp::Discard).is_empty());
     assert_pages_hold(mem, &owned, SALT_AFTER, "page of the new driver");
 
     // Its own inflation discards its own balloon pages only.
@@ -1211,7 +1079,7 @@ fn a_reset_in_the_middle_of_inflation_drops_the_pending_discards() {
     assert!(dev(&h, |b| b.target_reached()));
     let_the_device_flush(&h);
     let now = balloon_pfns(d);
-    assert_eq!(union_once(&rec.since(mark, Op::Discard)), now);
+    assert_eq!(union_once(&rec.since(mark, BackendOp::Discard)), now);
     assert_pages_zero(mem, &now, "page in the new balloon");
     let in_use: BTreeSet<u64> = owned.difference(&now).copied().collect();
     assert!(!in_use.is_empty());
@@ -1249,7 +1117,7 @@ fn a_reset_while_the_size_work_inflates_discards_nothing_afterwards() {
     assert!(inflated >= 8 * 256);
     d.reset(false);
     let_the_device_flush(&h);
-    assert!(rec.since(mark, Op::Discard).is_empty());
+    assert!(rec.since(mark, BackendOp::Discard).is_empty());
 
     // A new driver instance: the target is still there, but nothing happens until it runs
     // its size work; nothing is discarded meanwhile.
@@ -1257,6 +1125,6 @@ fn a_reset_while_the_size_work_inflates_discards_nothing_afterwards() {
     assert_eq!(d.balloon_num_pages(), 0);
     assert_eq!(dev(&h, |b| b.num_pages()), target);
     let_the_device_flush(&h);
-    assert!(rec.since(mark, Op::Discard).is_empty());
+    assert!(rec.since(mark, BackendOp::Discard).is_empty());
     h.assert_clean();
 }
