@@ -12,6 +12,7 @@
 //!   reporting; step by step or with background interrupt and workqueue threads, plus
 //!   low-level access for hostile tests.
 //! * [`Harness`]: guest memory + device + event manager thread + driver in one call.
+//! * [`trace`]: captured free page hint rounds and what a replay posts from them.
 //! * [`backend`]: a memory backend that records what the device discarded and populated.
 
 pub mod backend;
@@ -22,6 +23,7 @@ pub mod kvm;
 pub mod log;
 pub mod mmio;
 pub mod ring;
+pub mod trace;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
