@@ -13,12 +13,15 @@
 //!   low-level access for hostile tests.
 //! * [`Harness`]: guest memory + device + event manager thread + driver in one call.
 //! * [`trace`]: captured free page hint rounds and what a replay posts from them.
+//! * [`host`]: host mappings of every kind behind a guest region, and what the kernel says
+//!   they hold.
 //! * [`backend`]: a memory backend that records what the device discarded and populated.
 
 pub mod backend;
 pub mod bring_up;
 pub mod driver;
 pub mod guest;
+pub mod host;
 pub mod kvm;
 pub mod log;
 pub mod mmio;
