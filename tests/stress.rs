@@ -18,8 +18,8 @@
 //! and the test fails at the end with the list. Replay or widen locally:
 //!
 //! ```sh
-//! PRECOPY_STRESS_SEED=17 cargo test --release --all-features --test precopy_stress -- --nocapture
-//! PRECOPY_STRESS_SEEDS=2000 cargo test --release --all-features --test precopy_stress -- --nocapture
+//! PRECOPY_STRESS_SEED=17 cargo test --release --all-features --test stress -- --nocapture
+//! PRECOPY_STRESS_SEEDS=2000 cargo test --release --all-features --test stress -- --nocapture
 //! ```
 //!
 //! `PRECOPY_STRESS_THREADS` sets how many seeds run at once (default 4: much of a seed's
@@ -28,21 +28,18 @@
 
 use guest_model as common;
 
-use std::io::BufWriter;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use virtio_balloon::migration::{GuestMemoryDirtyLog, PrecopyNotifierChain};
 use virtio_balloon::HintState;
 use virtio_balloon_precopy::{
-    CancelToken, MigrationReport, Precopy, PrecopyConfig, PrecopyError, ReceiveStats, VmControl,
+    CancelToken, MigrationReport, PrecopyConfig, PrecopyError, ReceiveStats, VmControl,
     VmControlError, WireError,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 /// Seeds run by default (CI). `PRECOPY_STRESS_SEEDS` runs more (or fewer) locally.
 const SEEDS: u64 = 200;
@@ -50,15 +47,7 @@ const SEEDS: u64 = 200;
 /// Differing pages printed per failing migration.
 const SHOW_PAGES: usize = 8;
 
-/// How many earlier generations of a stale page are tried to name what the destination
-/// holds.
-const GENERATIONS_TRIED: u32 = 256;
-
 type Dst = GuestMemoryMmap<()>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
@@ -66,15 +55,6 @@ fn env_u64(name: &str) -> Option<u64> {
         Ok(n) => Some(n),
         Err(_) => panic!("{name}={v:?} is not a number"),
     }
-}
-
-fn pick<T: Copy>(rng: &mut Rng, items: &[T]) -> T {
-    items[rng.below(items.len() as u64) as usize]
-}
-
-/// `[lo, hi]`, inclusive.
-fn between(rng: &mut Rng, lo: u64, hi: u64) -> u64 {
-    lo + rng.below(hi - lo + 1)
 }
 
 /// The disruption a seed applies to its (first) migration.
@@ -127,53 +107,47 @@ struct Scenario {
 impl Scenario {
     fn new(seed: u64) -> Scenario {
         let mut rng = Rng::new(splitmix(seed ^ 0x0005_eed0_fa11_5eed));
-        let mem_size = between(&mut rng, 12, 40) * 4 * MIB;
-        let used = between(&mut rng, 2, 6) * 4 * MIB;
+        let mem_size = rng.between(12, 40) * 4 * MIB;
+        let used = rng.between(2, 6) * 4 * MIB;
         let free_blocks = (mem_size - 4 * MIB - used) / (4 * MIB);
         // Most of the rest was dirtied and freed (stale contents a hint lets us skip).
-        let dirtied_freed = free_blocks * between(&mut rng, 60, 95) / 100 * 4 * MIB;
+        let dirtied_freed = free_blocks * rng.between(60, 95) / 100 * 4 * MIB;
         // A few seeds without hinting: if they fail too, the harness or the loop is at
         // fault, not the hints.
         let hinting = rng.below(16) != 0;
-        let block_pace = pick(
-            &mut rng,
-            &[
-                Duration::ZERO,
-                Duration::from_micros(20),
-                Duration::from_micros(200),
-            ],
-        );
-        let device_lag = pick(
-            &mut rng,
-            &[
-                Duration::ZERO,
-                Duration::from_micros(200),
-                Duration::from_millis(2),
-                // Longer than a whole round at 200 us per block: hints of a round still on
-                // the ring when the next sync comes (the stop_round drain's job).
-                Duration::from_millis(20),
-            ],
-        );
+        let block_pace = rng.pick(&[
+            Duration::ZERO,
+            Duration::from_micros(20),
+            Duration::from_micros(200),
+        ]);
+        let device_lag = rng.pick(&[
+            Duration::ZERO,
+            Duration::from_micros(200),
+            Duration::from_millis(2),
+            // Longer than a whole round at 200 us per block: hints of a round still on
+            // the ring when the next sync comes (the stop_round drain's job).
+            Duration::from_millis(20),
+        ]);
         let writer = (rng.below(5) != 0).then(|| WriterSpec {
-            rate: between(&mut rng, 50, 400) * MIB,
-            working_set: between(&mut rng, 2, 8) * 4 * MIB,
-            used_share: between(&mut rng, 0, 30) as u32,
+            rate: rng.between(50, 400) * MIB,
+            working_set: rng.between(2, 8) * 4 * MIB,
+            used_share: rng.between(0, 30) as u32,
             seed: splitmix(seed ^ 0x0077_7269_7465_7200),
         });
-        let wait = (rng.below(2) == 0).then(|| Duration::from_millis(between(&mut rng, 50, 500)));
+        let wait = (rng.below(2) == 0).then(|| Duration::from_millis(rng.between(50, 500)));
         let config = PrecopyConfig {
-            downtime_limit: Duration::from_millis(between(&mut rng, 1, 20)),
-            max_bandwidth: Some(between(&mut rng, 64, 512) * MIB),
-            max_iterations: between(&mut rng, 3, 8) as u32,
+            downtime_limit: Duration::from_millis(rng.between(1, 20)),
+            max_bandwidth: Some(rng.between(64, 512) * MIB),
+            max_iterations: rng.between(3, 8) as u32,
             postcopy: false,
         };
         let disruption = match rng.below(4) {
             0 => Disruption::Cancel {
-                after: Duration::from_millis(between(&mut rng, 0, 400)),
+                after: Duration::from_millis(rng.between(0, 400)),
                 wait_for_done: rng.below(2) == 0,
             },
             1 => Disruption::Reset {
-                after: Duration::from_millis(between(&mut rng, 0, 300)),
+                after: Duration::from_millis(rng.between(0, 300)),
                 give_back_held: rng.below(4) != 0,
             },
             _ => Disruption::None,
@@ -296,178 +270,6 @@ struct Outcome {
     time: Duration,
 }
 
-/// One migration: boots a destination behind loopback TCP, runs the loop, and returns its
-/// result, the destination's, and the destination memory.
-fn migrate(
-    guest: &Guest,
-    sc: &Scenario,
-    vm: &mut StressVm,
-    wait: Option<Duration>,
-    cancel: Option<CancelToken>,
-) -> (
-    Result<MigrationReport, PrecopyError>,
-    Result<ReceiveStats, WireError>,
-    Arc<Dst>,
-) {
-    let (destination, stream) = Destination::spawn(
-        guest.spec().mem_size,
-        false,
-        format!("destination-{}", sc.seed),
-        1 << 18,
-    );
-    let src = guest.mem().clone();
-    let mut chain = PrecopyNotifierChain::new();
-    chain.add(Arc::new(guest.hints()));
-    let mut precopy = Precopy::new(&*src, &guest.bitmap, &chain).config(sc.config);
-    if let Some(deadline) = wait {
-        precopy = precopy.wait_for_hint_round(guest.hints(), deadline);
-    }
-    if let Some(token) = cancel {
-        precopy = precopy.cancel_token(token);
-    }
-    let result = precopy.run(
-        &mut GuestMemoryDirtyLog::new(&src),
-        vm,
-        BufWriter::with_capacity(1 << 18, stream),
-    );
-    let (received, dst) = destination.join();
-    (result, received, dst)
-}
-
-/// Where a page lies, for failure messages.
-fn region_of(guest: &Guest, gpa: u64) -> String {
-    let (used_start, used_len) = guest.used_range();
-    if gpa < LOW_MEMORY.1 {
-        return "low memory".into();
-    }
-    if gpa >= DRIVER_AREA.0 .0 && gpa < DRIVER_AREA.0 .0 + DRIVER_AREA.1 {
-        return "driver area".into();
-    }
-    if gpa >= used_start.0 && gpa < used_start.0 + used_len {
-        return "used block".into();
-    }
-    let block = gpa & !(HINT_BLOCK_BYTES - 1);
-    let writer = guest.writer_blocks();
-    if let Some(i) = writer.iter().position(|b| b.0 == block) {
-        let dirtied = guest.dirtied_freed_blocks().iter().any(|b| b.0 == block);
-        return format!(
-            "writer block {block:#x} (#{i} of {}, oldest first{})",
-            writer.len(),
-            if dirtied {
-                ", dirtied+freed at boot"
-            } else {
-                ""
-            }
-        );
-    }
-    format!("block {block:#x} (not the writer's)")
-}
-
-/// What the destination holds at `gpa`, in the model's terms.
-fn describe_page(guest: &Guest, src: &Mem, dst: &Dst, gpa: u64) -> String {
-    let mut s = vec![0u8; PAGE_BYTES as usize];
-    let mut d = vec![0u8; PAGE_BYTES as usize];
-    let src_ok = src.read_slice(&mut s, GuestAddress(gpa)).is_ok();
-    let dst_ok = dst.read_slice(&mut d, GuestAddress(gpa)).is_ok();
-    let generation = guest.page_generation(GuestAddress(gpa));
-    let mut text = format!(
-        "page {gpa:#x} [{}], model generation {generation}",
-        region_of(guest, gpa)
-    );
-    if !src_ok || !dst_ok {
-        text.push_str(&format!(
-            ", unreadable (source {src_ok}, destination {dst_ok})"
-        ));
-        return text;
-    }
-    let expected = guest.expected_page(GuestAddress(gpa));
-    let src_current = expected.as_ref().map(|e| e[..] == s[..]);
-    text.push_str(match src_current {
-        Some(true) => ", source current",
-        Some(false) => ", SOURCE NOT CURRENT",
-        None => "",
-    });
-    text.push_str(if s == d {
-        ", destination = source"
-    } else {
-        ", destination differs from source"
-    });
-    if d.iter().all(|&b| b == 0) {
-        text.push_str(", destination holds zeros (never sent)");
-    } else if generation > 0 && expected.as_ref().is_some_and(|e| e[..] != d[..]) {
-        let seed = guest.spec().seed;
-        let older = (generation.saturating_sub(GENERATIONS_TRIED)..generation)
-            .rev()
-            .find(|&g| g > 0 && page_contents(seed, GuestAddress(gpa), g)[..] == d[..]);
-        match older {
-            Some(g) => text.push_str(&format!(", destination holds generation {g} (stale)")),
-            None => text.push_str(", destination holds something else"),
-        }
-    }
-    text
-}
-
-/// Compares a stopped guest with the destination: every allocated page byte for byte, and
-/// the model's current contents. Returns the number of bad pages and pushes a failure.
-fn check_destination(
-    guest: &Guest,
-    dst: &Dst,
-    what: &str,
-    report: &MigrationReport,
-    failures: &mut Vec<String>,
-) -> u64 {
-    let differing: Vec<u64> = guest
-        .pages_differing_from(dst)
-        .iter()
-        .map(|g| g.0)
-        .collect();
-    let stale: Vec<u64> = guest.stale_pages(dst).iter().map(|g| g.0).collect();
-    let mut bad = differing.clone();
-    bad.extend(&stale);
-    bad.sort_unstable();
-    bad.dedup();
-    if bad.is_empty() {
-        return 0;
-    }
-    let mut msg = format!(
-        "{what}: {} pages differ from the source, {} are not the model's current contents \
-         ({} bad pages of {} allocated); report: {} iterations, {} pages sent, {} zero, {} \
-         hinted, round completed {:?}",
-        differing.len(),
-        stale.len(),
-        bad.len(),
-        guest.used_bytes() / PAGE_BYTES,
-        report.iterations.len(),
-        report.pages_sent,
-        report.zero_pages,
-        report.hinted_pages,
-        report.hint_round_completed
-    );
-    for &gpa in bad.iter().take(SHOW_PAGES) {
-        msg.push_str("\n      ");
-        msg.push_str(&describe_page(guest, guest.mem(), dst, gpa));
-    }
-    failures.push(msg);
-    bad.len() as u64
-}
-
-/// Runs `f` on a thread after `after` unless `done` fires first; returns what `f` returned.
-fn after_delay<'s, T: Send + 's>(
-    s: &'s std::thread::Scope<'s, '_>,
-    after: Duration,
-    f: impl FnOnce() -> T + Send + 's,
-) -> (
-    mpsc::Sender<()>,
-    std::thread::ScopedJoinHandle<'s, Option<T>>,
-) {
-    let (tx, rx) = mpsc::channel::<()>();
-    let handle = s.spawn(move || match rx.recv_timeout(after) {
-        Err(RecvTimeoutError::Timeout) => Some(f()),
-        _ => None,
-    });
-    (tx, handle)
-}
-
 /// Resets the device through the driver model unless the guest is stopped: the driver's
 /// threads stop, Status = 0, probe again, threads restart. Returns whether it reset.
 fn reset_device(
@@ -510,7 +312,10 @@ fn completed(
             "{what}: the migration completed but the guest runs"
         ));
     }
-    out.mismatched_pages += check_destination(guest, dst, what, report, &mut out.failures);
+    if let Err((bad, msg)) = guest.check_destination(dst, what, report, SHOW_PAGES) {
+        out.mismatched_pages += bad;
+        out.failures.push(msg);
+    }
 }
 
 /// After a migration, resumes the guest and waits for the driver to have every held block
@@ -571,7 +376,7 @@ fn run_seed(sc: &Scenario) -> Outcome {
             }
         };
         let cancel = matches!(sc.disruption, Disruption::Cancel { .. }).then(|| token.clone());
-        let (result, received, dst) = migrate(&guest, sc, &mut vm, sc.wait, cancel);
+        let (result, received, dst) = guest.migrate(sc.config, &mut vm, sc.wait, cancel, sc.seed);
         let fired = disruptor.map(|(tx, handle)| {
             let _ = tx.send(());
             handle.join().expect("the disrupting thread panicked")
@@ -622,7 +427,8 @@ fn run_seed(sc: &Scenario) -> Outcome {
             // Again from scratch, to a new destination, waiting for the whole first round:
             // hinting must still work after a cancelled migration.
             let rounds_before = guest.hints().status().metrics.rounds_started;
-            let (result, received, dst) = migrate(&guest, sc, &mut vm, Some(DEADLINE), None);
+            let (result, received, dst) =
+                guest.migrate(sc.config, &mut vm, Some(DEADLINE), None, sc.seed);
             match result {
                 Ok(report) => {
                     if sc.spec.hinting && report.hint_round_completed != Some(true) {

@@ -52,9 +52,15 @@ use std::time::{Duration, Instant};
 use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
 
+use std::io::BufWriter;
 use virtio_balloon::migration::MigrationBitmap;
 use virtio_balloon::HintControl;
-use virtio_balloon_precopy::{ReceiveStats, Receiver, VmControl, VmControlError, WireError};
+
+use virtio_balloon::migration::{GuestMemoryDirtyLog, PrecopyNotifierChain};
+use virtio_balloon_precopy::{
+    CancelToken, MigrationReport, Precopy, PrecopyConfig, PrecopyError, ReceiveStats, Receiver,
+    VmControl, VmControlError, WireError,
+};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -778,6 +784,173 @@ impl Guest {
     /// Whether a [`GuestVm`] stopped the guest (and did not resume it).
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::SeqCst)
+    }
+}
+
+/// How many earlier generations of a stale page [`Guest::describe_page`] tries, to name what
+/// a destination holds.
+pub const GENERATIONS_TRIED: u32 = 256;
+
+impl Guest {
+    /// Where page `gpa` lies in the model's layout (low memory, driver area, used block,
+    /// writer block), for failure messages.
+    pub fn region_of(&self, gpa: u64) -> String {
+        let (used_start, used_len) = self.used_range();
+        if gpa < LOW_MEMORY.1 {
+            return "low memory".into();
+        }
+        if gpa >= DRIVER_AREA.0 .0 && gpa < DRIVER_AREA.0 .0 + DRIVER_AREA.1 {
+            return "driver area".into();
+        }
+        if gpa >= used_start.0 && gpa < used_start.0 + used_len {
+            return "used block".into();
+        }
+        let block = gpa & !(HINT_BLOCK_BYTES - 1);
+        let writer = self.writer_blocks();
+        if let Some(i) = writer.iter().position(|b| b.0 == block) {
+            let dirtied = self.dirtied_freed_blocks().iter().any(|b| b.0 == block);
+            return format!(
+                "writer block {block:#x} (#{i} of {}, oldest first{})",
+                writer.len(),
+                if dirtied {
+                    ", dirtied+freed at boot"
+                } else {
+                    ""
+                }
+            );
+        }
+        format!("block {block:#x} (not the writer's)")
+    }
+
+    /// What a migration destination `dst` holds at page `gpa`, in the model's terms: the
+    /// page's region and generation, whether the source is current, and whether the
+    /// destination holds the source's page, zeros, or an older generation (up to
+    /// [`GENERATIONS_TRIED`] back).
+    pub fn describe_page<B: Bytes<GuestAddress>>(&self, dst: &B, gpa: u64) -> String {
+        let src = self.mem();
+        let mut s = vec![0u8; PAGE_BYTES as usize];
+        let mut d = vec![0u8; PAGE_BYTES as usize];
+        let src_ok = src.read_slice(&mut s, GuestAddress(gpa)).is_ok();
+        let dst_ok = dst.read_slice(&mut d, GuestAddress(gpa)).is_ok();
+        let generation = self.page_generation(GuestAddress(gpa));
+        let mut text = format!(
+            "page {gpa:#x} [{}], model generation {generation}",
+            self.region_of(gpa)
+        );
+        if !src_ok || !dst_ok {
+            text.push_str(&format!(
+                ", unreadable (source {src_ok}, destination {dst_ok})"
+            ));
+            return text;
+        }
+        let expected = self.expected_page(GuestAddress(gpa));
+        let src_current = expected.as_ref().map(|e| e[..] == s[..]);
+        text.push_str(match src_current {
+            Some(true) => ", source current",
+            Some(false) => ", SOURCE NOT CURRENT",
+            None => "",
+        });
+        text.push_str(if s == d {
+            ", destination = source"
+        } else {
+            ", destination differs from source"
+        });
+        if d.iter().all(|&b| b == 0) {
+            text.push_str(", destination holds zeros (never sent)");
+        } else if generation > 0 && expected.as_ref().is_some_and(|e| e[..] != d[..]) {
+            let seed = self.spec().seed;
+            let older = (generation.saturating_sub(GENERATIONS_TRIED)..generation)
+                .rev()
+                .find(|&g| g > 0 && page_contents(seed, GuestAddress(gpa), g)[..] == d[..]);
+            match older {
+                Some(g) => text.push_str(&format!(", destination holds generation {g} (stale)")),
+                None => text.push_str(", destination holds something else"),
+            }
+        }
+        text
+    }
+
+    /// Migrates the guest to a fresh destination ([`Destination::spawn`], named after
+    /// `seed`) over loopback TCP through the reference precopy loop, with `config`, the
+    /// migration stopping the guest through `vm`, optionally waiting up to `wait` for a hint
+    /// round and cancellable through `cancel`. Returns the loop's result, the destination's
+    /// and the destination memory.
+    pub fn migrate(
+        &self,
+        config: PrecopyConfig,
+        vm: &mut dyn VmControl,
+        wait: Option<Duration>,
+        cancel: Option<CancelToken>,
+        seed: u64,
+    ) -> (
+        Result<MigrationReport, PrecopyError>,
+        Result<ReceiveStats, WireError>,
+        Arc<GuestMemoryMmap<()>>,
+    ) {
+        let (destination, stream) = Destination::spawn(
+            self.spec().mem_size,
+            false,
+            format!("destination-{seed}"),
+            1 << 18,
+        );
+        let src = self.mem().clone();
+        let mut chain = PrecopyNotifierChain::new();
+        chain.add(Arc::new(self.hints()));
+        let mut precopy = Precopy::new(&*src, &self.bitmap, &chain).config(config);
+        if let Some(deadline) = wait {
+            precopy = precopy.wait_for_hint_round(self.hints(), deadline);
+        }
+        if let Some(token) = cancel {
+            precopy = precopy.cancel_token(token);
+        }
+        let result = precopy.run(
+            &mut GuestMemoryDirtyLog::new(&src),
+            vm,
+            BufWriter::with_capacity(1 << 18, stream),
+        );
+        let (received, dst) = destination.join();
+        (result, received, dst)
+    }
+
+    /// Compares the stopped guest with a migration destination: every allocated page byte
+    /// for byte, and the model's current contents. `Err` holds the number of bad pages and
+    /// a message naming the first `show` of them ([`describe_page`](Self::describe_page)),
+    /// prefixed by `what` and the migration's `report`.
+    pub fn check_destination<B: Bytes<GuestAddress>>(
+        &self,
+        dst: &B,
+        what: &str,
+        report: &MigrationReport,
+        show: usize,
+    ) -> Result<(), (u64, String)> {
+        let differing: Vec<u64> = self.pages_differing_from(dst).iter().map(|g| g.0).collect();
+        let stale: Vec<u64> = self.stale_pages(dst).iter().map(|g| g.0).collect();
+        let mut bad = differing.clone();
+        bad.extend(&stale);
+        bad.sort_unstable();
+        bad.dedup();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let mut msg = format!(
+            "{what}: {} pages differ from the source, {} are not the model's current \
+             contents ({} bad pages of {} allocated); report: {} iterations, {} pages sent, {} \
+             zero, {} hinted, round completed {:?}",
+            differing.len(),
+            stale.len(),
+            bad.len(),
+            self.used_bytes() / PAGE_BYTES,
+            report.iterations.len(),
+            report.pages_sent,
+            report.zero_pages,
+            report.hinted_pages,
+            report.hint_round_completed
+        );
+        for &gpa in bad.iter().take(show) {
+            msg.push_str("\n      ");
+            msg.push_str(&self.describe_page(dst, gpa));
+        }
+        Err((bad.len() as u64, msg))
     }
 }
 

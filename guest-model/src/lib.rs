@@ -463,4 +463,33 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
+
+    /// A value in `[lo, hi]`, both included (`lo` when `hi < lo`).
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo.saturating_add(self.below(hi.saturating_sub(lo).saturating_add(1)))
+    }
+
+    /// One of `items`, uniformly. Panics if `items` is empty.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Runs `f` on a thread of scope `s` after `after`, unless the returned sender sends (or is
+/// dropped) first; joining the handle gives what `f` returned, or `None` if it did not run.
+/// The delay only schedules a disruption: nothing asserts on it.
+pub fn after_delay<'s, T: Send + 's>(
+    s: &'s std::thread::Scope<'s, '_>,
+    after: Duration,
+    f: impl FnOnce() -> T + Send + 's,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::ScopedJoinHandle<'s, Option<T>>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let handle = s.spawn(move || match rx.recv_timeout(after) {
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Some(f()),
+        _ => None,
+    });
+    (tx, handle)
 }
