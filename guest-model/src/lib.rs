@@ -35,12 +35,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
+use std::os::fd::AsRawFd;
 use virtio_balloon::backend::MemoryBackend;
 use virtio_balloon::sink::FreePageSink;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
-use virtio_balloon::{Balloon, BalloonConfig, HintControl};
+use virtio_balloon::{Balloon, BalloonConfig, BalloonEvents, HintControl};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use driver::{
@@ -492,4 +494,62 @@ pub fn after_delay<'s, T: Send + 's>(
         _ => None,
     });
     (tx, handle)
+}
+
+/// The device's `events_fd`, waited on with epoll; what `take_events` returned is collected.
+/// [`DEADLINE`] is a hang guard only.
+pub struct EventWatch {
+    /// Kept open: epoll watches it.
+    _fd: EventFd,
+    epoll: Epoll,
+    seen: BalloonEvents,
+}
+
+impl EventWatch {
+    /// Starts watching the harness device's `events_fd`.
+    pub fn new(h: &Harness) -> Self {
+        let fd = dev(h, |b| b.events_fd().try_clone()).expect("clone events_fd");
+        let epoll = Epoll::new().expect("epoll");
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .expect("watch events_fd");
+        EventWatch {
+            _fd: fd,
+            epoll,
+            seen: BalloonEvents::empty(),
+        }
+    }
+
+    /// Waits until `events_fd` was signalled for every event of `want` (collecting them with
+    /// `take_events` only when the fd is readable, so an event added without a signal would
+    /// time out).
+    pub fn wait(&mut self, h: &Harness, want: BalloonEvents) {
+        let deadline = Instant::now() + DEADLINE;
+        while !self.seen.contains(want) {
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} on events_fd in {DEADLINE:?}; seen {:?}",
+                self.seen
+            );
+            let mut ev = [EpollEvent::default()];
+            if self.epoll.wait(50, &mut ev).unwrap_or(0) > 0 {
+                let e = dev(h, |b| b.take_events());
+                self.seen = self.seen | e;
+            }
+        }
+    }
+
+    /// The events collected since the last [`clear`](Self::clear).
+    pub fn seen(&self) -> BalloonEvents {
+        self.seen
+    }
+
+    /// Forgets what was collected.
+    pub fn clear(&mut self) {
+        self.seen = BalloonEvents::empty();
+    }
 }

@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 use common::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use common::*;
 use virtio_balloon::sink::RecordingSink;
-use virtio_balloon::transport::VirtioDevice;
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 fn harness(cfg: HarnessConfig) -> Harness {
@@ -26,17 +24,6 @@ fn harness(cfg: HarnessConfig) -> Harness {
 /// `actual` as the device took it.
 fn device_actual(h: &Harness) -> u32 {
     h.dev.lock().unwrap().device().actual()
-}
-
-/// The device's next available index on queue `q` (how many buffers it has popped).
-fn device_next_avail(h: &Harness, q: u16) -> u16 {
-    h.dev
-        .lock()
-        .unwrap()
-        .device()
-        .queue(usize::from(q))
-        .expect("queue")
-        .next_avail()
 }
 
 /// The PFN of a guest-physical address.
@@ -296,134 +283,6 @@ fn oom_notify_deflates_256_pages_only_with_deflate_on_oom() {
     assert_eq!(d.oom_notify().unwrap(), 0, "no notifier registered");
     assert!(d.requests_on(QueueRole::Deflate).is_empty());
     assert_eq!(d.balloon_num_pages(), 256);
-    h.assert_clean();
-}
-
-#[test]
-fn stats_buffer_is_primed_with_the_linux_tags_and_held() {
-    let mut cfg = HarnessConfig::balloon(64 * MIB, 16 * MIB);
-    cfg.driver.stat_values = vec![(stat::MEMFREE, 123 << 20), (stat::OOM_KILL, 2)];
-    let h = harness(cfg);
-    let d = &h.driver;
-    let q = d.queue_index(QueueRole::Stats).unwrap();
-    assert_eq!(q, 2);
-    assert_eq!(d.avail_idx(q).unwrap(), 1, "primed with one buffer");
-    let desc = d.read_desc(q, 0).unwrap();
-    assert_eq!((desc.addr, desc.len, desc.flags), (d.stats_buf().0, 160, 0));
-    let entries = d.read_stats_buf(16).unwrap();
-    let tags: Vec<u16> = entries.iter().map(|e| e.0).collect();
-    assert_eq!(tags, LINUX_STATS_ORDER);
-    assert!(entries.contains(&(stat::MEMFREE, 123 << 20)));
-    assert!(entries.contains(&(stat::OOM_KILL, 2)));
-    assert!(entries.contains(&(stat::CACHES, default_stat_value(stat::CACHES))));
-
-    // The device pops it and keeps it, even when kicked again.
-    wait_until("the device to pop the stats buffer", || {
-        device_next_avail(&h, q) == 1
-    })
-    .unwrap();
-    d.notify(q);
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(d.used_idx(q).unwrap(), 0);
-    assert_eq!(d.stats_requests(), 0);
-
-    // stats_handle_request rewrites the values in place, but has nothing to re-add.
-    d.set_stat(stat::MEMFREE, 7);
-    assert!(!d.run_stats_work().unwrap());
-    assert_eq!(d.stats_refills(), 0);
-    assert_eq!(d.stats_updates(), 2);
-    assert_eq!(d.avail_idx(q).unwrap(), 1);
-    assert!(d.read_stats_buf(16).unwrap().contains(&(stat::MEMFREE, 7)));
-    h.assert_clean();
-}
-
-#[test]
-fn stats_tags_and_count_are_configurable() {
-    let mut cfg = HarnessConfig::balloon(64 * MIB, 16 * MIB);
-    cfg.driver.stats_tags = vec![stat::MEMFREE, 99, stat::AVAIL, stat::MEMTOT];
-    cfg.driver.num_stats = 3;
-    cfg.driver.stat_values = vec![(99, 0xdead_beef)];
-    let h = harness(cfg);
-    let d = &h.driver;
-    let q = d.queue_index(QueueRole::Stats).unwrap();
-    assert_eq!(d.read_desc(q, 0).unwrap().len, 30);
-    assert_eq!(
-        d.read_stats_buf(3).unwrap(),
-        [
-            (stat::MEMFREE, default_stat_value(stat::MEMFREE)),
-            (99, 0xdead_beef),
-            (stat::AVAIL, default_stat_value(stat::AVAIL)),
-        ]
-    );
-    wait_until("the device to pop the stats buffer", || {
-        device_next_avail(&h, q) == 1
-    })
-    .unwrap();
-    assert_eq!(d.used_idx(q).unwrap(), 0);
-    h.assert_clean();
-}
-
-#[test]
-fn a_second_stats_buffer_makes_the_device_return_the_held_one() {
-    let h = harness(HarnessConfig::balloon(64 * MIB, 16 * MIB));
-    let d = &h.driver;
-    let q = d.queue_index(QueueRole::Stats).unwrap();
-    wait_until("the device to pop the stats buffer", || {
-        device_next_avail(&h, q) == 1
-    })
-    .unwrap();
-    // Not something Linux does: a second buffer.
-    let extra = d.alloc_scratch(160, 16).unwrap();
-    let extra_head = d.post_and_kick(q, &[Part::out(extra, 160)], false).unwrap();
-    assert_eq!(extra_head, 1);
-    d.wait_used_idx(q, 1).unwrap();
-    assert_eq!(
-        d.used_elem(q, 0).unwrap(),
-        (0, 0),
-        "the primed buffer comes back"
-    );
-
-    // Its used interrupt runs statsq's callback, which queues the stats work.
-    let deadline = Instant::now() + DEADLINE;
-    while d.stats_requests() == 0 && Instant::now() < deadline {
-        d.poll_interrupts(Duration::from_millis(50)).unwrap();
-    }
-    assert_eq!(d.stats_requests(), 1);
-    assert!(d.pending_work(WorkKind::UpdateStats));
-    d.set_stat(stat::AVAIL, 42);
-    assert!(d.run_stats_work().unwrap());
-    assert!(!d.pending_work(WorkKind::UpdateStats));
-    assert_eq!(d.stats_refills(), 1);
-    assert!(d.read_stats_buf(16).unwrap().contains(&(stat::AVAIL, 42)));
-
-    // The refill arrives, so the device returns the extra buffer it held.
-    d.wait_used_idx(q, 2).unwrap();
-    assert_eq!(d.used_elem(q, 1).unwrap(), (u32::from(extra_head), 0));
-    assert_eq!(d.avail_idx(q).unwrap(), 3);
-    h.assert_clean();
-}
-
-#[test]
-fn two_stats_buffers_ping_pong_through_the_background_stats_work() {
-    let mut cfg = HarnessConfig::balloon(64 * MIB, 16 * MIB);
-    cfg.background = true;
-    let h = harness(cfg);
-    let d = &h.driver;
-    let q = d.queue_index(QueueRole::Stats).unwrap();
-    wait_until("the device to pop the stats buffer", || {
-        device_next_avail(&h, q) == 1
-    })
-    .unwrap();
-    let extra = d.alloc_scratch(160, 16).unwrap();
-    d.post_and_kick(q, &[Part::out(extra, 160)], false).unwrap();
-    // Every buffer the device returns makes the guest add one, and every buffer the guest
-    // adds makes the device return the one it held: the exchange never ends.
-    wait_until("four refills by the stats work", || d.stats_refills() >= 4).unwrap();
-    d.stop_background();
-    assert!(d.work_runs_of(WorkKind::UpdateStats) >= 4);
-    assert!(d.stats_requests() >= 4);
-    let heads: Vec<u32> = (0..4).map(|i| d.used_elem(q, i).unwrap().0).collect();
-    assert_eq!(heads, [0, 1, 0, 1]);
     h.assert_clean();
 }
 

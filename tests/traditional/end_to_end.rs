@@ -19,7 +19,6 @@
 use guest_model as common;
 
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,14 +26,11 @@ use common::driver::PAGE_POISON_VAL;
 use common::*;
 use virtio_balloon::backend::{MadviseBackend, MemoryBackend, NoopBackend};
 use virtio_balloon::device::pages::PENDING_CAP;
-use virtio_balloon::device::stats::tag;
 use virtio_balloon::device::DISCARD_FLUSH_DELAY;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::VirtioDevice;
-use virtio_balloon::{BalloonEvents, StatsReport};
+use virtio_balloon::BalloonEvents;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 /// The frame a PFN names.
 const PAGE: u64 = BALLOON_PFN_BYTES;
@@ -138,57 +134,6 @@ fn let_the_device_flush(h: &Harness) {
 // ---------------------------------------------------------------------------------------------
 // Device events.
 
-/// The device's `events_fd`, waited on with epoll; what `take_events` returned is collected.
-struct EventWatch {
-    /// Kept open: epoll watches it.
-    _fd: EventFd,
-    epoll: Epoll,
-    seen: BalloonEvents,
-}
-
-impl EventWatch {
-    fn new(h: &Harness) -> Self {
-        let fd = dev(h, |b| b.events_fd().try_clone()).expect("clone events_fd");
-        let epoll = Epoll::new().expect("epoll");
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, 0),
-            )
-            .expect("watch events_fd");
-        EventWatch {
-            _fd: fd,
-            epoll,
-            seen: BalloonEvents::empty(),
-        }
-    }
-
-    /// Waits until `events_fd` was signalled for every event of `want` (collecting them with
-    /// `take_events` only when the fd is readable, so an event added without a signal would
-    /// time out).
-    fn wait(&mut self, h: &Harness, want: BalloonEvents) {
-        let deadline = Instant::now() + DEADLINE;
-        while !self.seen.contains(want) {
-            assert!(
-                Instant::now() < deadline,
-                "no {want:?} on events_fd in {DEADLINE:?}; seen {:?}",
-                self.seen
-            );
-            let mut ev = [EpollEvent::default()];
-            if self.epoll.wait(50, &mut ev).unwrap_or(0) > 0 {
-                let e = dev(h, |b| b.take_events());
-                self.seen = self.seen | e;
-            }
-        }
-    }
-
-    /// Forgets what was collected.
-    fn clear(&mut self) {
-        self.seen = BalloonEvents::empty();
-    }
-}
-
 /// Sets the target (dropping events of earlier targets in the same critical section) and waits
 /// for TARGET_REACHED on `events_fd`, then for the size work to go idle.
 fn set_target_and_wait(h: &Harness, ev: &mut EventWatch, pages: u32) {
@@ -226,7 +171,7 @@ fn inflate_and_deflate_to_a_target_discard_and_populate_exactly_the_balloon_page
     let mut ev = EventWatch::new(&h);
 
     set_target_and_wait(&h, &mut ev, 4096);
-    assert!(ev.seen.contains(BalloonEvents::ACTUAL_CHANGED));
+    assert!(ev.seen().contains(BalloonEvents::ACTUAL_CHANGED));
     assert!(dev(&h, |b| b.target_reached()));
     assert_eq!(dev(&h, |b| b.actual_bytes()), 16 * MIB);
     let inflated = balloon_pfns(d);
@@ -561,9 +506,9 @@ fn oom_deflates_256_pages_below_the_target_and_the_device_accepts_it() {
     assert_eq!(d.oom_notify().unwrap(), 256);
     ev.wait(&h, BalloonEvents::ACTUAL_CHANGED);
     assert!(
-        !ev.seen.contains(BalloonEvents::TARGET_REACHED),
+        !ev.seen().contains(BalloonEvents::TARGET_REACHED),
         "{:?}",
-        ev.seen
+        ev.seen()
     );
     let (actual, num_pages, reached) = dev(&h, |b| (b.actual(), b.num_pages(), b.target_reached()));
     assert_eq!((actual, num_pages), (2048 - 256, 2048));
@@ -653,193 +598,6 @@ fn with_must_tell_host_every_deflated_page_is_populated_before_its_ack() {
         );
     }
     assert_eq!(union(&populates).len(), 2048);
-    h.assert_clean();
-}
-
-// ---------------------------------------------------------------------------------------------
-// 5. Statistics.
-
-fn latest(h: &Harness) -> Option<StatsReport> {
-    dev(h, |b| b.latest_stats().copied())
-}
-
-/// The entries of the stats buffer as guest memory holds it.
-fn sent(d: &Driver) -> Vec<(u16, u64)> {
-    d.read_stats_buf(d.options().num_stats).unwrap()
-}
-
-fn assert_report_matches(r: &StatsReport, entries: &[(u16, u64)]) {
-    assert_eq!(r.entries as usize, entries.len());
-    for &(t, v) in entries {
-        if usize::from(t) < tag::COUNT {
-            assert_eq!(r.stats.get(t), Some(v), "tag {t} ({:?})", tag::name(t));
-        }
-    }
-}
-
-#[test]
-fn stats_round_trips_with_the_16_linux_tags_and_periodic_polling() {
-    let mut cfg = background(HarnessConfig::balloon(64 * MIB, 16 * MIB));
-    cfg.driver.stat_values = LINUX_STATS_ORDER
-        .iter()
-        .map(|&t| (t, 1000 + 7 * u64::from(t)))
-        .collect();
-    let (h, _rec) = rig(cfg, Arc::new(NoopBackend));
-    let d = &h.driver;
-    let q = d.queue_index(QueueRole::Stats).unwrap();
-    let mut ev = EventWatch::new(&h);
-
-    // The primed buffer: parsed and held.
-    ev.wait(&h, BalloonEvents::STATS_UPDATED);
-    let first = latest(&h).expect("stats");
-    let entries = sent(d);
-    assert_eq!(
-        entries.iter().map(|e| e.0).collect::<Vec<_>>(),
-        LINUX_STATS_ORDER
-    );
-    assert_report_matches(&first, &entries);
-    assert_eq!(first.unknown_tags, 0);
-    for t in 0..tag::COUNT as u16 {
-        assert_eq!(first.stats.get(t), Some(1000 + 7 * u64::from(t)), "tag {t}");
-    }
-    assert_eq!(d.used_idx(q).unwrap(), 0, "the device holds the buffer");
-    assert_eq!(dev(&h, |b| b.metrics()).stats_updates, 1);
-
-    // A request: the buffer goes back, the stats work refills it with new values.
-    for &t in &LINUX_STATS_ORDER {
-        d.set_stat(t, 50_000 + u64::from(t));
-    }
-    ev.clear();
-    let (once, twice) = dev(&h, |b| {
-        b.take_events();
-        (b.request_stats(), b.request_stats())
-    });
-    assert!(once);
-    assert!(!twice, "only one request while the buffer is out");
-    ev.wait(&h, BalloonEvents::STATS_UPDATED);
-    wait_until("the refill", || d.stats_refills() >= 1).unwrap();
-    let second = latest(&h).expect("stats");
-    assert!(second.received > first.received);
-    assert_report_matches(&second, &sent(d));
-    for t in 0..tag::COUNT as u16 {
-        assert_eq!(second.stats.get(t), Some(50_000 + u64::from(t)), "tag {t}");
-    }
-    let m = dev(&h, |b| b.metrics());
-    assert_eq!((m.stats_updates, m.stats_requests), (2, 1));
-
-    // Polling: updates arrive with no request from the test.
-    let base = d.stats_refills();
-    dev(&h, |b| b.set_stats_interval(Duration::from_millis(50))).unwrap();
-    assert_eq!(dev(&h, |b| b.stats_interval()), Duration::from_millis(50));
-    wait_until("three polled updates", || {
-        dev(&h, |b| b.metrics()).stats_updates >= 2 + 3
-    })
-    .unwrap();
-    let polled = dev(&h, |b| b.metrics());
-    // The one request above, then one per polled update.
-    assert!(polled.stats_requests >= 4, "{polled:?}");
-    wait_until("three polled refills", || d.stats_refills() >= base + 3).unwrap();
-
-    // Off: the timer is disarmed; at most the request already out comes back.
-    let (requests, interval) = dev(&h, |b| {
-        b.set_stats_interval(Duration::ZERO).unwrap();
-        (b.metrics().stats_requests, b.stats_interval())
-    });
-    assert_eq!(interval, Duration::ZERO);
-    let refills = d.stats_refills();
-    std::thread::sleep(Duration::from_millis(6 * 50));
-    assert_eq!(
-        dev(&h, |b| b.metrics()).stats_requests,
-        requests,
-        "the device asked again after polling was turned off"
-    );
-    assert!(d.stats_refills() <= refills + 1);
-
-    // The queue still works on request once the buffer is back.
-    let mut updates = 0;
-    wait_until("the buffer back at the device", || {
-        dev(&h, |b| {
-            updates = b.metrics().stats_updates;
-            b.request_stats()
-        })
-    })
-    .unwrap();
-    wait_until("the requested update", || {
-        dev(&h, |b| b.metrics()).stats_updates > updates
-    })
-    .unwrap();
-    h.assert_clean();
-}
-
-#[test]
-fn stats_from_a_guest_sending_only_the_10_spec_tags() {
-    let mut cfg = background(HarnessConfig::balloon(64 * MIB, 16 * MIB));
-    cfg.driver.stats_tags = (0..10).collect();
-    cfg.driver.num_stats = 10;
-    let (h, _rec) = rig(cfg, Arc::new(NoopBackend));
-    let d = &h.driver;
-    let mut ev = EventWatch::new(&h);
-    ev.wait(&h, BalloonEvents::STATS_UPDATED);
-    let r = latest(&h).expect("stats");
-    assert_eq!((r.entries, r.unknown_tags), (10, 0));
-    assert_report_matches(&r, &sent(d));
-    assert_eq!(
-        r.stats.iter().map(|e| e.0).collect::<Vec<_>>(),
-        (0..10).collect::<Vec<u16>>()
-    );
-    for t in 10..tag::COUNT as u16 {
-        assert_eq!(r.stats.get(t), None, "tag {t} was not sent");
-    }
-    d.set_stat(tag::MEMFREE, 12345);
-    ev.clear();
-    assert!(dev(&h, |b| {
-        b.take_events();
-        b.request_stats()
-    }));
-    ev.wait(&h, BalloonEvents::STATS_UPDATED);
-    wait_until("the new free memory", || {
-        latest(&h).and_then(|r| r.stats.free_memory()) == Some(12345)
-    })
-    .unwrap();
-    assert_eq!(latest(&h).unwrap().entries, 10);
-    h.assert_clean();
-}
-
-#[test]
-fn stats_with_unknown_tags_in_the_buffer() {
-    let mut cfg = background(HarnessConfig::balloon(64 * MIB, 16 * MIB));
-    cfg.driver.stats_tags = vec![tag::MEMFREE, 16, 99, tag::AVAIL, u16::MAX, tag::MEMTOT];
-    cfg.driver.num_stats = 6;
-    cfg.driver.stat_values = vec![(tag::MEMFREE, 11), (16, 22), (tag::AVAIL, 33), (99, 44)];
-    let (h, _rec) = rig(cfg, Arc::new(NoopBackend));
-    let d = &h.driver;
-    let mut ev = EventWatch::new(&h);
-    ev.wait(&h, BalloonEvents::STATS_UPDATED);
-    let r = latest(&h).expect("stats");
-    assert_eq!((r.entries, r.unknown_tags), (6, 3));
-    assert_report_matches(&r, &sent(d));
-    assert_eq!(
-        r.stats.iter().collect::<Vec<_>>(),
-        [
-            (tag::MEMFREE, 11),
-            (tag::MEMTOT, default_stat_value(tag::MEMTOT)),
-            (tag::AVAIL, 33),
-        ]
-    );
-    // The same on the next round trip.
-    d.set_stat(tag::MEMTOT, 64 * MIB);
-    ev.clear();
-    assert!(dev(&h, |b| {
-        b.take_events();
-        b.request_stats()
-    }));
-    ev.wait(&h, BalloonEvents::STATS_UPDATED);
-    wait_until("the new total", || {
-        latest(&h).and_then(|r| r.stats.total_memory()) == Some(64 * MIB)
-    })
-    .unwrap();
-    let r = latest(&h).unwrap();
-    assert_eq!((r.entries, r.unknown_tags), (6, 3));
     h.assert_clean();
 }
 
