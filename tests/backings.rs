@@ -5,7 +5,7 @@
 //!
 //! Each test builds guest memory of two regions: `[0, 4 MiB)`, anonymous, holds the driver
 //! model's rings; the region under test starts at 4 MiB and is the balloon's whole page
-//! pool. The guest fills the region, then the Linux driver model of `tests/common` inflates N
+//! pool. The guest fills the region, then the Linux driver model of `guest_model` inflates N
 //! MiB of it through real virtio-mmio, split rings in guest memory and the device's event
 //! loop, with the device's default backend ([`MadviseBackend::new`], which chooses per
 //! region). The test then measures what the host holds for the region:

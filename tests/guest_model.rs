@@ -1,7 +1,7 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Tests of the guest model for precopy migration (`tests/common/guest.rs`): layout, page
+//! Tests of the guest model for precopy migration (`guest_model::guest`): layout, page
 //! contents, the writer and its shrinker path, and stopping the VM.
 
 use guest_model as common;

@@ -1,8 +1,8 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The free page hinting edge cases of PROTOCOL §10 (items 1–29 and 40), one test each, and
-//! the position fence of §4.5.
+//! The free page hinting edge cases 1–29 and 40 of `docs/protocol.md` ("Edge cases"), one
+//! test each, and the start-buffer fence ("Stale ids and the start-buffer fence").
 //!
 //! Every test sets the device up through the virtio-mmio registers the way a driver does
 //! (status, features, queue registers, DRIVER_OK), writes its rings into guest memory by hand
@@ -486,13 +486,13 @@ impl Vm {
 }
 
 // ----------------------------------------------------------------------------------------
-// PROTOCOL §10, items 1–29 and 40.
+// Edge cases 1–29 and 40 of `docs/protocol.md`.
 // ----------------------------------------------------------------------------------------
 
 use guest_model::log as log_all;
 use log_all::log_everything;
 
-/// §10.1 "A zero-length descriptor in any balloon chain" — skip zero-length in-descriptors;
+/// Edge case 1 "A zero-length descriptor in any balloon chain" — skip zero-length in-descriptors;
 /// a zero-length out-part is "no command".
 #[test]
 fn edge_01_zero_length_descriptor() {
@@ -527,7 +527,7 @@ fn edge_01_zero_length_descriptor() {
     vm.assert_all_returned();
 }
 
-/// §10.2 "Free-page out-buffer shorter than 4 bytes in total" — this device ignores the
+/// Edge case 2 "Free-page out-buffer shorter than 4 bytes in total" — this device ignores the
 /// element (state unchanged, no hint from it) and still returns it.
 #[test]
 fn edge_02_short_command() {
@@ -562,7 +562,7 @@ fn edge_02_short_command() {
     vm.assert_all_returned();
 }
 
-/// §10.3 "Out-buffer longer than 4 bytes, or 4 bytes split over several descriptors" —
+/// Edge case 3 "Out-buffer longer than 4 bytes, or 4 bytes split over several descriptors" —
 /// gather the first 4 readable bytes across out descriptors and ignore the rest.
 #[test]
 fn edge_03_long_or_split_command() {
@@ -614,7 +614,7 @@ fn edge_03_long_or_split_command() {
     vm.assert_all_returned();
 }
 
-/// §10.4 "A 4-byte device-writable descriptor" — decide by descriptor direction, never by
+/// Edge case 4 "A 4-byte device-writable descriptor" — decide by descriptor direction, never by
 /// length.
 #[test]
 fn edge_04_writable_four_bytes_is_not_a_command() {
@@ -644,7 +644,7 @@ fn edge_04_writable_four_bytes_is_not_a_command() {
     vm.assert_all_returned();
 }
 
-/// §10.5 "Hint data in a device-readable (out) descriptor" — only writable descriptors are
+/// Edge case 5 "Hint data in a device-readable (out) descriptor" — only writable descriptors are
 /// hints; a readable descriptor is at most a command (here: any out-buffer in START ends the
 /// round, as in QEMU).
 #[test]
@@ -668,7 +668,7 @@ fn edge_05_readable_descriptor_is_never_a_hint() {
     vm.assert_all_returned();
 }
 
-/// §10.6 "One chain with a command and hints" — the command first, then the hints under the
+/// Edge case 6 "One chain with a command and hints" — the command first, then the hints under the
 /// new state.
 #[test]
 fn edge_06_command_and_hints_in_one_chain() {
@@ -691,7 +691,7 @@ fn edge_06_command_and_hints_in_one_chain() {
     vm.assert_all_returned();
 }
 
-/// §10.7 "Writable descriptor before a readable one (order violation)" — reject the chain;
+/// Edge case 7 "Writable descriptor before a readable one (order violation)" — reject the chain;
 /// no partial hints from it.
 #[test]
 fn edge_07_writable_before_readable() {
@@ -718,7 +718,7 @@ fn edge_07_writable_before_readable() {
     vm.assert_all_returned();
 }
 
-/// §10.8 "Looped, out-of-range or over-long chains, bad indirect tables" — rely on
+/// Edge case 8 "Looped, out-of-range or over-long chains, bad indirect tables" — rely on
 /// virtio-queue validation; nothing from a bad chain is applied, every element comes back.
 #[test]
 fn edge_08_malformed_chains() {
@@ -824,7 +824,7 @@ fn edge_08_malformed_chains() {
     vm.assert_all_returned();
 }
 
-/// §10.8 "Looped, out-of-range or over-long chains, bad indirect tables" — "Cap the chain
+/// Edge case 8 "Looped, out-of-range or over-long chains, bad indirect tables" — "Cap the chain
 /// length at the queue size": an indirect table longer than the queue must not deliver more
 /// descriptors than the queue size (virtio 1.x 2.7.5.3.1: a driver MUST NOT create a chain
 /// longer than the Queue Size).
@@ -848,7 +848,7 @@ fn edge_08_indirect_chain_longer_than_queue_is_capped() {
     );
 }
 
-/// §10.9 "Hint start is not page-aligned, or the length is not a page multiple" — round the
+/// Edge case 9 "Hint start is not page-aligned, or the length is not a page multiple" — round the
 /// start up and the end down; drop ranges that become empty.
 #[test]
 fn edge_09_unaligned_hint() {
@@ -867,7 +867,7 @@ fn edge_09_unaligned_hint() {
     vm.assert_all_returned();
 }
 
-/// §10.10 "`addr + len` overflows u64" — checked arithmetic; drop the descriptor.
+/// Edge case 10 "`addr + len` overflows u64" — checked arithmetic; drop the descriptor.
 #[test]
 fn edge_10_overflowing_hint() {
     let mut vm = Vm::ready();
@@ -884,7 +884,7 @@ fn edge_10_overflowing_hint() {
     vm.assert_all_returned();
 }
 
-/// §10.11 "A hint range crossing a memory-region or RAMBlock boundary" — split per guest
+/// Edge case 11 "A hint range crossing a memory-region or RAMBlock boundary" — split per guest
 /// memory region and handle each piece on its own.
 #[test]
 fn edge_11_hint_crosses_region_boundary() {
@@ -909,7 +909,7 @@ fn edge_11_hint_crosses_region_boundary() {
     vm.assert_all_returned();
 }
 
-/// §10.12 "A hint range partly or wholly outside guest RAM (MMIO hole, beyond the end of
+/// Edge case 12 "A hint range partly or wholly outside guest RAM (MMIO hole, beyond the end of
 /// RAM)" — hint only the parts in RAM; ignore the rest with no device error.
 #[test]
 fn edge_12_hint_outside_ram() {
@@ -943,7 +943,7 @@ fn edge_12_hint_outside_ram() {
     assert_eq!(vm.hints().last(), Some(&(id, page(0), PAGE)));
 }
 
-/// §10.13 "A hint into RAM that migration does not track (ignored, shared, or
+/// Edge case 13 "A hint into RAM that migration does not track (ignored, shared, or
 /// device-private blocks)" — skip it: the migration bitmap leaves R1 out, and hints into R1
 /// change nothing while hints into tracked RAM clear their pages.
 #[test]
@@ -995,7 +995,7 @@ fn ram_with_file() -> Mem {
     .expect("file-backed guest memory")
 }
 
-/// §10.14 "A hint into ROM, read-only, DAX/pmem or file-backed shared regions" — skip it by
+/// Edge case 14 "A hint into ROM, read-only, DAX/pmem or file-backed shared regions" — skip it by
 /// default; `hint_file_backed_memory: true` accepts it.
 #[test]
 fn edge_14_file_backed_region() {
@@ -1036,7 +1036,7 @@ fn edge_14_file_backed_region() {
     vm.assert_all_returned();
 }
 
-/// §10.15 "A hint that arrives while no migration runs" — ignore it (the state is STOP or
+/// Edge case 15 "A hint that arrives while no migration runs" — ignore it (the state is STOP or
 /// DONE).
 #[test]
 fn edge_15_hint_without_round() {
@@ -1070,7 +1070,7 @@ fn edge_15_hint_without_round() {
     vm.assert_all_returned();
 }
 
-/// §10.16 "Hints popped in REQUESTED (before the matching start)" — ignore and return them.
+/// Edge case 16 "Hints popped in REQUESTED (before the matching start)" — ignore and return them.
 #[test]
 fn edge_16_hints_before_start_buffer() {
     let mut vm = Vm::ready();
@@ -1091,7 +1091,7 @@ fn edge_16_hints_before_start_buffer() {
     vm.assert_all_returned();
 }
 
-/// §10.17 "A start buffer with a stale id, DONE, STOP or garbage while REQUESTED" — stay
+/// Edge case 17 "A start buffer with a stale id, DONE, STOP or garbage while REQUESTED" — stay
 /// REQUESTED.
 #[test]
 fn edge_17_bad_start_buffer_while_requested() {
@@ -1122,7 +1122,7 @@ fn edge_17_bad_start_buffer_while_requested() {
     assert_eq!(vm.hints(), [(id, page(9), PAGE)]);
 }
 
-/// §10.18 "A second start buffer with the current id while START" — QEMU moves to STOP; so
+/// Edge case 18 "A second start buffer with the current id while START" — QEMU moves to STOP; so
 /// does this device.
 #[test]
 fn edge_18_second_start_buffer_ends_round() {
@@ -1144,7 +1144,7 @@ fn edge_18_second_start_buffer_ends_round() {
     vm.assert_all_returned();
 }
 
-/// §10.19 "A guest that guesses the next id and sends it early" — accepted only once the
+/// Edge case 19 "A guest that guesses the next id and sends it early" — accepted only once the
 /// device is REQUESTED with that id; with the position fence, only if made available after
 /// the id was published.
 #[test]
@@ -1181,7 +1181,7 @@ fn edge_19_guessed_next_id() {
     vm.assert_all_returned();
 }
 
-/// §10.20 "A guest that never answers a REQUESTED id" — do not wait for the guest at any
+/// Edge case 20 "A guest that never answers a REQUESTED id" — do not wait for the guest at any
 /// migration step.
 #[test]
 fn edge_20_guest_never_answers() {
@@ -1208,7 +1208,7 @@ fn edge_20_guest_never_answers() {
     assert_eq!(vm.state(), HintState::Done);
 }
 
-/// §10.21 "A guest that keeps hinting forever (never sends STOP)" — bound the per-wakeup
+/// Edge case 21 "A guest that keeps hinting forever (never sends STOP)" — bound the per-wakeup
 /// work so migration can always stop the round.
 #[test]
 fn edge_21_endless_hinting_is_bounded() {
@@ -1243,7 +1243,7 @@ fn edge_21_endless_hinting_is_bounded() {
     vm.assert_all_returned();
 }
 
-/// §10.22 "A config interrupt for another reason (for example a resize) while START" —
+/// Edge case 22 "A config interrupt for another reason (for example a resize) while START" —
 /// show the current id in START (and REQUESTED).
 #[test]
 fn edge_22_config_shows_id_in_start() {
@@ -1270,7 +1270,7 @@ fn edge_22_config_shows_id_in_start() {
     assert_eq!(vm.cmd_id(), CMD_DONE);
 }
 
-/// §10.23 "A device reset during hinting" — go to STOP, keep the id counter, drop queue
+/// Edge case 23 "A device reset during hinting" — go to STOP, keep the id counter, drop queue
 /// state, and raise no config interrupt before DRIVER_OK.
 #[test]
 fn edge_23_reset_during_hinting() {
@@ -1311,7 +1311,7 @@ fn edge_23_reset_during_hinting() {
     vm.assert_all_returned();
 }
 
-/// §10.24 "A reset or driver unload mid-migration, then a new driver that does not
+/// Edge case 24 "A reset or driver unload mid-migration, then a new driver that does not
 /// negotiate FPH" — the notifier checks the negotiated features on every hook and does
 /// nothing.
 #[test]
@@ -1360,7 +1360,7 @@ fn edge_24_reprobe_without_fph() {
     assert!(!vm.irq_fired());
 }
 
-/// §10.25 "A new driver instance seeing an id it cached before" — never re-publish the id of
+/// Edge case 25 "A new driver instance seeing an id it cached before" — never re-publish the id of
 /// the previous round; keep the counter monotonic across reset.
 #[test]
 fn edge_25_ids_never_reused() {
@@ -1382,7 +1382,7 @@ fn edge_25_ids_never_reused() {
     assert!(ids.windows(2).all(|w| w[1] > w[0]), "ids {ids:?}");
 }
 
-/// §10.26 "The VM paused while the worker is mid-queue" — park: no element moves on the
+/// Edge case 26 "The VM paused while the worker is mid-queue" — park: no element moves on the
 /// ring while paused; everything is handled after resume.
 #[test]
 fn edge_26_pause_parks_the_queue() {
@@ -1426,7 +1426,7 @@ fn edge_26_pause_parks_the_queue() {
     vm.assert_all_returned();
 }
 
-/// §10.27 "A queue not set up or not enabled (size 0, ready = 0) while FPH is negotiated" —
+/// Edge case 27 "A queue not set up or not enabled (size 0, ready = 0) while FPH is negotiated" —
 /// treat it as empty; config-side state changes still happen.
 #[test]
 fn edge_27_queue_not_ready() {
@@ -1461,7 +1461,7 @@ fn edge_27_queue_not_ready() {
     }
 }
 
-/// §10.28 "free_page_vq ring smaller than 2, or reporting ring smaller than 32" — offer at
+/// Edge case 28 "free_page_vq ring smaller than 2, or reporting ring smaller than 32" — offer at
 /// least 2 (QEMU: 1024) and at least 32.
 #[test]
 fn edge_28_minimum_ring_sizes() {
@@ -1525,7 +1525,7 @@ fn edge_28_minimum_ring_sizes() {
     assert!(vm.ctl.status().round_complete);
 }
 
-/// §10.29 "The guest never reclaims used entries and so runs out of free descriptors" —
+/// Edge case 29 "The guest never reclaims used entries and so runs out of free descriptors" —
 /// every pop is matched by exactly one used entry; no element is used twice (with and
 /// without `VIRTIO_F_RING_EVENT_IDX`).
 #[test]
@@ -1599,7 +1599,7 @@ fn used_entries_match_pops(features: u64) {
     assert_eq!(m.elements, 1 + u64::from(size) + posted);
 }
 
-/// §10.40 "A huge or hostile number of hint descriptors, each 4 KiB" — batch and bound the
+/// Edge case 40 "A huge or hostile number of hint descriptors, each 4 KiB" — batch and bound the
 /// time spent: all hints are applied, and each wakeup handles at most `chains_per_wakeup`.
 #[test]
 fn edge_40_flood_of_small_hints() {
@@ -1648,7 +1648,7 @@ fn edge_40_flood_of_small_hints() {
     assert_eq!(m.bytes_accepted, R1.1);
 }
 
-/// §10.40 "A huge or hostile number of hint descriptors, each 4 KiB" — "bound the time
+/// Edge case 40 "A huge or hostile number of hint descriptors, each 4 KiB" — "bound the time
 /// spent": with indirect tables a guest packs many descriptors into one chain, so one
 /// wakeup must still handle at most `chains_per_wakeup` chains of at most the queue size
 /// each.
@@ -1680,7 +1680,7 @@ fn edge_40_hostile_indirect_tables_are_bounded() {
     );
 }
 
-/// §10.40 "A huge or hostile number of hint descriptors, each 4 KiB" — `stop_round` from the
+/// Edge case 40 "A huge or hostile number of hint descriptors, each 4 KiB" — `stop_round` from the
 /// migration thread while a guest thread floods the ring returns, and nothing reaches the
 /// sink after it returns until the next `start_round`.
 #[test]
@@ -1785,12 +1785,12 @@ fn edge_40_stop_round_while_guest_floods() {
     assert_eq!(vm.hints().len(), at_stop + 1);
 }
 
-// ----------------------------------------------------------------------------------------
-// The position fence (PROTOCOL §4.5): a start buffer counts only if the guest made it
-// available after the id was published.
+// ---------------------------------------------------------------------------------------- The
+// start-buffer fence (`docs/protocol.md`, "Stale ids and the start-buffer fence"): a start buffer
+// counts only if the guest made it available after the id was published.
 // ----------------------------------------------------------------------------------------
 
-/// §4.5: the guest's start buffer for round N (Linux's one reused slot) and its hints are
+/// The fence: the guest's start buffer for round N (Linux's one reused slot) and its hints are
 /// still on the ring when the migration moves to round N+1 and the guest overwrites the
 /// slot with N+1. The old buffer must not start N+1; a fresh one does.
 #[test]
@@ -1821,7 +1821,7 @@ fn fence_old_start_buffer_does_not_start_the_next_round() {
     assert_eq!(vm.hints(), [(n1, page(2), PAGE)]);
 }
 
-/// §4.5, a slow guest: it read N, but makes its start buffer available only after
+/// The fence, a slow guest: it read N, but makes its start buffer available only after
 /// `stop_round` (so `stop_round` had nothing to consume) and before N+1 is published, then
 /// overwrites the slot with N+1.
 #[test]
@@ -1851,7 +1851,7 @@ fn fence_start_buffer_posted_between_stop_and_start() {
     assert_eq!(vm.hints(), [(n1, page(2), PAGE)]);
 }
 
-/// §4.5 with the VM paused across the sync: `stop_round` cannot consume the ring, so only
+/// The fence with the VM paused across the sync: `stop_round` cannot consume the ring, so only
 /// the fence keeps the old start buffer (slot now N+1) from starting round N+1.
 #[test]
 fn fence_old_start_buffer_while_paused() {
@@ -1875,7 +1875,7 @@ fn fence_old_start_buffer_while_paused() {
     vm.assert_all_returned();
 }
 
-/// §4.5 without a `stop_round` in between (two `start_round`s in a row).
+/// The fence without a `stop_round` in between (two `start_round`s in a row).
 #[test]
 fn fence_two_start_rounds_in_a_row() {
     let mut vm = Vm::ready();

@@ -4,7 +4,7 @@
 //! Snapshot and restore: `Balloon::save_state` / `Balloon::restore` and
 //! `MmioTransport::save_state` / `MmioTransport::restore`.
 //!
-//! The guest is the Linux driver model of `tests/common`, in step mode. It reaches the device
+//! The guest is the Linux driver model of `guest_model`, in step mode. It reaches the device
 //! through a bus that holds the transport behind a mutex, so a test can swap a restored
 //! device in while the guest keeps its rings (they live in the same guest memory). The kick
 //! and interrupt eventfds the guest uses belong to the rig, not to a device: the rig serves

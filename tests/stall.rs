@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The stall watch (`BalloonConfig::stall_timeout`, `BalloonEvents::TARGET_STALLED`) against
-//! the Linux driver model of `tests/common`: its size work (`update_balloon_size_func`),
+//! the Linux driver model of `guest_model`: its size work (`update_balloon_size_func`),
 //! its page allocator under memory pressure, and its OOM notifier.
 //!
 //! Time is a `ManualClock` the tests move: nothing depends on how fast the machine runs.

@@ -1539,10 +1539,10 @@ fn poison_val_taken_only_when_page_poison_was_negotiated() {
     assert_eq!(cfg_rd(&r.t, CFG_POISON), 0x55aa_aaaa);
 }
 
-/// DEVICE BUG (reported, left failing): `poison_val` is taken from a config write made
-/// between DRIVER and FEATURES_OK on the strength of the driver's *tentative* feature bits,
-/// and survives the driver withdrawing PAGE_POISON before FEATURES_OK. QEMU takes it only
-/// once the features are final, and forces it to 0 otherwise (PROTOCOL §2).
+/// DEVICE BUG (reported, left failing): `poison_val` is taken from a config write made between
+/// DRIVER and FEATURES_OK on the strength of the driver's *tentative* feature bits, and survives
+/// the driver withdrawing PAGE_POISON before FEATURES_OK. QEMU takes it only once the features are
+/// final, and forces it to 0 otherwise (`docs/protocol.md`, "Configuration space").
 #[test]
 fn poison_val_written_before_features_ok_does_not_outlive_a_withdrawn_page_poison() {
     let mut r = rig(BalloonConfig::default());

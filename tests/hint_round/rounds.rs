@@ -808,9 +808,10 @@ fn hints_are_clipped_to_ram_and_rounded_to_whole_pages() {
     h.assert_clean();
 }
 
-/// PROTOCOL §4.5: Linux keeps the start id in one slot it reuses every round. A start buffer
-/// the device has not consumed when the guest starts the next round reads the *new* id; the
-/// device must still not take it (or the old round's hints behind it) for the new round.
+/// The start-buffer fence (`docs/protocol.md`): Linux keeps the start id in one slot it reuses
+/// every round. A start buffer the device has not consumed when the guest starts the next round
+/// reads the *new* id; the device must still not take it (or the old round's hints behind it) for
+/// the new round.
 #[test]
 fn unconsumed_start_buffer_from_an_earlier_round_does_not_start_the_next() {
     let sink = Arc::new(RecordingSink::default());

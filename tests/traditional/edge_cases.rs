@@ -1,10 +1,10 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The traditional-balloon edge cases of PROTOCOL §10 (items 30–39: configuration space,
-//! page poison, inflate/deflate PFN arrays, statistics), one or more named tests each, plus
-//! a few gaps around them (deflate ordering, reset, host pages larger than 4 KiB, the flush
-//! timer).
+//! The traditional-balloon edge cases 30–39 of `docs/protocol.md` ("Edge cases":
+//! configuration space, page poison, inflate/deflate PFN arrays, statistics), one or more
+//! named tests each, plus a few gaps around them (deflate ordering, reset, host pages larger
+//! than 4 KiB, the flush timer).
 //!
 //! Every test sets the device up through the virtio-mmio registers the way a driver does
 //! (status, features, queue registers, DRIVER_OK), writes split rings into guest memory by
@@ -75,7 +75,7 @@ mod reg {
     pub use super::guest_mmio::status::*;
 }
 
-/// Balloon configuration space offsets (PROTOCOL §2).
+/// Balloon configuration space offsets (`docs/protocol.md`, "Configuration space").
 const NUM_PAGES: u64 = 0x0;
 const ACTUAL: u64 = 0x4;
 const CMD_ID: u64 = 0x8;
@@ -546,10 +546,10 @@ fn ranges(calls: &[BackendCall], op: BackendOp) -> Vec<(u64, u64)> {
 }
 
 // ----------------------------------------------------------------------------------------
-// PROTOCOL §10, items 30–39.
+// Edge cases 30–39 of `docs/protocol.md`.
 // ----------------------------------------------------------------------------------------
 
-/// §10.30 "A config write of the wrong width (1 or 2 bytes, or unaligned)" — accept it and
+/// Edge case 30 "A config write of the wrong width (1 or 2 bytes, or unaligned)" — accept it and
 /// merge it into a shadow. The device acts on the merged `actual`: TARGET_REACHED (and the
 /// flush of the pending inflate range that comes with it) happens exactly when the merged
 /// value equals `num_pages`, never on a partial value.
@@ -622,7 +622,7 @@ fn edge_30_narrow_and_unaligned_config_writes_merge_into_actual() {
     assert_eq!(r.r32(reg::CONFIG_GENERATION), generation);
 }
 
-/// §10.31 "A config access past the end (offset ≥ length)" — reads give all-ones, writes are
+/// Edge case 31 "A config access past the end (offset ≥ length)" — reads give all-ones, writes are
 /// dropped, for each of the three lengths (8, 12 and 16 bytes).
 #[test]
 fn edge_31_config_access_past_the_end() {
@@ -727,7 +727,7 @@ fn edge_31_config_access_past_the_end() {
     }
 }
 
-/// §10.32 "Driver writes to `num_pages` or `free_page_hint_cmd_id`" — ignored: the device
+/// Edge case 32 "Driver writes to `num_pages` or `free_page_hint_cmd_id`" — ignored: the device
 /// keeps its target (a write that would make `num_pages == actual` reaches nothing) and its
 /// hint state, at any width.
 #[test]
@@ -791,7 +791,7 @@ fn edge_32_writes_to_num_pages_and_cmd_id_are_ignored() {
     );
 }
 
-/// §10.33 "`poison_val` written after DRIVER_OK, or never written" — latched at DRIVER_OK
+/// Edge case 33 "`poison_val` written after DRIVER_OK, or never written" — latched at DRIVER_OK
 /// (the last write before it wins), later writes ignored and counted, never written means 0
 /// (reporting then discards), cleared on reset.
 #[test]
@@ -858,7 +858,7 @@ fn edge_33_poison_val_latched_late_writes_ignored_cleared_on_reset() {
     assert_eq!(ranges(&fresh.calls(), BackendOp::Discard), [(x, 0x1000)]);
 }
 
-/// §10.34 "Inflate payload not a multiple of 4 bytes" — the trailing 1–3 bytes are ignored
+/// Edge case 34 "Inflate payload not a multiple of 4 bytes" — the trailing 1–3 bytes are ignored
 /// (neither zero-padded nor completed from the memory behind the descriptor) and the whole
 /// PFNs are inflated, also when a PFN straddles descriptors.
 #[test]
@@ -920,7 +920,7 @@ fn edge_34_inflate_payload_not_a_multiple_of_four() {
     assert_eq!(r.metrics().pages.inflated_pages, 12);
 }
 
-/// §10.35 "An inflate PFN for non-RAM, ROM, or memory out of range" — skipped and counted,
+/// Edge case 35 "An inflate PFN for non-RAM, ROM, or memory out of range" — skipped and counted,
 /// the element still acked with used length 0; the backend never sees an address outside
 /// RAM (runs crossing a region end or into a hole are clipped).
 #[test]
@@ -988,7 +988,7 @@ fn edge_35_pfns_outside_ram_are_skipped_and_acked() {
     assert_eq!(m.malformed_elements, 0);
 }
 
-/// §10.36 "A repeated inflate PFN" — harmless: repeats within one element merge into one
+/// Edge case 36 "A repeated inflate PFN" — harmless: repeats within one element merge into one
 /// discard per page; repeats across elements merge into the pending range, or are simply
 /// discarded again once it was flushed.
 #[test]
@@ -1029,7 +1029,7 @@ fn edge_36_repeated_pfns_within_and_across_elements() {
     assert_eq!(r.metrics().pages.inflated_pages, 3 + 2 + 1 + 8);
 }
 
-/// §10.36, longer elements: a PFN repeated in different 256-PFN chunks of one element is
+/// Edge case 36, longer elements: a PFN repeated in different 256-PFN chunks of one element is
 /// still only ever discarded inside the set the element inflated, and the element's pages
 /// are all discarded.
 #[test]
@@ -1047,7 +1047,7 @@ fn edge_36_repeats_across_chunks_of_one_long_element() {
     assert_eq!(pages(&calls, BackendOp::Discard), want);
 }
 
-/// §10.36 in an element longer than one 256-PFN chunk (Linux never sends one): runs are
+/// Edge case 36 in an element longer than one 256-PFN chunk (Linux never sends one): runs are
 /// merged per chunk, so a PFN repeated in a later chunk is counted again, as `inflated_pages`
 /// documents; while its run still waits to be discarded the repeat joins it and is
 /// discarded once (were the run discarded already, it would be discarded again: harmless, as
@@ -1077,7 +1077,7 @@ fn edge_36_repeat_in_a_later_chunk_is_discarded_again() {
     assert_eq!(r.metrics().pages.inflated_pages, 259);
 }
 
-/// §10.36 "a deflate of a never-inflated PFN" — harmless: populated (a hint), never
+/// Edge case 36 "a deflate of a never-inflated PFN" — harmless: populated (a hint), never
 /// discarded, acked; inflating it afterwards works as usual.
 #[test]
 fn edge_36_deflate_of_never_inflated_pfns() {
@@ -1105,7 +1105,7 @@ fn edge_36_deflate_of_never_inflated_pfns() {
     );
 }
 
-/// §10.36 "Keep no per-page state that could grow without bound" — 10,000 distinct scattered
+/// Edge case 36 "Keep no per-page state that could grow without bound" — 10,000 distinct scattered
 /// PFNs in three elements: the device discards as it goes (only a bounded set of
 /// [`PENDING_RANGES`] runs waits), remembers
 /// nothing about them (inflating them again discards them again, deflating them populates
@@ -1166,7 +1166,7 @@ fn edge_36_no_per_page_state_for_10000_scattered_pfns() {
     assert_eq!(pages_once(&calls, BackendOp::Populate), want);
 }
 
-/// §10.36, host pages of 64 KiB: 10,000 scattered PFNs touching 1,000 host pages, none of
+/// Edge case 36, host pages of 64 KiB: 10,000 scattered PFNs touching 1,000 host pages, none of
 /// them whole. The partial-page table is bounded: a page inflated long ago and completed now
 /// is no longer tracked (never discarded, which is safe), the most recent one still is.
 #[test]
@@ -1201,7 +1201,7 @@ fn edge_36_partial_page_table_is_bounded() {
     );
 }
 
-/// §10.36 "a deflated page is never discarded afterwards" — by the pending range: the
+/// Edge case 36 "a deflated page is never discarded afterwards" — by the pending range: the
 /// device flushes before it takes pages back, so no discard after the populate covers it.
 #[test]
 fn edge_36_deflated_page_not_discarded_by_pending_range() {
@@ -1231,7 +1231,7 @@ fn edge_36_deflated_page_not_discarded_by_pending_range() {
     assert!(populate_at > 0);
 }
 
-/// §10.36 "a deflated page is never discarded afterwards" — by the partial-page table (2 MiB
+/// Edge case 36 "a deflated page is never discarded afterwards" — by the partial-page table (2 MiB
 /// host pages): a deflated 4 KiB piece leaves the table, so completing the rest of its host
 /// page does not discard it; only re-inflating the piece does.
 #[test]
@@ -1270,7 +1270,7 @@ fn edge_36_deflated_piece_not_discarded_by_partial_table() {
     }
 }
 
-/// §10.37 "Stats buffer not a multiple of 10 bytes" — whole entries are parsed and the
+/// Edge case 37 "Stats buffer not a multiple of 10 bytes" — whole entries are parsed and the
 /// trailing fragment ignored, whatever its length, also when entries straddle descriptors.
 #[test]
 fn edge_37_stats_buffer_not_a_multiple_of_ten() {
@@ -1341,7 +1341,7 @@ fn edge_37_stats_buffer_not_a_multiple_of_ten() {
     assert_eq!(r.metrics().stats_malformed, 0);
 }
 
-/// §10.38 "A stats tag above the known range" — tags ≥ 16 (up to 0xffff) are ignored and
+/// Edge case 38 "A stats tag above the known range" — tags ≥ 16 (up to 0xffff) are ignored and
 /// counted in `unknown_tags`; at most 256 entries are parsed per buffer.
 #[test]
 fn edge_38_unknown_stats_tags_and_entry_limit() {
@@ -1398,7 +1398,7 @@ fn edge_38_unknown_stats_tags_and_entry_limit() {
     assert_eq!(r.metrics().stats_updates, 2);
 }
 
-/// §10.39 "The driver puts a second stats buffer while the device holds one" — the older one
+/// Edge case 39 "The driver puts a second stats buffer while the device holds one" — the older one
 /// is returned (used length 0, interrupt), the new one is held and parsed; also when both
 /// arrive in one wakeup.
 #[test]

@@ -2,7 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The traditional balloon end to end, on every queue: the Linux 6.12 driver model of
-//! `tests/common` (`fill_balloon`, `leak_balloon`, `update_balloon_size_func`, the OOM
+//! `guest_model` (`fill_balloon`, `leak_balloon`, `update_balloon_size_func`, the OOM
 //! notifier, `stats_handle_request`, `virtballoon_free_page_report`, with its background
 //! interrupt and workqueue threads where the test says so) reaches the device through real
 //! MMIO, split rings in guest memory and eventfds; the device is served by an `EventManager`

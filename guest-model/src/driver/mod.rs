@@ -1,33 +1,32 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! A model of Linux's `drivers/virtio/virtio_balloon.c` (6.12) on top of `virtio_mmio.c`,
-//! plus low-level access for hostile tests.
+//! A model of Linux's `drivers/virtio/virtio_balloon.c` (6.12) on top of `virtio_mmio.c`, plus
+//! low-level access for hostile tests.
 //!
-//! The model talks to the device only as a guest would: 4-byte MMIO accesses through a
-//! [`Bus`], split rings it lays out itself in guest memory, a kick per queue (ioeventfd write,
-//! or a QueueNotify write), and the interrupt eventfd (irqfd) followed by InterruptStatus /
+//! The model talks to the device only as a guest would: 4-byte MMIO accesses through a [`Bus`],
+//! split rings it lays out itself in guest memory, a kick per queue (ioeventfd write, or a
+//! QueueNotify write), and the interrupt eventfd (irqfd) followed by InterruptStatus /
 //! InterruptACK.
 //!
-//! The free page hinting part follows `report_free_page_func` and its helpers line by line;
-//! the Linux function names are kept ([`Driver::cmd_id_received`],
-//! [`Driver::send_cmd_id_start`], [`Driver::get_free_page_and_send`],
-//! [`Driver::send_free_pages`], [`Driver::send_cmd_id_stop`],
-//! [`Driver::report_free_page_func`]) so a test can run a round step by step, or let
-//! background threads (the interrupt handler and the workqueue) run it on their own.
+//! The free page hinting part follows `report_free_page_func` and its helpers line by line; the
+//! Linux function names are kept ([`Driver::cmd_id_received`], [`Driver::send_cmd_id_start`],
+//! [`Driver::get_free_page_and_send`], [`Driver::send_free_pages`], [`Driver::send_cmd_id_stop`],
+//! [`Driver::report_free_page_func`]) so a test can run a round step by step, or let background
+//! threads (the interrupt handler and the workqueue) run it on their own.
 //!
-//! The traditional balloon (inflate, deflate, deflate on OOM, statistics, free page
-//! reporting) lives in the child module `balloon` (`tests/common/balloon.rs`), under the same
-//! Linux names ([`Driver::fill_balloon`], [`Driver::leak_balloon`], [`Driver::tell_host`],
+//! The traditional balloon (inflate, deflate, deflate on OOM, statistics, free page reporting)
+//! lives in the child module `balloon` (`guest-model/src/driver/balloon.rs`), under the same Linux
+//! names ([`Driver::fill_balloon`], [`Driver::leak_balloon`], [`Driver::tell_host`],
 //! [`Driver::update_balloon_size_func`], [`Driver::stats_handle_request`], ...).
 //!
 //! Background mode runs Linux's three work items on their own threads: the free page work
-//! (`balloon_wq`), and the size and stats works (`system_freezable_wq`). A config interrupt
-//! queues the size work (and the free page work with FREE_PAGE_HINT); a used buffer
-//! interrupt runs the callback of every queue with new used buffers: `balloon_ack` for
-//! inflateq, deflateq and reporting_vq, `stats_request` (which queues the stats work) for
-//! statsq. In step mode the works are only marked pending; a test runs them with
-//! [`Driver::run_free_page_work`], [`Driver::run_size_work`] and [`Driver::run_stats_work`].
+//! (`balloon_wq`), and the size and stats works (`system_freezable_wq`). A config interrupt queues
+//! the size work (and the free page work with FREE_PAGE_HINT); a used buffer interrupt runs the
+//! callback of every queue with new used buffers: `balloon_ack` for inflateq, deflateq and
+//! reporting_vq, `stats_request` (which queues the stats work) for statsq. In step mode the works
+//! are only marked pending; a test runs them with [`Driver::run_free_page_work`],
+//! [`Driver::run_size_work`] and [`Driver::run_stats_work`].
 
 mod balloon;
 
