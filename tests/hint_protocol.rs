@@ -79,6 +79,7 @@ const LINUX_FEATURES: u64 =
     F_VERSION_1 | F_STATS_VQ | F_FREE_PAGE_HINT | F_INDIRECT_DESC | F_EVENT_IDX;
 
 /// The guest model's virtio-mmio definitions, written independently of the crate's constants.
+use guest_model::bring_up;
 use guest_model::mmio as guest_mmio;
 
 /// virtio-mmio registers (virtio 1.x, 4.2.2).
@@ -307,22 +308,10 @@ impl Vm {
     /// driver accepted FREE_PAGE_HINT, and as `fq` says), DRIVER_OK.
     fn probe(&mut self, want: u64, fq: FreeQueue) {
         assert_eq!(self.r32(reg::STATUS), 0, "probe starts from a reset device");
-        self.w32(reg::STATUS, ACKNOWLEDGE);
-        self.w32(reg::STATUS, ACKNOWLEDGE | DRIVER);
-        self.w32(reg::DEVICE_FEATURES_SEL, 0);
-        let lo = u64::from(self.r32(reg::DEVICE_FEATURES));
-        self.w32(reg::DEVICE_FEATURES_SEL, 1);
-        let hi = u64::from(self.r32(reg::DEVICE_FEATURES));
-        let acked = want & (lo | hi << 32);
+        let acked = want & bring_up::device_features(&mut self.mmio);
         assert_ne!(acked & F_VERSION_1, 0, "the device offers VERSION_1");
-        self.w32(reg::DRIVER_FEATURES_SEL, 0);
-        self.w32(reg::DRIVER_FEATURES, acked as u32);
-        self.w32(reg::DRIVER_FEATURES_SEL, 1);
-        self.w32(reg::DRIVER_FEATURES, (acked >> 32) as u32);
-        self.w32(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-        assert_ne!(
-            self.r32(reg::STATUS) & FEATURES_OK,
-            0,
+        assert!(
+            bring_up::negotiate(&mut self.mmio, acked),
             "FEATURES_OK refused"
         );
 
@@ -332,35 +321,10 @@ impl Vm {
             if is_fpq && (acked & F_FREE_PAGE_HINT == 0 || fq == FreeQueue::Absent) {
                 continue;
             }
-            self.w32(reg::QUEUE_SEL, i as u32);
-            let size = self.r32(reg::QUEUE_NUM_MAX);
-            let size = u16::try_from(size).expect("queue size");
-            assert!(size > 0, "queue {i} exists");
-            let ring = new_ring(&self.mem, i, size);
-            self.w32(reg::QUEUE_NUM, u32::from(size));
-            for (lo, hi, addr) in [
-                (
-                    reg::QUEUE_DESC_LOW,
-                    reg::QUEUE_DESC_HIGH,
-                    ring.layout.desc.0,
-                ),
-                (
-                    reg::QUEUE_AVAIL_LOW,
-                    reg::QUEUE_AVAIL_HIGH,
-                    ring.layout.avail.0,
-                ),
-                (
-                    reg::QUEUE_USED_LOW,
-                    reg::QUEUE_USED_HIGH,
-                    ring.layout.used.0,
-                ),
-            ] {
-                self.w32(lo, addr as u32);
-                self.w32(hi, (addr >> 32) as u32);
-            }
-            if !is_fpq || fq == FreeQueue::Ready {
-                self.w32(reg::QUEUE_READY, 1);
-            }
+            let base = GuestAddress(RING_BASE + i as u64 * RING_STRIDE);
+            let ready = !is_fpq || fq == FreeQueue::Ready;
+            let ring =
+                bring_up::set_up_queue(&mut self.mmio, &self.mem, i, base, RING_STRIDE, ready);
             if is_fpq {
                 self.ring = ring;
             }

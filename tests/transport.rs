@@ -32,6 +32,9 @@ const BUF_BASE: u64 = 0x20_0000;
 const TIMEOUT_MS: i32 = 5000;
 
 /// The guest model's virtio-mmio definitions, written independently of the crate's constants.
+use guest_model::bring_up::{
+    device_features, negotiate, program_ring, read32 as rd, write32 as wr, write_driver_features,
+};
 use guest_model::mmio as guest_mmio;
 
 /// virtio-mmio version 2 register offsets (virtio 1.x, 4.2.2).
@@ -133,43 +136,8 @@ fn rig(cfg: BalloonConfig) -> Rig {
     }
 }
 
-fn rd(t: &Mmio, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.read(off, &mut b);
-    u32::from_le_bytes(b)
-}
-
-fn wr(t: &mut Mmio, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
 fn cfg_rd(t: &Mmio, off: u64) -> u32 {
     rd(t, reg::CONFIG + off)
-}
-
-fn device_features(t: &mut Mmio) -> u64 {
-    wr(t, reg::DEVICE_FEATURES_SEL, 0);
-    let lo = rd(t, reg::DEVICE_FEATURES);
-    wr(t, reg::DEVICE_FEATURES_SEL, 1);
-    let hi = rd(t, reg::DEVICE_FEATURES);
-    u64::from(lo) | (u64::from(hi) << 32)
-}
-
-fn write_driver_features(t: &mut Mmio, acked: u64) {
-    wr(t, reg::DRIVER_FEATURES_SEL, 0);
-    wr(t, reg::DRIVER_FEATURES, acked as u32);
-    wr(t, reg::DRIVER_FEATURES_SEL, 1);
-    wr(t, reg::DRIVER_FEATURES, (acked >> 32) as u32);
-}
-
-/// ACKNOWLEDGE, DRIVER, the features, FEATURES_OK. Returns whether FEATURES_OK stuck.
-fn negotiate(t: &mut Mmio, acked: u64) -> bool {
-    wr(t, reg::STATUS, st::ACK);
-    wr(t, reg::STATUS, st::ACK | st::DRIVER);
-    assert_eq!(rd(t, reg::STATUS), st::ACK | st::DRIVER);
-    write_driver_features(t, acked);
-    wr(t, reg::STATUS, st::NEGOTIATED);
-    rd(t, reg::STATUS) & st::FEATURES_OK != 0
 }
 
 /// The driver side of queue `index`'s ring, the queues 64 KiB apart.
@@ -203,16 +171,7 @@ trait TestRing {
 
 impl TestRing for SplitRing {
     fn program(&self, t: &mut Mmio, index: u32) {
-        let l = self.layout;
-        wr(t, reg::QUEUE_SEL, index);
-        wr(t, reg::QUEUE_NUM, u32::from(l.size));
-        wr(t, reg::QUEUE_DESC_LOW, l.desc.0 as u32);
-        wr(t, reg::QUEUE_DESC_HIGH, (l.desc.0 >> 32) as u32);
-        wr(t, reg::QUEUE_AVAIL_LOW, l.avail.0 as u32);
-        wr(t, reg::QUEUE_AVAIL_HIGH, (l.avail.0 >> 32) as u32);
-        wr(t, reg::QUEUE_USED_LOW, l.used.0 as u32);
-        wr(t, reg::QUEUE_USED_HIGH, (l.used.0 >> 32) as u32);
-        wr(t, reg::QUEUE_READY, 1);
+        program_ring(t, index as usize, self, true);
     }
 
     fn post(&mut self, mem: &Mem, parts: &[(u64, u32, bool)]) -> u16 {

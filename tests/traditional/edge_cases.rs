@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use guest_model::ring::{GuestMem, Part, RingLayout, SplitRing};
+use guest_model::ring::{GuestMem, Part, SplitRing};
 use virtio_balloon::device::pages::{MAX_PFNS_PER_ELEMENT, PENDING_RANGES};
 use virtio_balloon::device::stats::tag;
 use virtio_balloon::sink::RecordingSink;
@@ -67,6 +67,7 @@ const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
 
 /// The guest model's virtio-mmio definitions, written independently of the crate's constants.
+use guest_model::bring_up;
 use guest_model::mmio as guest_mmio;
 
 /// virtio-mmio registers (virtio 1.x, 4.2.2) and status bits.
@@ -255,59 +256,18 @@ impl Rig {
     /// queue laid out in fresh ring memory. Config writes are accepted from here on.
     fn negotiate(&mut self) {
         assert_eq!(self.r32(reg::STATUS), 0, "probe starts from a reset device");
-        self.w32(reg::STATUS, reg::ACKNOWLEDGE);
-        self.w32(reg::STATUS, reg::ACKNOWLEDGE | reg::DRIVER);
-        self.w32(reg::DEVICE_FEATURES_SEL, 0);
-        let lo = u64::from(self.r32(reg::DEVICE_FEATURES));
-        self.w32(reg::DEVICE_FEATURES_SEL, 1);
-        let hi = u64::from(self.r32(reg::DEVICE_FEATURES));
-        let acked = (lo | hi << 32) & !F_EVENT_IDX;
+        let mut t = self.t.lock().unwrap();
+        let acked = bring_up::device_features(&mut t) & !F_EVENT_IDX;
         assert_ne!(acked & F_VERSION_1, 0);
-        self.w32(reg::DRIVER_FEATURES_SEL, 0);
-        self.w32(reg::DRIVER_FEATURES, acked as u32);
-        self.w32(reg::DRIVER_FEATURES_SEL, 1);
-        self.w32(reg::DRIVER_FEATURES, (acked >> 32) as u32);
+        assert!(bring_up::negotiate(&mut t, acked), "FEATURES_OK refused");
         let negotiated = reg::ACKNOWLEDGE | reg::DRIVER | reg::FEATURES_OK;
-        self.w32(reg::STATUS, negotiated);
-        assert_eq!(self.r32(reg::STATUS), negotiated, "FEATURES_OK refused");
-        self.rings.clear();
-        for i in 0..self.layout.len() {
-            self.w32(reg::QUEUE_SEL, i as u32);
-            let size = u16::try_from(self.r32(reg::QUEUE_NUM_MAX)).expect("queue size");
-            assert!(size > 0);
-            // Fresh ring memory laid out as Linux's `vring_init` does.
-            let base = RING_BASE + i as u64 * RING_STRIDE;
-            let layout = RingLayout::linux(GuestAddress(base), size);
-            assert!(
-                layout.end() <= base + RING_STRIDE,
-                "ring of {size} entries too big"
-            );
-            let ring =
-                SplitRing::new(&self.mem, i as u16, layout, false, true, None).expect("ring");
-            self.w32(reg::QUEUE_NUM, u32::from(size));
-            for (lo, hi, addr) in [
-                (
-                    reg::QUEUE_DESC_LOW,
-                    reg::QUEUE_DESC_HIGH,
-                    ring.layout.desc.0,
-                ),
-                (
-                    reg::QUEUE_AVAIL_LOW,
-                    reg::QUEUE_AVAIL_HIGH,
-                    ring.layout.avail.0,
-                ),
-                (
-                    reg::QUEUE_USED_LOW,
-                    reg::QUEUE_USED_HIGH,
-                    ring.layout.used.0,
-                ),
-            ] {
-                self.w32(lo, addr as u32);
-                self.w32(hi, (addr >> 32) as u32);
-            }
-            self.w32(reg::QUEUE_READY, 1);
-            self.rings.push(ring);
-        }
+        assert_eq!(bring_up::read32(&t, reg::STATUS), negotiated);
+        self.rings = (0..self.layout.len())
+            .map(|i| {
+                let base = GuestAddress(RING_BASE + i as u64 * RING_STRIDE);
+                bring_up::set_up_queue(&mut t, &self.mem, i, base, RING_STRIDE, true)
+            })
+            .collect();
     }
 
     fn driver_ok(&mut self) {
