@@ -787,6 +787,14 @@ impl Guest {
     }
 }
 
+/// What [`Guest::migrate`] returns: the precopy loop's result, the destination's, and the
+/// destination memory.
+pub type MigrationOutcome = (
+    Result<MigrationReport, PrecopyError>,
+    Result<ReceiveStats, WireError>,
+    Arc<GuestMemoryMmap<()>>,
+);
+
 /// How many earlier generations of a stale page [`Guest::describe_page`] tries, to name what
 /// a destination holds.
 pub const GENERATIONS_TRIED: u32 = 256;
@@ -882,11 +890,7 @@ impl Guest {
         wait: Option<Duration>,
         cancel: Option<CancelToken>,
         seed: u64,
-    ) -> (
-        Result<MigrationReport, PrecopyError>,
-        Result<ReceiveStats, WireError>,
-        Arc<GuestMemoryMmap<()>>,
-    ) {
+    ) -> MigrationOutcome {
         let (destination, stream) = Destination::spawn(
             self.spec().mem_size,
             false,
