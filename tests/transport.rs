@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
-use guest_model::ring::{Desc, GuestMem, Part, RingLayout, SplitRing, VRING_DESC_F_NEXT};
+use guest_model::ring::{Desc, GuestMem, Part, SplitRing, VRING_DESC_F_NEXT};
 use virtio_balloon::migration::{MigrationState, PrecopyEvent, PrecopyNotifierChain};
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::spec::features as f;
@@ -24,8 +24,6 @@ type Dev = Balloon<Arc<Mem>>;
 type Mmio = MmioTransport<Dev>;
 type Loop = EventManager<Arc<Mutex<Mmio>>>;
 
-/// Guest RAM: 4 MiB at 0.
-const MEM_SIZE: u64 = 0x40_0000;
 /// Where the buffers the tests post live (the rings sit below it).
 const BUF_BASE: u64 = 0x20_0000;
 /// Hang guard for blocking event loop runs.
@@ -33,7 +31,9 @@ const TIMEOUT_MS: i32 = 5000;
 
 /// The guest model's virtio-mmio definitions, written independently of the crate's constants.
 use guest_model::bring_up::{
-    device_features, negotiate, program_ring, read32 as rd, write32 as wr, write_driver_features,
+    bring_up_rings, config_read32, config_with, device_features, negotiate, post_command,
+    program_ring, read32 as rd, ring_at, ring_for, take_irq, write32 as wr, write_driver_features,
+    RawRig, RAW_RIG_MEM_SIZE as MEM_SIZE,
 };
 use guest_model::mmio as guest_mmio;
 
@@ -89,19 +89,14 @@ const EVENT_IDX: u32 = 29;
 // Setup helpers
 // ---------------------------------------------------------------------------------------
 
+/// Fresh guest memory the size of a rig's.
 fn memory() -> Arc<Mem> {
     Arc::new(Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap())
 }
 
-fn cfg_with(f: impl FnOnce(&mut BalloonConfig)) -> BalloonConfig {
-    let mut cfg = BalloonConfig::default();
-    f(&mut cfg);
-    cfg
-}
-
 /// Every optional feature offered, including reporting.
 fn all_features() -> BalloonConfig {
-    cfg_with(|c| {
+    config_with(|c| {
         c.must_tell_host = true;
         c.stats = true;
         c.deflate_on_oom = true;
@@ -109,47 +104,6 @@ fn all_features() -> BalloonConfig {
         c.page_poison = true;
         c.reporting = true;
     })
-}
-
-struct Rig {
-    t: Mmio,
-    mem: Arc<Mem>,
-    hints: HintControl,
-    sink: Arc<RecordingSink>,
-    /// What the tests' driver accepts by default: everything offered except EVENT_IDX (so
-    /// every used buffer raises an interrupt).
-    ack: u64,
-}
-
-fn rig(cfg: BalloonConfig) -> Rig {
-    let mem = memory();
-    let sink = Arc::new(RecordingSink::default());
-    let dev = Balloon::new(cfg, mem.clone(), sink.clone()).unwrap();
-    let hints = dev.hint_control();
-    let ack = dev.device_features() & !bit(EVENT_IDX);
-    Rig {
-        t: MmioTransport::new(dev),
-        mem,
-        hints,
-        sink,
-        ack,
-    }
-}
-
-fn cfg_rd(t: &Mmio, off: u64) -> u32 {
-    rd(t, reg::CONFIG + off)
-}
-
-/// The driver side of queue `index`'s ring, the queues 64 KiB apart.
-fn ring_for(mem: &Mem, index: u32, size: u16) -> SplitRing {
-    ring_at(mem, 0x1_0000 * (u64::from(index) + 1), size)
-}
-
-/// The driver side of a ring of `size` entries laid out (and cleared) at `base` as Linux's
-/// `vring_init` does.
-fn ring_at(mem: &Mem, base: u64, size: u16) -> SplitRing {
-    let layout = RingLayout::linux(GuestAddress(base), size);
-    SplitRing::new(mem, 0, layout, false, true, None).unwrap()
 }
 
 /// What the tests do with a ring: program it, post buffers (descriptors are never reclaimed:
@@ -206,22 +160,6 @@ impl TestRing for SplitRing {
     }
 }
 
-/// Negotiates `acked`, programs `rings` (queue index, ring) and sets DRIVER_OK.
-fn bring_up(t: &mut Mmio, acked: u64, rings: &[(u32, &SplitRing)]) {
-    assert!(negotiate(t, acked), "FEATURES_OK refused");
-    for (index, ring) in rings {
-        ring.program(t, *index);
-    }
-    wr(t, reg::STATUS, st::LIVE);
-    assert_eq!(rd(t, reg::STATUS), st::LIVE, "activation failed");
-    assert!(t.device().is_activated());
-}
-
-/// Reads and clears the interrupt eventfd (0 when it was not signalled).
-fn take_irq(t: &Mmio) -> u64 {
-    t.device().interrupt().eventfd().read().unwrap_or(0)
-}
-
 /// Reads and clears queue `index`'s eventfd (0 when it was not signalled).
 fn take_queue_evt(t: &Mmio, index: usize) -> u64 {
     t.device().queue_event(index).unwrap().read().unwrap_or(0)
@@ -262,7 +200,7 @@ use log_all::log_everything;
 
 #[test]
 fn identity_registers() {
-    let r = rig(BalloonConfig::default());
+    let r = RawRig::new(BalloonConfig::default());
     assert_eq!(rd(&r.t, reg::MAGIC), 0x7472_6976);
     assert_eq!(rd(&r.t, reg::VERSION), 2);
     assert_eq!(rd(&r.t, reg::DEVICE_ID), 5);
@@ -275,13 +213,13 @@ fn device_features_pages() {
     for cfg in [
         BalloonConfig::default(),
         all_features(),
-        cfg_with(|c| {
+        config_with(|c| {
             c.stats = false;
             c.free_page_hint = false;
             c.page_poison = false;
         }),
     ] {
-        let mut r = rig(cfg);
+        let mut r = RawRig::new(cfg);
         let offered = cfg.device_features();
         wr(&mut r.t, reg::DEVICE_FEATURES_SEL, 0);
         assert_eq!(rd(&r.t, reg::DEVICE_FEATURES), offered as u32);
@@ -317,13 +255,13 @@ fn device_features_pages() {
 
 #[test]
 fn queue_num_max_per_queue_and_zero_past_last() {
-    let cfg = cfg_with(|c| {
+    let cfg = config_with(|c| {
         c.reporting = true;
         c.queue_size = 128;
         c.free_page_queue_size = 512;
         c.reporting_queue_size = 64;
     });
-    let mut r = rig(cfg);
+    let mut r = RawRig::new(cfg);
     let expected = [128, 128, 128, 512, 64];
     for (i, &size) in expected.iter().enumerate() {
         wr(&mut r.t, reg::QUEUE_SEL, i as u32);
@@ -336,7 +274,7 @@ fn queue_num_max_per_queue_and_zero_past_last() {
     }
 
     // The defaults: 256 for inflate/deflate/stats, 1024 for the free page queue.
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     for (i, size) in [256, 256, 256, 1024, 0].into_iter().enumerate() {
         wr(&mut r.t, reg::QUEUE_SEL, i as u32);
         assert_eq!(rd(&r.t, reg::QUEUE_NUM_MAX), size, "queue {i}");
@@ -345,7 +283,7 @@ fn queue_num_max_per_queue_and_zero_past_last() {
 
 #[test]
 fn queue_ready_reads_back_per_queue() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     assert!(negotiate(&mut r.t, r.ack));
     for i in 0..4 {
         wr(&mut r.t, reg::QUEUE_SEL, i);
@@ -380,7 +318,7 @@ fn queue_ready_reads_back_per_queue() {
 
 #[test]
 fn status_and_interrupt_status_and_generation_read_back() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     assert_eq!(rd(&r.t, reg::STATUS), 0);
     assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), 0);
     assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), 0);
@@ -413,7 +351,7 @@ fn status_and_interrupt_status_and_generation_read_back() {
 
 #[test]
 fn status_accepts_only_legal_one_step_transitions() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack;
 
     // From RESET only ACKNOWLEDGE.
@@ -494,7 +432,7 @@ fn status_accepts_only_legal_one_step_transitions() {
 
 #[test]
 fn failed_status_is_sticky_and_blocks_negotiation() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack;
     wr(&mut r.t, reg::STATUS, st::ACK);
     wr(&mut r.t, reg::STATUS, st::ACK | st::DRIVER);
@@ -536,12 +474,12 @@ fn failed_status_is_sticky_and_blocks_negotiation() {
     // Reset clears FAILED.
     wr(&mut r.t, reg::STATUS, 0);
     assert_eq!(rd(&r.t, reg::STATUS), 0);
-    bring_up(&mut r.t, acked, &[]);
+    bring_up_rings(&mut r.t, acked, &[]);
 }
 
 #[test]
 fn status_zero_resets_everything_but_num_pages() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack;
     assert_ne!(acked & bit(4), 0, "PAGE_POISON is acked");
     let ring0 = ring_for(&r.mem, 0, 16);
@@ -591,12 +529,12 @@ fn status_zero_resets_everything_but_num_pages() {
     }
     assert_eq!(r.t.device().actual(), 0);
     assert_eq!(r.t.device().poison_val(), 0);
-    assert_eq!(cfg_rd(&r.t, CFG_ACTUAL), 0);
-    assert_eq!(cfg_rd(&r.t, CFG_POISON), 0);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 0, "the hint round stopped");
+    assert_eq!(config_read32(&r.t, CFG_ACTUAL), 0);
+    assert_eq!(config_read32(&r.t, CFG_POISON), 0);
+    assert_eq!(config_read32(&r.t, CFG_CMD_ID), 0, "the hint round stopped");
     // num_pages is the host's target and survives a guest reset.
     assert_eq!(r.t.device().num_pages(), num_pages);
-    assert_eq!(cfg_rd(&r.t, CFG_NUM_PAGES), num_pages);
+    assert_eq!(config_read32(&r.t, CFG_NUM_PAGES), num_pages);
 
     // DriverFeaturesSel is back to 0: the next features write lands in page 0.
     wr(&mut r.t, reg::STATUS, st::ACK);
@@ -610,7 +548,7 @@ fn status_zero_resets_everything_but_num_pages() {
 
     // The device comes back up.
     wr(&mut r.t, reg::STATUS, 0);
-    bring_up(&mut r.t, acked, &[(0, &ring0)]);
+    bring_up_rings(&mut r.t, acked, &[(0, &ring0)]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -619,7 +557,7 @@ fn status_zero_resets_everything_but_num_pages() {
 
 #[test]
 fn driver_features_ignored_before_driver() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack;
     write_driver_features(&mut r.t, acked);
     assert_eq!(r.t.device().driver_features(), 0, "at RESET");
@@ -637,7 +575,7 @@ fn driver_features_ignored_before_driver() {
 
 #[test]
 fn driver_features_ignored_after_features_ok() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = bit(VERSION_1) | bit(1) | bit(3);
     assert!(negotiate(&mut r.t, acked));
     write_driver_features(&mut r.t, r.ack);
@@ -653,7 +591,7 @@ fn driver_features_ignored_after_features_ok() {
 fn features_ok_refused_for_unoffered_bits() {
     // Default: REPORTING (5), DEFLATE_ON_OOM (2) and ACCESS_PLATFORM (33) are not offered.
     for extra in [bit(5), bit(2), bit(33), bit(63), bit(24)] {
-        let mut r = rig(BalloonConfig::default());
+        let mut r = RawRig::new(BalloonConfig::default());
         let acked = r.ack | extra;
         assert!(!negotiate(&mut r.t, acked), "extra {extra:#x} accepted");
         assert_eq!(rd(&r.t, reg::STATUS), st::ACK | st::DRIVER);
@@ -666,7 +604,7 @@ fn features_ok_refused_for_unoffered_bits() {
 
 #[test]
 fn features_ok_refused_without_version_1() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack & !bit(VERSION_1);
     assert!(!negotiate(&mut r.t, acked));
     assert_eq!(rd(&r.t, reg::STATUS), st::ACK | st::DRIVER);
@@ -674,7 +612,7 @@ fn features_ok_refused_without_version_1() {
     wr(&mut r.t, reg::STATUS, st::ACK | st::DRIVER | st::DRIVER_OK);
     assert!(!r.t.device().is_activated());
     // No feature at all is refused too.
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     assert!(!negotiate(&mut r.t, 0));
 }
 
@@ -694,18 +632,18 @@ fn features_ok_refused_when_an_optional_queue_is_dropped_before_an_acked_one() {
         (v1 | rep, false),
         (v1 | stats | rep, false),
     ] {
-        let mut r = rig(cfg);
+        let mut r = RawRig::new(cfg);
         assert_eq!(negotiate(&mut r.t, acked), ok, "acked {acked:#x}");
     }
 
     // A queue that is not offered leaves no hole: stats + reporting without FPH on offer.
-    let cfg = cfg_with(|c| {
+    let cfg = config_with(|c| {
         c.free_page_hint = false;
         c.reporting = true;
     });
-    let mut r = rig(cfg);
+    let mut r = RawRig::new(cfg);
     assert!(negotiate(&mut r.t, v1 | stats | rep));
-    let mut r = rig(cfg);
+    let mut r = RawRig::new(cfg);
     assert!(!negotiate(&mut r.t, v1 | rep));
 }
 
@@ -726,7 +664,7 @@ fn queue_regs(t: &Mmio, index: usize) -> (bool, u16, u64, u64, u64) {
 
 #[test]
 fn queue_registers_ignored_before_features_ok() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let ring = ring_at(&r.mem, 0x1_0000, 16);
     let pristine = (false, 256, 0, 0, 0);
     ring.program(&mut r.t, 0);
@@ -755,9 +693,9 @@ fn queue_registers_ignored_before_features_ok() {
 
 #[test]
 fn queue_registers_ignored_after_driver_ok() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let ring = ring_for(&r.mem, 0, 16);
-    bring_up(&mut r.t, r.ack, &[(0, &ring)]);
+    bring_up_rings(&mut r.t, r.ack, &[(0, &ring)]);
     let before0 = queue_regs(&r.t, 0);
     let before1 = queue_regs(&r.t, 1);
     ring_at(&r.mem, 0x8_0000, 32).program(&mut r.t, 0);
@@ -771,7 +709,7 @@ fn queue_registers_ignored_after_driver_ok() {
 
 #[test]
 fn queue_registers_reject_bad_values_and_high_halves_compose() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     assert!(negotiate(&mut r.t, r.ack));
     wr(&mut r.t, reg::QUEUE_SEL, 0);
     for bad in [0, 3, 100, 512, 0x1_0000, 0x1_0010, u32::MAX] {
@@ -1021,7 +959,7 @@ fn activation_refused_when_a_ready_queue_lies_outside_guest_memory() {
         }),
     ];
     for (what, breaks) in cases {
-        let mut r = rig(BalloonConfig::default());
+        let mut r = RawRig::new(BalloonConfig::default());
         let acked = r.ack;
         let good = ring_for(&r.mem, 0, 64);
         let bad = ring_for(&r.mem, 1, 64);
@@ -1044,7 +982,7 @@ fn activation_refused_when_a_ready_queue_lies_outside_guest_memory() {
 
         wr(&mut r.t, reg::STATUS, 0);
         assert_eq!(rd(&r.t, reg::STATUS), 0);
-        bring_up(
+        bring_up_rings(
             &mut r.t,
             acked,
             &[(0, &good), (1, &ring_for(&r.mem, 1, 64))],
@@ -1054,7 +992,7 @@ fn activation_refused_when_a_ready_queue_lies_outside_guest_memory() {
 
 #[test]
 fn queue_that_is_not_ready_does_not_block_activation() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack;
     assert!(negotiate(&mut r.t, acked));
     // Queue 1 has addresses far outside memory but is not ready.
@@ -1069,8 +1007,8 @@ fn queue_that_is_not_ready_does_not_block_activation() {
     assert!(r.t.device().is_activated());
 
     // No queue ready at all is fine too.
-    let mut r = rig(BalloonConfig::default());
-    bring_up(&mut r.t, acked, &[]);
+    let mut r = RawRig::new(BalloonConfig::default());
+    bring_up_rings(&mut r.t, acked, &[]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1080,7 +1018,7 @@ fn queue_that_is_not_ready_does_not_block_activation() {
 #[test]
 fn wrong_width_register_accesses_are_ignored() {
     log_everything();
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     for width in [1usize, 2, 3, 8] {
         let mut b = vec![0x5au8; width];
         r.t.read(reg::MAGIC, &mut b);
@@ -1116,7 +1054,7 @@ fn wrong_width_register_accesses_are_ignored() {
 #[test]
 fn unknown_offsets_read_zero_and_ignore_writes() {
     log_everything();
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     // Write-only registers and holes read as 0.
     for off in [
         reg::DEVICE_FEATURES_SEL,
@@ -1201,7 +1139,7 @@ fn sweep(t: &mut Mmio, pattern: u8, check_reads: bool) {
 #[test]
 fn access_sweep_on_a_fresh_device_never_panics() {
     log_everything();
-    let mut r = rig(all_features());
+    let mut r = RawRig::new(all_features());
     for pattern in [0x00, 0xff, 0xa5, 0x01] {
         sweep(&mut r.t, pattern, true);
     }
@@ -1211,7 +1149,7 @@ fn access_sweep_on_a_fresh_device_never_panics() {
     assert_eq!(rd(&r.t, reg::MAGIC), 0x7472_6976);
     let acked = r.ack;
     let mut ring = ring_for(&r.mem, 0, 16);
-    bring_up(&mut r.t, acked, &[(0, &ring)]);
+    bring_up_rings(&mut r.t, acked, &[(0, &ring)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
     let head = ring.post_out(&r.mem, BUF_BASE, 8);
@@ -1224,11 +1162,11 @@ fn access_sweep_on_a_fresh_device_never_panics() {
 #[test]
 fn access_sweep_on_an_active_device_never_panics() {
     log_everything();
-    let mut r = rig(all_features());
+    let mut r = RawRig::new(all_features());
     let acked = r.ack;
     let mut ring = ring_for(&r.mem, 0, 16);
     let fpq = ring_for(&r.mem, 3, 64);
-    bring_up(&mut r.t, acked, &[(0, &ring), (3, &fpq)]);
+    bring_up_rings(&mut r.t, acked, &[(0, &ring), (3, &fpq)]);
     r.hints.start_round();
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
@@ -1251,7 +1189,7 @@ fn access_sweep_on_an_active_device_never_panics() {
     let mut t = shared.lock().unwrap();
     wr(&mut t, reg::STATUS, 0);
     let mut ring = ring_at(&r.mem, 0x30_0000, 16);
-    bring_up(&mut t, acked, &[(0, &ring)]);
+    bring_up_rings(&mut t, acked, &[(0, &ring)]);
     drop(t);
     settle(&mut em);
     let head = ring.post_out(&r.mem, BUF_BASE, 8);
@@ -1268,7 +1206,7 @@ fn access_sweep_on_an_active_device_never_panics() {
 #[test]
 fn queue_notify_signals_that_queue_eventfd() {
     log_everything();
-    let mut r = rig(all_features());
+    let mut r = RawRig::new(all_features());
     let n = r.t.device().num_queues();
     assert_eq!(n, 5);
     for i in 0..n {
@@ -1292,7 +1230,7 @@ fn queue_notify_signals_that_queue_eventfd() {
     }
     assert!(r.t.device().queue_event(n).is_none());
     // Activation wakes every queue once, for buffers posted before DRIVER_OK.
-    bring_up(&mut r.t, r.ack, &[]);
+    bring_up_rings(&mut r.t, r.ack, &[]);
     for i in 0..n {
         assert_eq!(take_queue_evt(&r.t, i), 1, "queue {i} after DRIVER_OK");
     }
@@ -1300,8 +1238,8 @@ fn queue_notify_signals_that_queue_eventfd() {
 
 #[test]
 fn interrupt_ack_clears_only_the_acked_bits() {
-    let mut r = rig(BalloonConfig::default());
-    bring_up(&mut r.t, r.ack, &[]);
+    let mut r = RawRig::new(BalloonConfig::default());
+    bring_up_rings(&mut r.t, r.ack, &[]);
     let irq = r.t.device().interrupt_handle();
     irq.signal_used_queue();
     r.hints.start_round();
@@ -1328,370 +1266,6 @@ fn interrupt_ack_clears_only_the_acked_bits() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Config space
-// ---------------------------------------------------------------------------------------
-
-/// A device past FEATURES_OK (config writes are allowed from DRIVER on).
-fn negotiated_rig(cfg: BalloonConfig) -> Rig {
-    let mut r = rig(cfg);
-    let acked = r.ack;
-    assert!(negotiate(&mut r.t, acked));
-    r
-}
-
-fn config_bytes(t: &Mmio, len: usize) -> Vec<u8> {
-    let mut b = vec![0u8; len];
-    t.read(reg::CONFIG, &mut b);
-    b
-}
-
-#[test]
-fn config_layout_8_bytes_without_hinting_or_poison() {
-    let cfg = cfg_with(|c| {
-        c.free_page_hint = false;
-        c.page_poison = false;
-    });
-    assert_eq!(cfg.config_len(), 8);
-    let mut r = negotiated_rig(cfg);
-    wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 0x0102_0304);
-    assert_eq!(
-        config_bytes(&r.t, 16),
-        [0, 0, 0, 0, 4, 3, 2, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
-    );
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), u32::MAX);
-    assert_eq!(cfg_rd(&r.t, CFG_POISON), u32::MAX);
-    // Reporting does not change the length.
-    let cfg = cfg_with(|c| {
-        c.free_page_hint = false;
-        c.page_poison = false;
-        c.reporting = true;
-    });
-    assert_eq!(cfg.config_len(), 8);
-}
-
-#[test]
-fn config_layout_12_bytes_with_hinting() {
-    let cfg = cfg_with(|c| c.page_poison = false);
-    assert_eq!(cfg.config_len(), 12);
-    let mut r = negotiated_rig(cfg);
-    wr(&mut r.t, reg::STATUS, st::LIVE);
-    wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 0x0a0b_0c0d);
-    let id = r.hints.start_round();
-    let b = config_bytes(&r.t, 16);
-    assert_eq!(&b[0..4], &[0; 4]);
-    assert_eq!(&b[4..8], &0x0a0b_0c0du32.to_le_bytes());
-    assert_eq!(&b[8..12], &id.to_le_bytes());
-    assert_eq!(&b[12..16], &[0xff; 4]);
-    // Partial reads straddling the end.
-    let mut two = [0u8; 4];
-    r.t.read(reg::CONFIG + 10, &mut two);
-    assert_eq!(two, [(id >> 16) as u8, (id >> 24) as u8, 0xff, 0xff]);
-}
-
-#[test]
-fn config_layout_16_bytes_with_poison() {
-    for fph in [true, false] {
-        let cfg = cfg_with(|c| c.free_page_hint = fph);
-        assert_eq!(cfg.config_len(), 16);
-        let mut r = negotiated_rig(cfg);
-        wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 0x11);
-        wr(&mut r.t, reg::CONFIG + CFG_POISON, 0xdead_beef);
-        wr(&mut r.t, reg::STATUS, st::LIVE);
-        let id = if fph { r.hints.start_round() } else { 0 };
-        assert_eq!(cfg_rd(&r.t, CFG_NUM_PAGES), 0);
-        assert_eq!(cfg_rd(&r.t, CFG_ACTUAL), 0x11);
-        assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id, "fph {fph}");
-        assert_eq!(cfg_rd(&r.t, CFG_POISON), 0xdead_beef);
-        assert_eq!(cfg_rd(&r.t, 16), u32::MAX);
-        assert_eq!(cfg_rd(&r.t, 0xf00), u32::MAX);
-        // Any width works in config space, e.g. an 8-byte read.
-        let mut b = [0u8; 8];
-        r.t.read(reg::CONFIG + 8, &mut b);
-        assert_eq!(u64::from_le_bytes(b), u64::from(id) | (0xdead_beef << 32));
-        let mut b = [0u8; 2];
-        r.t.read(reg::CONFIG + 14, &mut b);
-        assert_eq!(b, [0xad, 0xde]);
-    }
-}
-
-#[test]
-fn config_writes_past_the_end_are_dropped() {
-    let cfg = cfg_with(|c| c.page_poison = false);
-    let mut r = negotiated_rig(cfg);
-    // poison_val is past the end of a 12-byte space.
-    wr(&mut r.t, reg::CONFIG + CFG_POISON, 0x1234_5678);
-    assert_eq!(r.t.device().poison_val(), 0);
-    assert_eq!(cfg_rd(&r.t, CFG_POISON), u32::MAX);
-    wr(&mut r.t, reg::CONFIG + 0x40, 7);
-    r.t.write(reg::CONFIG + 0xeff, &[1, 2, 3, 4, 5, 6, 7, 8]);
-    r.t.write(u64::MAX - 2, &[1, 2, 3, 4]);
-    assert_eq!(config_bytes(&r.t, 12), [0u8; 12]);
-    // A write straddling the end keeps the part inside: the top bytes of actual.
-    r.t.write(reg::CONFIG + 6, &[0xbb; 8]);
-    assert_eq!(r.t.device().actual(), 0xbbbb_0000);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 0, "cmd id is device-owned");
-}
-
-#[test]
-fn config_bytewise_writes_to_actual_merge() {
-    let mut r = negotiated_rig(BalloonConfig::default());
-    r.t.write(reg::CONFIG + CFG_ACTUAL, &[0x78]);
-    assert_eq!(r.t.device().actual(), 0x78);
-    r.t.write(reg::CONFIG + CFG_ACTUAL + 1, &[0x56]);
-    r.t.write(reg::CONFIG + CFG_ACTUAL + 2, &[0x34, 0x12]);
-    assert_eq!(r.t.device().actual(), 0x1234_5678);
-    assert_eq!(cfg_rd(&r.t, CFG_ACTUAL), 0x1234_5678);
-    r.t.write(reg::CONFIG + CFG_ACTUAL + 3, &[0xab]);
-    assert_eq!(r.t.device().actual(), 0xab34_5678);
-    // An unaligned 4-byte write covering num_pages and actual takes only actual's part.
-    r.t.write(reg::CONFIG + 2, &[1, 2, 3, 4]);
-    assert_eq!(r.t.device().actual(), 0xab34_0403);
-    assert_eq!(r.t.device().num_pages(), 0);
-}
-
-#[test]
-fn config_writes_to_num_pages_and_cmd_id_are_ignored() {
-    let mut r = negotiated_rig(BalloonConfig::default());
-    wr(&mut r.t, reg::STATUS, st::LIVE);
-    wr(&mut r.t, reg::CONFIG + CFG_NUM_PAGES, 0x1000);
-    assert_eq!(r.t.device().num_pages(), 0);
-    assert_eq!(cfg_rd(&r.t, CFG_NUM_PAGES), 0);
-    let id = r.hints.start_round();
-    wr(&mut r.t, reg::CONFIG + CFG_CMD_ID, 0);
-    wr(&mut r.t, reg::CONFIG + CFG_CMD_ID, id + 7);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
-    assert_eq!(r.hints.status().state, HintState::Requested);
-    assert_eq!(r.hints.status().cmd_id, id);
-    // A 16-byte write over everything takes actual only: after DRIVER_OK, poison_val is
-    // latched (and counted as a late write).
-    let mut all = [0u8; 16];
-    for (i, b) in all.iter_mut().enumerate() {
-        *b = 0x10 + i as u8;
-    }
-    r.t.write(reg::CONFIG, &all);
-    assert_eq!(r.t.device().num_pages(), 0);
-    assert_eq!(r.t.device().actual(), 0x1716_1514);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
-    assert_eq!(r.t.device().poison_val(), 0);
-    assert_eq!(r.t.device().metrics().late_poison_writes, 1);
-}
-
-#[test]
-fn poison_val_taken_only_when_page_poison_was_negotiated() {
-    // Offered but not acked.
-    let mut r = rig(BalloonConfig::default());
-    let acked = r.ack & !bit(4);
-    assert!(negotiate(&mut r.t, acked));
-    wr(&mut r.t, reg::CONFIG + CFG_POISON, 0xaaaa_aaaa);
-    assert_eq!(r.t.device().poison_val(), 0);
-    assert_eq!(cfg_rd(&r.t, CFG_POISON), 0, "the field exists but stays 0");
-    wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 3);
-    assert_eq!(r.t.device().actual(), 3);
-
-    // Acked.
-    let mut r = negotiated_rig(BalloonConfig::default());
-    assert!(r.t.device().has_feature(4));
-    wr(&mut r.t, reg::CONFIG + CFG_POISON, 0xaaaa_aaaa);
-    assert_eq!(r.t.device().poison_val(), 0xaaaa_aaaa);
-    r.t.write(reg::CONFIG + CFG_POISON + 3, &[0x55]);
-    assert_eq!(r.t.device().poison_val(), 0x55aa_aaaa);
-    assert_eq!(cfg_rd(&r.t, CFG_POISON), 0x55aa_aaaa);
-}
-
-/// DEVICE BUG (reported, left failing): `poison_val` is taken from a config write made between
-/// DRIVER and FEATURES_OK on the strength of the driver's *tentative* feature bits, and survives
-/// the driver withdrawing PAGE_POISON before FEATURES_OK. QEMU takes it only once the features are
-/// final, and forces it to 0 otherwise (`docs/protocol.md`, "Configuration space").
-#[test]
-fn poison_val_written_before_features_ok_does_not_outlive_a_withdrawn_page_poison() {
-    let mut r = rig(BalloonConfig::default());
-    let with_poison = r.ack;
-    assert_ne!(with_poison & bit(4), 0);
-    wr(&mut r.t, reg::STATUS, st::ACK);
-    wr(&mut r.t, reg::STATUS, st::ACK | st::DRIVER);
-    write_driver_features(&mut r.t, with_poison);
-    wr(&mut r.t, reg::CONFIG + CFG_POISON, 0xaaaa_aaaa);
-    // The driver changes its mind before FEATURES_OK.
-    write_driver_features(&mut r.t, with_poison & !bit(4));
-    wr(&mut r.t, reg::STATUS, st::NEGOTIATED);
-    assert_eq!(rd(&r.t, reg::STATUS), st::NEGOTIATED);
-    assert!(!r.t.device().has_feature(4));
-    assert_eq!(
-        r.t.device().poison_val(),
-        0,
-        "poison_val kept without PAGE_POISON negotiated"
-    );
-    assert_eq!(cfg_rd(&r.t, CFG_POISON), 0);
-}
-
-#[test]
-fn config_writes_need_driver_status() {
-    let mut r = rig(BalloonConfig::default());
-    wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 5);
-    assert_eq!(r.t.device().actual(), 0, "at RESET");
-    wr(&mut r.t, reg::STATUS, st::ACK);
-    wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 5);
-    assert_eq!(r.t.device().actual(), 0, "at ACK");
-    wr(&mut r.t, reg::STATUS, st::ACK | st::DRIVER);
-    wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 5);
-    assert_eq!(r.t.device().actual(), 5, "at DRIVER");
-    // Reads work in any state.
-    wr(&mut r.t, reg::STATUS, 0);
-    assert_eq!(cfg_rd(&r.t, CFG_ACTUAL), 0);
-}
-
-// ---------------------------------------------------------------------------------------
-// Config generation and config interrupt; hint ids in config
-// ---------------------------------------------------------------------------------------
-
-#[test]
-fn config_change_before_driver_ok_bumps_generation_without_interrupt() {
-    let mut r = negotiated_rig(BalloonConfig::default());
-    let fpq = ring_for(&r.mem, 3, 64);
-    fpq.program(&mut r.t, 3);
-    let gen0 = rd(&r.t, reg::CONFIG_GENERATION);
-    let id = r.hints.start_round();
-    assert!(id >= 2);
-    assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), gen0.wrapping_add(1));
-    assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), 0);
-    assert_eq!(take_irq(&r.t), 0, "no interrupt before DRIVER_OK");
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
-
-    // The round requested before DRIVER_OK is announced once the driver is ready.
-    wr(&mut r.t, reg::STATUS, st::LIVE);
-    assert_eq!(rd(&r.t, reg::STATUS), st::LIVE);
-    assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), ISR_CONFIG);
-    assert_eq!(take_irq(&r.t), 1);
-    assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), gen0.wrapping_add(2));
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
-}
-
-#[test]
-fn start_round_after_driver_ok_raises_the_config_interrupt() {
-    let mut r = rig(BalloonConfig::default());
-    bring_up(&mut r.t, r.ack, &[]);
-    assert_eq!(take_irq(&r.t), 0);
-    let gen0 = rd(&r.t, reg::CONFIG_GENERATION);
-    let id = r.hints.start_round();
-    assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS) & ISR_CONFIG, ISR_CONFIG);
-    assert_eq!(take_irq(&r.t), 1);
-    assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), gen0.wrapping_add(1));
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
-    wr(&mut r.t, reg::INTERRUPT_ACK, ISR_CONFIG);
-
-    // Every device-initiated change moves the generation and interrupts.
-    r.hints.stop_round();
-    assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), ISR_CONFIG);
-    assert_eq!(take_irq(&r.t), 1);
-    assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), gen0.wrapping_add(2));
-    // A transition to the same state is no change.
-    wr(&mut r.t, reg::INTERRUPT_ACK, ISR_CONFIG);
-    r.hints.stop_round();
-    assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), 0);
-    assert_eq!(take_irq(&r.t), 0);
-    assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), gen0.wrapping_add(2));
-    // Driver writes are not device-initiated changes.
-    wr(&mut r.t, reg::CONFIG + CFG_ACTUAL, 9);
-    assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), gen0.wrapping_add(2));
-    assert_eq!(take_irq(&r.t), 0);
-}
-
-/// Posts a start buffer carrying `id` on the free page queue.
-fn post_cmd(ring: &mut SplitRing, mem: &Mem, slot: u64, id: u32) -> u16 {
-    mem.write_obj(id.to_le(), GuestAddress(slot)).unwrap();
-    ring.post_out(mem, slot, 4)
-}
-
-#[test]
-fn hint_id_in_config_follows_the_state() {
-    let mut r = rig(BalloonConfig::default());
-    let mut fpq = ring_for(&r.mem, 3, 64);
-    bring_up(&mut r.t, r.ack, &[(3, &fpq)]);
-    let fpq_index =
-        r.t.device()
-            .queue_layout()
-            .index(QueueRole::FreePage)
-            .unwrap();
-    assert_eq!(fpq_index, 3);
-    assert_eq!(r.hints.status().state, HintState::Stop);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 0, "STOP");
-
-    let id = r.hints.start_round();
-    assert_eq!(r.hints.status().state, HintState::Requested);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id, "REQUESTED");
-
-    post_cmd(&mut fpq, &r.mem, BUF_BASE, id);
-    r.t.device_mut().process_queue(fpq_index);
-    assert_eq!(r.hints.status().state, HintState::Start);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id, "START");
-    assert_eq!(fpq.used(&r.mem), 1);
-    assert_eq!(fpq.elem(&r.mem, 0).1, 0, "used length 0");
-
-    r.hints.stop_round();
-    assert_eq!(r.hints.status().state, HintState::Stop);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 0, "STOP");
-
-    r.hints.done();
-    assert_eq!(r.hints.status().state, HintState::Done);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 1, "DONE");
-
-    let id2 = r.hints.start_round();
-    assert!(id2 > id);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id2);
-}
-
-#[test]
-fn hint_ids_are_never_reserved_and_rise_across_reset() {
-    let mut r = rig(BalloonConfig::default());
-    let acked = r.ack;
-    let mut last = 0;
-    // Rounds before activation, while active and after each reset.
-    for _ in 0..3 {
-        let id = r.hints.start_round();
-        assert!(id >= 2 && id > last, "id {id} after {last}");
-        last = id;
-        bring_up(&mut r.t, acked, &[]);
-        for _ in 0..3 {
-            let id = r.hints.start_round();
-            assert!(id >= 2 && id > last, "id {id} after {last}");
-            assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), id);
-            last = id;
-            r.hints.done();
-        }
-        wr(&mut r.t, reg::STATUS, 0);
-        assert_eq!(r.hints.status().cmd_id, last, "the id survives reset");
-        assert_eq!(r.hints.status().state, HintState::Stop);
-    }
-}
-
-#[test]
-fn reset_during_a_round_goes_to_stop_without_config_interrupt() {
-    for started in [false, true] {
-        let mut r = rig(BalloonConfig::default());
-        let mut fpq = ring_for(&r.mem, 3, 64);
-        bring_up(&mut r.t, r.ack, &[(3, &fpq)]);
-        let id = r.hints.start_round();
-        if started {
-            post_cmd(&mut fpq, &r.mem, BUF_BASE, id);
-            r.t.device_mut().process_queue(3);
-            assert_eq!(r.hints.status().state, HintState::Start);
-        }
-        wr(&mut r.t, reg::INTERRUPT_ACK, ISR_CONFIG | ISR_USED);
-        take_irq(&r.t);
-        let gen = rd(&r.t, reg::CONFIG_GENERATION);
-
-        wr(&mut r.t, reg::STATUS, 0);
-        assert_eq!(r.hints.status().state, HintState::Stop, "started {started}");
-        assert!(!r.hints.negotiated());
-        assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 0);
-        assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), 0);
-        assert_eq!(take_irq(&r.t), 0, "no interrupt on reset");
-        assert_eq!(rd(&r.t, reg::CONFIG_GENERATION), gen);
-        assert!(!r.hints.wait_round_complete(std::time::Duration::ZERO));
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Queue layout and construction
 // ---------------------------------------------------------------------------------------
 
@@ -1704,14 +1278,14 @@ fn queue_layouts_for_several_configs() {
             &[Inflate, Deflate, Stats, FreePage],
         ),
         (
-            cfg_with(|c| {
+            config_with(|c| {
                 c.stats = false;
                 c.free_page_hint = false;
             }),
             &[Inflate, Deflate],
         ),
         (
-            cfg_with(|c| {
+            config_with(|c| {
                 c.stats = false;
                 c.free_page_hint = false;
                 c.reporting = true;
@@ -1719,27 +1293,30 @@ fn queue_layouts_for_several_configs() {
             &[Inflate, Deflate, Reporting],
         ),
         (
-            cfg_with(|c| {
+            config_with(|c| {
                 c.free_page_hint = false;
                 c.reporting = true;
             }),
             &[Inflate, Deflate, Stats, Reporting],
         ),
         (
-            cfg_with(|c| {
+            config_with(|c| {
                 c.stats = false;
                 c.reporting = true;
             }),
             &[Inflate, Deflate, FreePage, Reporting],
         ),
-        (cfg_with(|c| c.stats = false), &[Inflate, Deflate, FreePage]),
+        (
+            config_with(|c| c.stats = false),
+            &[Inflate, Deflate, FreePage],
+        ),
         (
             all_features(),
             &[Inflate, Deflate, Stats, FreePage, Reporting],
         ),
     ];
     for (cfg, roles) in cases {
-        let mut r = rig(cfg);
+        let mut r = RawRig::new(cfg);
         let layout = r.t.device().queue_layout().clone();
         assert_eq!(layout, QueueLayout::new(&cfg));
         assert_eq!(layout.len(), roles.len());
@@ -1773,7 +1350,7 @@ fn balloon_new_rejects_bad_queue_sizes() {
         Balloon::new(cfg, memory(), Arc::new(RecordingSink::default())).map(|_| ())
     };
     let with_reporting = |f: fn(&mut BalloonConfig)| {
-        cfg_with(|c| {
+        config_with(|c| {
             c.reporting = true;
             f(c);
         })
@@ -1781,38 +1358,38 @@ fn balloon_new_rejects_bad_queue_sizes() {
     assert!(new(all_features()).is_ok());
 
     assert!(matches!(
-        new(cfg_with(|c| c.queue_size = 0)),
+        new(config_with(|c| c.queue_size = 0)),
         Err(BalloonError::InvalidQueueSize {
             role: QueueRole::Inflate,
             size: 0
         })
     ));
     assert!(matches!(
-        new(cfg_with(|c| c.queue_size = 100)),
+        new(config_with(|c| c.queue_size = 100)),
         Err(BalloonError::InvalidQueueSize { size: 100, .. })
     ));
     assert!(matches!(
-        new(cfg_with(|c| c.free_page_queue_size = 0)),
+        new(config_with(|c| c.free_page_queue_size = 0)),
         Err(BalloonError::InvalidQueueSize {
             role: QueueRole::FreePage,
             size: 0
         })
     ));
     assert!(matches!(
-        new(cfg_with(|c| c.free_page_queue_size = 1000)),
+        new(config_with(|c| c.free_page_queue_size = 1000)),
         Err(BalloonError::InvalidQueueSize {
             role: QueueRole::FreePage,
             size: 1000
         })
     ));
     assert!(matches!(
-        new(cfg_with(|c| c.free_page_queue_size = 1)),
+        new(config_with(|c| c.free_page_queue_size = 1)),
         Err(BalloonError::QueueTooSmall {
             role: QueueRole::FreePage,
             size: 1
         })
     ));
-    assert!(new(cfg_with(|c| c.free_page_queue_size = 2)).is_ok());
+    assert!(new(config_with(|c| c.free_page_queue_size = 2)).is_ok());
     assert!(matches!(
         new(with_reporting(|c| c.reporting_queue_size = 16)),
         Err(BalloonError::QueueTooSmall {
@@ -1836,20 +1413,20 @@ fn balloon_new_rejects_bad_queue_sizes() {
     ));
     assert!(new(with_reporting(|c| c.reporting_queue_size = 32)).is_ok());
     assert!(matches!(
-        new(cfg_with(|c| c.chains_per_wakeup = 0)),
+        new(config_with(|c| c.chains_per_wakeup = 0)),
         Err(BalloonError::ZeroBudget)
     ));
     // Sizes of queues that are not offered are not checked.
-    assert!(new(cfg_with(|c| {
+    assert!(new(config_with(|c| {
         c.free_page_hint = false;
         c.free_page_queue_size = 0;
         c.reporting_queue_size = 3;
     }))
     .is_ok());
-    assert!(new(cfg_with(|c| c.queue_size = 32768)).is_ok());
-    assert!(new(cfg_with(|c| c.queue_size = 1)).is_ok());
+    assert!(new(config_with(|c| c.queue_size = 32768)).is_ok());
+    assert!(new(config_with(|c| c.queue_size = 1)).is_ok());
     // The errors say what is wrong.
-    let err = new(cfg_with(|c| c.queue_size = 3)).unwrap_err();
+    let err = new(config_with(|c| c.queue_size = 3)).unwrap_err();
     assert!(err.to_string().contains('3'), "{err}");
 }
 
@@ -1860,7 +1437,7 @@ fn balloon_new_rejects_bad_queue_sizes() {
 #[test]
 fn plain_queues_return_buffers_with_used_length_zero_and_interrupt() {
     let cfg = all_features();
-    let mut r = rig(cfg);
+    let mut r = RawRig::new(cfg);
     let layout = r.t.device().queue_layout().clone();
     let inflate = layout.index(QueueRole::Inflate).unwrap() as u32;
     let deflate = layout.index(QueueRole::Deflate).unwrap() as u32;
@@ -1872,7 +1449,7 @@ fn plain_queues_return_buffers_with_used_length_zero_and_interrupt() {
         (reporting, ring_for(&r.mem, reporting, 32)),
     ];
     let refs: Vec<(u32, &SplitRing)> = rings.iter().map(|(i, ring)| (*i, ring)).collect();
-    bring_up(&mut r.t, r.ack, &refs);
+    bring_up_rings(&mut r.t, r.ack, &refs);
     let irq = r.t.device().interrupt_handle();
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
@@ -1906,10 +1483,10 @@ fn plain_queues_return_buffers_with_used_length_zero_and_interrupt() {
 
 #[test]
 fn stats_queue_holds_its_buffer_until_the_next_arrives() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let stats = r.t.device().queue_layout().index(QueueRole::Stats).unwrap() as u32;
     let mut ring = ring_for(&r.mem, stats, 16);
-    bring_up(&mut r.t, r.ack, &[(stats, &ring)]);
+    bring_up_rings(&mut r.t, r.ack, &[(stats, &ring)]);
     let irq = r.t.device().interrupt_handle();
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
@@ -1939,14 +1516,14 @@ fn stats_queue_holds_its_buffer_until_the_next_arrives() {
 
 #[test]
 fn flooded_queue_is_served_over_several_wakeups_without_starving_another() {
-    let cfg = cfg_with(|c| {
+    let cfg = config_with(|c| {
         c.chains_per_wakeup = 4;
         c.queue_size = 64;
     });
-    let mut r = rig(cfg);
+    let mut r = RawRig::new(cfg);
     let mut inflate = ring_for(&r.mem, 0, 64);
     let mut deflate = ring_for(&r.mem, 1, 64);
-    bring_up(&mut r.t, r.ack, &[(0, &inflate), (1, &deflate)]);
+    bring_up_rings(&mut r.t, r.ack, &[(0, &inflate), (1, &deflate)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
 
@@ -1983,15 +1560,15 @@ fn flooded_queue_is_served_over_several_wakeups_without_starving_another() {
 
 #[test]
 fn free_page_queue_flood_is_served_in_batches() {
-    let cfg = cfg_with(|c| c.chains_per_wakeup = 3);
-    let mut r = rig(cfg);
+    let cfg = config_with(|c| c.chains_per_wakeup = 3);
+    let mut r = RawRig::new(cfg);
     let mut fpq = ring_for(&r.mem, 3, 64);
     let mut inflate = ring_for(&r.mem, 0, 16);
-    bring_up(&mut r.t, r.ack, &[(0, &inflate), (3, &fpq)]);
+    bring_up_rings(&mut r.t, r.ack, &[(0, &inflate), (3, &fpq)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
     let id = r.hints.start_round();
-    post_cmd(&mut fpq, &r.mem, BUF_BASE, id);
+    post_command(&mut fpq, &r.mem, BUF_BASE, id);
     for i in 0..6 {
         fpq.post(&r.mem, &[(0x30_0000 + 0x1000 * i, 0x1000, true)]);
     }
@@ -2014,10 +1591,10 @@ fn free_page_queue_flood_is_served_in_batches() {
 
 #[test]
 fn pause_stops_processing_until_resume() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let mut inflate = ring_for(&r.mem, 0, 16);
     let mut fpq = ring_for(&r.mem, 3, 64);
-    bring_up(&mut r.t, r.ack, &[(0, &inflate), (3, &fpq)]);
+    bring_up_rings(&mut r.t, r.ack, &[(0, &inflate), (3, &fpq)]);
     let irq = r.t.device().interrupt_handle();
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
@@ -2028,7 +1605,7 @@ fn pause_stops_processing_until_resume() {
     shared.lock().unwrap().device_mut().pause();
     assert!(shared.lock().unwrap().device().is_paused());
     let head = inflate.post_out(&r.mem, BUF_BASE, 4);
-    post_cmd(&mut fpq, &r.mem, BUF_BASE + 0x1000, id);
+    post_command(&mut fpq, &r.mem, BUF_BASE + 0x1000, id);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
     wr(&mut shared.lock().unwrap(), reg::QUEUE_NOTIFY, 3);
     settle(&mut em);
@@ -2041,7 +1618,7 @@ fn pause_stops_processing_until_resume() {
     r.hints.stop_round();
     assert_eq!(fpq.used(&r.mem), 0, "paused");
     let id = r.hints.start_round();
-    post_cmd(&mut fpq, &r.mem, BUF_BASE + 0x2000, id);
+    post_command(&mut fpq, &r.mem, BUF_BASE + 0x2000, id);
 
     shared.lock().unwrap().device_mut().resume();
     assert!(!shared.lock().unwrap().device().is_paused());
@@ -2056,10 +1633,10 @@ fn pause_stops_processing_until_resume() {
 #[test]
 fn malformed_chains_are_returned_and_do_not_stall_the_queues() {
     log_everything();
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let mut inflate = ring_for(&r.mem, 0, 16);
     let mut stats = ring_for(&r.mem, 2, 16);
-    bring_up(&mut r.t, r.ack, &[(0, &inflate), (2, &stats)]);
+    bring_up_rings(&mut r.t, r.ack, &[(0, &inflate), (2, &stats)]);
     let (mut em, shared) = event_loop(r.t);
     settle(&mut em);
 
@@ -2093,7 +1670,7 @@ fn malformed_chains_are_returned_and_do_not_stall_the_queues() {
 
 #[test]
 fn nothing_is_served_before_driver_ok_or_after_reset() {
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack;
     let mut inflate = ring_for(&r.mem, 0, 16);
     assert!(negotiate(&mut r.t, acked));
@@ -2128,8 +1705,8 @@ fn chain_with(hints: &HintControl) -> PrecopyNotifierChain {
 
 #[test]
 fn precopy_notifier_drives_hint_rounds() {
-    let mut r = rig(BalloonConfig::default());
-    bring_up(&mut r.t, r.ack, &[]);
+    let mut r = RawRig::new(BalloonConfig::default());
+    bring_up_rings(&mut r.t, r.ack, &[]);
     assert!(r.hints.negotiated());
     let chain = chain_with(&r.hints);
 
@@ -2147,7 +1724,7 @@ fn precopy_notifier_drives_hint_rounds() {
     let s = r.hints.status();
     assert_eq!(s.state, HintState::Requested);
     assert!(s.cmd_id >= 2);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), s.cmd_id);
+    assert_eq!(config_read32(&r.t, CFG_CMD_ID), s.cmd_id);
     assert_eq!(rd(&r.t, reg::INTERRUPT_STATUS), ISR_CONFIG);
     let first = s.cmd_id;
 
@@ -2155,7 +1732,7 @@ fn precopy_notifier_drives_hint_rounds() {
         .notify(PrecopyEvent::BeforeBitmapSync, RUNNING)
         .unwrap();
     assert_eq!(r.hints.status().state, HintState::Stop);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 0);
+    assert_eq!(config_read32(&r.t, CFG_CMD_ID), 0);
     chain
         .notify(PrecopyEvent::AfterBitmapSync, RUNNING)
         .unwrap();
@@ -2175,7 +1752,7 @@ fn precopy_notifier_drives_hint_rounds() {
         .unwrap();
     assert_eq!(r.hints.status().state, HintState::Done);
     assert_eq!(r.hints.status().cmd_id, second, "no new round");
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 1);
+    assert_eq!(config_read32(&r.t, CFG_CMD_ID), 1);
 
     // Cleanup after a cancelled migration: DONE.
     chain
@@ -2184,13 +1761,13 @@ fn precopy_notifier_drives_hint_rounds() {
     assert_eq!(r.hints.status().state, HintState::Requested);
     chain.notify(PrecopyEvent::Cleanup, RUNNING).unwrap();
     assert_eq!(r.hints.status().state, HintState::Done);
-    assert_eq!(cfg_rd(&r.t, CFG_CMD_ID), 1);
+    assert_eq!(config_read32(&r.t, CFG_CMD_ID), 1);
 }
 
 #[test]
 fn precopy_notifier_does_nothing_with_postcopy() {
-    let mut r = rig(BalloonConfig::default());
-    bring_up(&mut r.t, r.ack, &[]);
+    let mut r = RawRig::new(BalloonConfig::default());
+    bring_up_rings(&mut r.t, r.ack, &[]);
     let chain = chain_with(&r.hints);
     let postcopy = MigrationState {
         vm_running: true,
@@ -2225,16 +1802,16 @@ fn precopy_notifier_does_nothing_with_postcopy() {
 #[test]
 fn precopy_notifier_does_nothing_when_hinting_was_not_negotiated() {
     // Offered, not accepted.
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let acked = r.ack & !bit(3);
-    bring_up(&mut r.t, acked, &[]);
+    bring_up_rings(&mut r.t, acked, &[]);
     assert!(!r.hints.negotiated());
     // Not offered at all.
-    let mut r2 = rig(cfg_with(|c| c.free_page_hint = false));
-    bring_up(&mut r2.t, r2.ack, &[]);
+    let mut r2 = RawRig::new(config_with(|c| c.free_page_hint = false));
+    bring_up_rings(&mut r2.t, r2.ack, &[]);
     assert!(!r2.hints.negotiated());
     // Not activated yet.
-    let r3 = rig(BalloonConfig::default());
+    let r3 = RawRig::new(BalloonConfig::default());
     assert!(!r3.hints.negotiated());
 
     for r in [&r, &r2, &r3] {
@@ -2257,8 +1834,8 @@ fn precopy_notifier_does_nothing_when_hinting_was_not_negotiated() {
     }
 
     // After a reset hinting is no longer negotiated.
-    let mut r = rig(BalloonConfig::default());
-    bring_up(&mut r.t, r.ack, &[]);
+    let mut r = RawRig::new(BalloonConfig::default());
+    bring_up_rings(&mut r.t, r.ack, &[]);
     assert!(r.hints.negotiated());
     wr(&mut r.t, reg::STATUS, 0);
     assert!(!r.hints.negotiated());
@@ -2271,12 +1848,12 @@ fn precopy_notifier_does_nothing_when_hinting_was_not_negotiated() {
 #[test]
 fn event_idx_feature_is_offered_and_accepted() {
     // EVENT_IDX and INDIRECT_DESC are offered; a driver may take them.
-    let mut r = rig(BalloonConfig::default());
+    let mut r = RawRig::new(BalloonConfig::default());
     let offered = device_features(&mut r.t);
     assert_ne!(offered & bit(EVENT_IDX), 0);
     assert_ne!(offered & bit(28), 0);
     let mut ring = ring_for(&r.mem, 0, 16);
-    bring_up(&mut r.t, offered, &[(0, &ring)]);
+    bring_up_rings(&mut r.t, offered, &[(0, &ring)]);
     assert!(r.t.device().has_feature(EVENT_IDX));
     let head = ring.post_out(&r.mem, BUF_BASE, 4);
     r.t.device_mut().process_queue(0);
@@ -2288,12 +1865,12 @@ fn event_idx_feature_is_offered_and_accepted() {
 #[test]
 fn errors_and_debug_output_name_what_went_wrong() {
     let new = |cfg: BalloonConfig| Balloon::new(cfg, memory(), Arc::new(RecordingSink::default()));
-    let small = new(cfg_with(|c| c.free_page_queue_size = 1)).unwrap_err();
+    let small = new(config_with(|c| c.free_page_queue_size = 1)).unwrap_err();
     assert!(small.to_string().contains("too small"), "{small}");
     assert!(std::error::Error::source(&small).is_none());
-    let zero = new(cfg_with(|c| c.chains_per_wakeup = 0)).unwrap_err();
+    let zero = new(config_with(|c| c.chains_per_wakeup = 0)).unwrap_err();
     assert!(zero.to_string().contains("chains_per_wakeup"), "{zero}");
-    let bad = new(cfg_with(|c| c.queue_size = 3)).unwrap_err();
+    let bad = new(config_with(|c| c.queue_size = 3)).unwrap_err();
     assert!(bad.to_string().contains("power of two"), "{bad}");
     let io = BalloonError::EventFd(std::io::Error::from_raw_os_error(24));
     assert!(io.to_string().contains("eventfd"), "{io}");
@@ -2350,7 +1927,7 @@ fn stray_and_failing_event_sources_are_dropped() {
     use event_manager::{EventSet, Events};
     use vmm_sys_util::eventfd::EventFd;
     log_everything();
-    let r = rig(all_features());
+    let r = RawRig::new(all_features());
     let shared = Arc::new(Mutex::new(r.t));
     let mut em: Loop = EventManager::new().unwrap();
     let id = em.add_subscriber(shared.clone());

@@ -10,8 +10,13 @@ use virtio_balloon::spec::{features, mmio, status};
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use vm_memory::GuestAddress;
 
-use crate::mmio::{reg, status as st};
-use crate::ring::{GuestMem, RingLayout, SplitRing};
+use std::sync::Arc;
+
+use virtio_balloon::sink::RecordingSink;
+use virtio_balloon::{Balloon, BalloonConfig, HintControl};
+
+use crate::mmio::{feature, reg, status as st};
+use crate::ring::{GuestMem, Part, RingLayout, SplitRing};
 
 fn reg_write<D: VirtioDevice>(t: &mut MmioTransport<D>, offset: u64, value: u32) {
     t.write(offset, &value.to_le_bytes());
@@ -161,4 +166,118 @@ pub fn bring_up_hinting<D: VirtioDevice>(
     }
     add_status(t, status::DRIVER_OK);
     assert!(t.device().is_activated(), "DRIVER_OK refused");
+}
+
+/// The device behind virtio-mmio as a [`RawRig`] holds it.
+pub type RawTransport = MmioTransport<Balloon<Arc<GuestMem>>>;
+
+/// Guest RAM of a [`RawRig`]: 4 MiB at 0.
+pub const RAW_RIG_MEM_SIZE: u64 = 0x40_0000;
+
+/// A balloon behind virtio-mmio over [`RAW_RIG_MEM_SIZE`] of guest memory, with a recording
+/// sink, for tests that drive the transport register by register (no driver model, no
+/// event loop unless the test makes one).
+#[derive(Debug)]
+pub struct RawRig {
+    /// The transport, driven by hand.
+    pub t: RawTransport,
+    /// Guest memory.
+    pub mem: Arc<GuestMem>,
+    /// The migration side's handle on free page hinting.
+    pub hints: HintControl,
+    /// Every hint the device delivered.
+    pub sink: Arc<RecordingSink>,
+    /// What the tests' driver accepts by default: everything offered except EVENT_IDX (so
+    /// every used buffer raises an interrupt).
+    pub ack: u64,
+}
+
+impl RawRig {
+    /// A device made from `cfg`, status 0.
+    pub fn new(cfg: BalloonConfig) -> Self {
+        let mem = Arc::new(
+            GuestMem::from_ranges(&[(GuestAddress(0), RAW_RIG_MEM_SIZE as usize)])
+                .expect("guest memory"),
+        );
+        let sink = Arc::new(RecordingSink::default());
+        let dev = Balloon::new(cfg, mem.clone(), sink.clone()).expect("balloon");
+        let hints = dev.hint_control();
+        let ack = dev.device_features() & !feature::bit(feature::RING_EVENT_IDX);
+        RawRig {
+            t: MmioTransport::new(dev),
+            mem,
+            hints,
+            sink,
+            ack,
+        }
+    }
+
+    /// A device made from `cfg` with [`ack`](Self::ack) negotiated (FEATURES_OK, no queue,
+    /// no DRIVER_OK).
+    pub fn negotiated(cfg: BalloonConfig) -> Self {
+        let mut r = RawRig::new(cfg);
+        let acked = r.ack;
+        assert!(negotiate(&mut r.t, acked), "FEATURES_OK refused");
+        r
+    }
+}
+
+/// `BalloonConfig::default()` changed by `f`.
+pub fn config_with(f: impl FnOnce(&mut BalloonConfig)) -> BalloonConfig {
+    let mut cfg = BalloonConfig::default();
+    f(&mut cfg);
+    cfg
+}
+
+/// The driver side of queue `index`'s ring of `size` entries, the queues 64 KiB apart from
+/// 64 KiB on.
+pub fn ring_for(mem: &GuestMem, index: u32, size: u16) -> SplitRing {
+    ring_at(mem, 0x1_0000 * (u64::from(index) + 1), size)
+}
+
+/// The driver side of a ring of `size` entries laid out (and cleared) at `base` as Linux's
+/// `vring_init` does. No callback, no EVENT_IDX: the ring writes no suppression state.
+pub fn ring_at(mem: &GuestMem, base: u64, size: u16) -> SplitRing {
+    let layout = RingLayout::linux(GuestAddress(base), size);
+    SplitRing::new(mem, 0, layout, false, true, None).expect("ring memory")
+}
+
+/// Negotiates `acked`, programs `rings` (queue index, ring), sets DRIVER_OK and checks the
+/// device is live.
+pub fn bring_up_rings(t: &mut RawTransport, acked: u64, rings: &[(u32, &SplitRing)]) {
+    assert!(negotiate(t, acked), "FEATURES_OK refused");
+    for (index, ring) in rings {
+        program_ring(t, *index as usize, ring, true);
+    }
+    let live = st::ACKNOWLEDGE | st::DRIVER | st::FEATURES_OK | st::DRIVER_OK;
+    write32(t, reg::STATUS, live);
+    assert_eq!(read32(t, reg::STATUS), live, "activation failed");
+    assert!(t.device().is_activated());
+}
+
+/// Reads and clears the interrupt eventfd (0 when it was not signalled).
+pub fn take_irq(t: &RawTransport) -> u64 {
+    t.device().interrupt().eventfd().read().unwrap_or(0)
+}
+
+/// A 32-bit read at offset `off` of the configuration space.
+pub fn config_read32<D: VirtioDevice>(t: &MmioTransport<D>, off: u64) -> u32 {
+    read32(t, reg::CONFIG + off)
+}
+
+/// The first `len` bytes of the configuration space, in one read.
+pub fn config_bytes<D: VirtioDevice>(t: &MmioTransport<D>, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    t.read(reg::CONFIG, &mut b);
+    b
+}
+
+/// Posts a 4-byte command buffer (a start buffer carrying `id`, or STOP) from guest address
+/// `slot` on `ring`. Returns its head.
+pub fn post_command(ring: &mut SplitRing, mem: &GuestMem, slot: u64, id: u32) -> u16 {
+    use vm_memory::Bytes;
+    mem.write_obj(id.to_le(), GuestAddress(slot))
+        .expect("command slot");
+    ring.add(mem, &[Part::out(GuestAddress(slot), 4)], false, 0)
+        .expect("post the command")
 }
