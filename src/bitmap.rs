@@ -15,6 +15,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::spec::{PAGE_SHIFT, PAGE_SIZE};
+
 /// Number of bits in one bitmap word.
 pub const BITS_PER_WORD: usize = u64::BITS as usize;
 
@@ -421,6 +423,40 @@ impl Iterator for SetBits<'_> {
         self.current &= self.current - 1;
         Some(self.word_index * BITS_PER_WORD + bit)
     }
+}
+
+/// ORs a log with `page_size`-byte pages into a 4 KiB-page bitmap: every 4 KiB page that a
+/// set bit's bytes touch becomes dirty. Returns the pages that became set, or `None` if
+/// `page_size` is zero.
+pub(crate) fn merge_log(bitmap: &DirtyBitmap, page_size: u64, words: &[u64]) -> Option<usize> {
+    if page_size == 0 {
+        return None;
+    }
+    if page_size == PAGE_SIZE {
+        return Some(bitmap.or_words(0, words));
+    }
+    let mut newly = 0;
+    for (w, &word) in words.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let bit = (w * BITS_PER_WORD) as u64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            // Bytes [bit * ps, (bit + 1) * ps) of the region, as 4 KiB pages. A bit whose
+            // bytes do not fit in u64 lies past any region: stop there.
+            let (Some(lo), Some(hi)) =
+                (bit.checked_mul(page_size), (bit + 1).checked_mul(page_size))
+            else {
+                return Some(newly);
+            };
+            let first = lo >> PAGE_SHIFT;
+            let end = hi.div_ceil(PAGE_SIZE);
+            if first >= bitmap.len() as u64 {
+                return Some(newly);
+            }
+            newly += bitmap.set_range(first as usize, (end - first) as usize);
+        }
+    }
+    Some(newly)
 }
 
 #[cfg(test)]

@@ -13,12 +13,12 @@
 //!
 //! * [`Balloon`] with [`BalloonConfig`]: the device. It implements
 //!   [`transport::VirtioDevice`] (put it behind [`transport::MmioTransport`], virtio-mmio
-//!   version 2) and `event_manager::MutEventSubscriber` ([`handler`]): each queue has an
+//!   version 2) and `event_manager::MutEventSubscriber` ([`event_handler`]): each queue has an
 //!   eventfd a VMM registers as an ioeventfd, and the event loop serves the queues in bounded
 //!   batches.
-//! * [`device::descriptor`]: every free page hint element is validated (direction decides
-//!   what a descriptor is, checked arithmetic, page rounding, splitting at memory regions)
-//!   before anything reaches the sink.
+//! * Every free page hint element is validated (direction decides what a descriptor is,
+//!   checked arithmetic, page rounding, splitting at memory regions) before anything
+//!   reaches the sink.
 //! * [`HintControl`]: the migration thread's handle on the hint state machine
 //!   ([`device::hint`]); it is also the device's
 //!   [`PrecopyNotifier`](migration::PrecopyNotifier).
@@ -77,7 +77,7 @@
 pub mod backend;
 pub mod bitmap;
 pub mod device;
-pub mod handler;
+pub mod event_handler;
 pub mod migration;
 mod ratelimit;
 pub mod sink;

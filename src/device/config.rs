@@ -16,28 +16,28 @@ static READ_ONLY_WRITE: RateLimit = RateLimit::new();
 
 /// The driver-written fields and the layout of the configuration space.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct ConfigSpace {
+pub(super) struct ConfigSpace {
     /// The length fixed by the offered features.
-    pub(crate) len: usize,
+    pub(super) len: usize,
     /// The target, in 4 KiB pages.
-    pub(crate) num_pages: u32,
+    pub(super) num_pages: u32,
     /// The driver's `actual`.
-    pub(crate) actual: u32,
+    pub(super) actual: u32,
     /// The driver's `poison_val` (0 unless PAGE_POISON was negotiated).
-    pub(crate) poison_val: u32,
+    pub(super) poison_val: u32,
 }
 
 /// What a driver write changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct ConfigWrite {
-    pub(crate) actual_changed: bool,
-    pub(crate) poison_changed: bool,
+pub(super) struct ConfigWrite {
+    pub(super) actual_changed: bool,
+    pub(super) poison_changed: bool,
     /// The write covered a byte of `poison_val` (taken or not).
-    pub(crate) poison_touched: bool,
+    pub(super) poison_touched: bool,
 }
 
 impl ConfigSpace {
-    pub(crate) fn new(len: usize) -> Self {
+    pub(super) fn new(len: usize) -> Self {
         ConfigSpace {
             len: len.min(MAX_LEN),
             ..Default::default()
@@ -56,7 +56,7 @@ impl ConfigSpace {
     }
 
     /// Reads `data.len()` bytes at `offset`; bytes past the end read as `0xff`.
-    pub(crate) fn read(&self, offset: u64, data: &mut [u8], cmd_id: u32) {
+    pub(super) fn read(&self, offset: u64, data: &mut [u8], cmd_id: u32) {
         let img = self.image(cmd_id);
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset
@@ -69,7 +69,7 @@ impl ConfigSpace {
 
     /// Merges a driver write into the image and takes `actual` and (if `poison_ok`)
     /// `poison_val` from it. Bytes past the end and bytes of device-owned fields are dropped.
-    pub(crate) fn write(
+    pub(super) fn write(
         &mut self,
         offset: u64,
         data: &[u8],

@@ -152,7 +152,7 @@ fn next_cmd_id(prev: u32) -> u32 {
 }
 
 /// The state protected by the hint lock, apart from the queue.
-pub(crate) struct HintCore {
+pub(super) struct HintCore {
     state: HintState,
     cmd_id: u32,
     /// Start buffers at ring positions before this one were posted before the id was
@@ -178,7 +178,7 @@ impl HintCore {
 
     /// Handles one popped element. `pos` is its position in the available ring, `max_len`
     /// the queue size (the longest chain accepted).
-    pub(crate) fn handle<M>(&mut self, chain: &DescriptorChain<M>, pos: Wrapping<u16>, max_len: u16)
+    pub(super) fn handle<M>(&mut self, chain: &DescriptorChain<M>, pos: Wrapping<u16>, max_len: u16)
     where
         M: std::ops::Deref + Clone,
         M::Target: GuestMemoryBackend,
@@ -249,7 +249,7 @@ impl HintCore {
 }
 
 /// The activated free page queue, type-erased so [`HintControl`] needs no memory type.
-pub(crate) trait ActiveQueue: Send {
+pub(super) trait ActiveQueue: Send {
     /// Pops and handles up to `budget` elements. Returns true when elements were left on
     /// the ring (the queue's eventfd has then been signalled again).
     fn run(&mut self, core: &mut HintCore, budget: usize, irq: &Interrupt) -> bool;
@@ -262,13 +262,13 @@ pub(crate) trait ActiveQueue: Send {
 }
 
 /// The free page queue with the guest memory it lives in.
-pub(crate) struct FreePageQueue<M> {
-    pub(crate) queue: Queue,
-    pub(crate) mem: M,
+pub(super) struct FreePageQueue<M> {
+    pub(super) queue: Queue,
+    pub(super) mem: M,
     /// The queue's index, for logs.
-    pub(crate) index: usize,
+    pub(super) index: usize,
     /// A clone of the queue's eventfd, to re-arm the event loop after a partial batch.
-    pub(crate) evt: EventFd,
+    pub(super) evt: EventFd,
 }
 
 impl<M> ActiveQueue for FreePageQueue<M>
@@ -313,7 +313,7 @@ struct HintInner {
 }
 
 /// State shared by the device, its event loop and every [`HintControl`].
-pub(crate) struct HintShared {
+pub(super) struct HintShared {
     inner: Mutex<HintInner>,
     cond: Condvar,
     irq: Arc<Interrupt>,
@@ -333,7 +333,7 @@ impl fmt::Debug for HintShared {
 }
 
 impl HintShared {
-    pub(crate) fn new(
+    pub(super) fn new(
         irq: Arc<Interrupt>,
         sink: Arc<dyn FreePageSink>,
         file_backed_ok: bool,
@@ -367,7 +367,7 @@ impl HintShared {
     }
 
     /// What the configuration space shows in `free_page_hint_cmd_id`.
-    pub(crate) fn config_value(&self) -> u32 {
+    pub(super) fn config_value(&self) -> u32 {
         self.config_id.load(Ordering::Acquire)
     }
 
@@ -377,19 +377,19 @@ impl HintShared {
         self.config_id.swap(value, Ordering::AcqRel) != value
     }
 
-    pub(crate) fn set_negotiated(&self, on: bool) {
+    pub(super) fn set_negotiated(&self, on: bool) {
         self.negotiated.store(on, Ordering::Release);
     }
 
-    pub(crate) fn negotiated(&self) -> bool {
+    pub(super) fn negotiated(&self) -> bool {
         self.negotiated.load(Ordering::Acquire)
     }
 
-    pub(crate) fn paused(&self) -> bool {
+    pub(super) fn paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
     }
 
-    pub(crate) fn set_paused(&self, paused: bool) {
+    pub(super) fn set_paused(&self, paused: bool) {
         // Taking the lock waits for the event loop to finish its batch.
         let _g = self.lock();
         self.paused.store(paused, Ordering::Release);
@@ -397,7 +397,7 @@ impl HintShared {
 
     /// Hands the activated free page queue over. If a round was requested before the driver
     /// was ready, tells the driver about it now.
-    pub(crate) fn activate(&self, queue: Box<dyn ActiveQueue>) {
+    pub(super) fn activate(&self, queue: Box<dyn ActiveQueue>) {
         let mut g = self.lock();
         let requested = g.core.state == HintState::Requested;
         if requested {
@@ -411,7 +411,7 @@ impl HintShared {
     }
 
     /// Device reset: back to STOP (no interrupt: the driver is gone), queue dropped, id kept.
-    pub(crate) fn reset(&self) {
+    pub(super) fn reset(&self) {
         let mut g = self.lock();
         g.queue = None;
         g.core.state = HintState::Stop;
@@ -425,7 +425,7 @@ impl HintShared {
 
     /// The round id, the state, the activated queue's state and the counters, for a
     /// snapshot. Taking the lock waits for an element being applied.
-    pub(crate) fn snapshot(&self) -> (u32, HintState, Option<QueueState>, HintMetrics) {
+    pub(super) fn snapshot(&self) -> (u32, HintState, Option<QueueState>, HintMetrics) {
         let g = self.lock();
         (
             g.core.cmd_id,
@@ -436,7 +436,7 @@ impl HintShared {
     }
 
     /// Restores the id counter and the counters of a saved device (before activation).
-    pub(crate) fn restore(&self, cmd_id: u32, metrics: HintMetrics) {
+    pub(super) fn restore(&self, cmd_id: u32, metrics: HintMetrics) {
         let mut g = self.lock();
         g.core.cmd_id = cmd_id;
         g.core.metrics = metrics;
@@ -446,7 +446,7 @@ impl HintShared {
     }
 
     /// Handles up to `budget` elements of the free page queue (the event loop's entry point).
-    pub(crate) fn process(&self, budget: usize) {
+    pub(super) fn process(&self, budget: usize) {
         // The caller (`Balloon::process_queue`) does not call this while paused.
         let mut g = self.lock();
         let before = (g.core.state, g.core.completed);
@@ -506,7 +506,7 @@ impl HintShared {
         id
     }
 
-    pub(crate) fn status(&self) -> HintStatus {
+    pub(super) fn status(&self) -> HintStatus {
         let g = self.lock();
         HintStatus {
             state: g.core.state,
@@ -565,7 +565,7 @@ impl fmt::Debug for HintControl {
 }
 
 impl HintControl {
-    pub(crate) fn new(shared: Arc<HintShared>) -> Self {
+    pub(super) fn new(shared: Arc<HintShared>) -> Self {
         HintControl { shared }
     }
 

@@ -6,15 +6,17 @@
 //! [`Balloon`] implements [`VirtioDevice`] (put it behind a transport such as
 //! [`MmioTransport`](crate::transport::MmioTransport)) and
 //! [`MutEventSubscriber`](event_manager::MutEventSubscriber) (register it with an
-//! `EventManager`; see [`handler`](crate::handler)). The migration thread drives free page
+//! `EventManager`; see [`event_handler`](crate::event_handler)). The migration thread drives free page
 //! hinting through the [`HintControl`] from [`Balloon::hint_control`].
 
 mod config;
-pub mod descriptor;
+mod descriptor;
 pub mod hint;
+mod inflate;
 pub mod pages;
-pub(crate) mod queue;
+mod queue;
 mod regions;
+mod reporting;
 pub mod snapshot;
 pub mod stats;
 mod timer;
@@ -134,12 +136,12 @@ pub struct BalloonMetrics {
 
 /// The statistics side of the device.
 #[derive(Debug)]
-pub(crate) struct StatsState {
+struct StatsState {
     /// The head of the buffer the device holds, if any.
-    pub(crate) held: Option<u16>,
-    pub(crate) last: Option<StatsReport>,
-    pub(crate) interval: Duration,
-    pub(crate) timer: Timer,
+    held: Option<u16>,
+    last: Option<StatsReport>,
+    interval: Duration,
+    timer: Timer,
 }
 
 /// What the device offers and how it sizes its queues.
@@ -363,25 +365,25 @@ impl std::error::Error for BalloonError {
 /// `GuestMemoryAtomic<GuestMemoryMmap<B>>` (memory hotplug), or anything else implementing
 /// [`GuestAddressSpace`] over a [`GuestMemoryBackend`].
 pub struct Balloon<M> {
-    pub(crate) cfg: BalloonConfig,
-    pub(crate) layout: QueueLayout,
+    cfg: BalloonConfig,
+    layout: QueueLayout,
     acked: u64,
-    pub(crate) queues: Vec<Queue>,
-    pub(crate) queue_evts: Vec<EventFd>,
-    pub(crate) irq: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    irq: Arc<Interrupt>,
     config: ConfigSpace,
-    pub(crate) hint: Arc<HintShared>,
-    pub(crate) mem: M,
-    pub(crate) activated: bool,
+    hint: Arc<HintShared>,
+    mem: M,
+    activated: bool,
     /// `poison_val` no longer changes: set at DRIVER_OK, or for a device activated from a
     /// handover (which has no DRIVER_OK) when the value is first used.
-    pub(crate) poison_latched: bool,
-    pub(crate) stats: StatsState,
-    pub(crate) pages: PageEngine,
-    pub(crate) flush_timer: Timer,
+    poison_latched: bool,
+    stats: StatsState,
+    pages: PageEngine,
+    flush_timer: Timer,
     events_fd: EventFd,
     events: BalloonEvents,
-    pub(crate) metrics: BalloonMetrics,
+    metrics: BalloonMetrics,
     stall: StallWatch,
     stall_timer: Timer,
     clock: Arc<dyn Clock>,
@@ -562,7 +564,7 @@ where
     /// [`activate_with`](Self::activate_with)) and the device's three timers. They do not
     /// change while the device lives, except the kick eventfds a VMM hands over. Pass each
     /// event to [`handle_event`](Self::handle_event); the event-manager subscriber
-    /// ([`handler`](crate::handler)) does exactly that.
+    /// ([`event_handler`](crate::event_handler)) does exactly that.
     pub fn event_fds(&self) -> Vec<(RawFd, DeviceEvent)> {
         self.queue_evts
             .iter()
@@ -605,6 +607,25 @@ where
                 self.stall_timer.consume(false);
                 self.check_stall();
             }
+        }
+    }
+
+    /// Serves queue `index` once, as the event loop does after its eventfd fired: up to
+    /// [`chains_per_wakeup`](BalloonConfig::chains_per_wakeup) elements, handed to the code
+    /// of the queue's role (free page hints, inflate and deflate, statistics, free page
+    /// reporting). Does nothing before DRIVER_OK or while the device is paused.
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.activated || self.is_paused() {
+            return;
+        }
+        let budget = usize::from(self.cfg.chains_per_wakeup);
+        match self.layout.role(index) {
+            Some(QueueRole::FreePage) => self.hint.process(budget),
+            Some(QueueRole::Inflate) => self.process_inflate_deflate(index, true, budget),
+            Some(QueueRole::Deflate) => self.process_inflate_deflate(index, false, budget),
+            Some(QueueRole::Stats) => self.process_stats(index, budget),
+            Some(QueueRole::Reporting) => self.process_reporting(index, budget),
+            None => {}
         }
     }
 
@@ -764,7 +785,7 @@ impl<M> Balloon<M> {
         std::mem::take(&mut self.events)
     }
 
-    pub(crate) fn add_event(&mut self, e: BalloonEvents) {
+    fn add_event(&mut self, e: BalloonEvents) {
         self.events = self.events | e;
         let _ = self.events_fd.write(1);
     }

@@ -159,7 +159,7 @@ pub struct PageMetrics {
 
 /// Why a PFN array could not be read to the end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PfnStop {
+pub(super) enum PfnStop {
     /// The element holds more than [`MAX_PFNS_PER_ELEMENT`] PFNs.
     OverLimit,
     /// A descriptor points outside guest memory.
@@ -169,7 +169,7 @@ pub(crate) enum PfnStop {
 /// Reads the PFN array in the device-readable descriptors of `chain` (a byte stream: a PFN
 /// may straddle two descriptors; 1-3 trailing bytes are ignored) and calls `f` with chunks
 /// of at most [`PFN_CHUNK`] PFNs. Returns the number of PFNs read and why it stopped early.
-pub(crate) fn for_each_pfn_chunk<M>(
+pub(super) fn for_each_pfn_chunk<M>(
     chain: &DescriptorChain<M>,
     mut f: impl FnMut(&mut [u32]),
 ) -> (usize, Option<PfnStop>)
@@ -233,7 +233,7 @@ where
 
 /// Sorts `pfns` and calls `f(first_pfn, count)` for each run of adjacent PFNs (a repeated
 /// PFN joins its run).
-pub(crate) fn for_each_run(pfns: &mut [u32], mut f: impl FnMut(u64, u64)) {
+pub(super) fn for_each_run(pfns: &mut [u32], mut f: impl FnMut(u64, u64)) {
     pfns.sort_unstable();
     let mut iter = pfns.iter().map(|&p| u64::from(p));
     let Some(mut first) = iter.next() else {
@@ -526,7 +526,7 @@ impl PendingRanges {
 }
 
 /// Turns inflated, deflated and reported pages into backend calls.
-pub(crate) struct PageEngine {
+pub(super) struct PageEngine {
     backend: Arc<dyn MemoryBackend>,
     /// The backend's page size: the smallest unit discarded in any region.
     host_page: u64,
@@ -534,7 +534,7 @@ pub(crate) struct PageEngine {
     pending: PendingRanges,
     partial: PartialPages,
     inhibited: bool,
-    pub(crate) metrics: PageMetrics,
+    pub(super) metrics: PageMetrics,
 }
 
 impl std::fmt::Debug for PageEngine {
@@ -558,7 +558,7 @@ fn region_page(host_page: u64, backing: RegionBacking) -> Option<u64> {
 }
 
 impl PageEngine {
-    pub(crate) fn new(backend: Arc<dyn MemoryBackend>) -> Self {
+    pub(super) fn new(backend: Arc<dyn MemoryBackend>) -> Self {
         Self::with_pending_ranges(backend, PENDING_RANGES)
     }
 
@@ -584,7 +584,7 @@ impl PageEngine {
 
     /// The backend's page size, the smallest unit discarded in any region (a region on
     /// larger pages is discarded in those).
-    pub(crate) fn host_page(&self) -> u64 {
+    pub(super) fn host_page(&self) -> u64 {
         self.host_page
     }
 
@@ -610,16 +610,16 @@ impl PageEngine {
         self.backings.insert(region, backing);
     }
 
-    pub(crate) fn has_pending(&self) -> bool {
+    pub(super) fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
 
-    pub(crate) fn inhibited(&self) -> bool {
+    pub(super) fn inhibited(&self) -> bool {
         self.inhibited
     }
 
     /// Stops (or allows again) every discard. Inhibiting drops the pending ranges.
-    pub(crate) fn set_inhibited(&mut self, on: bool) {
+    pub(super) fn set_inhibited(&mut self, on: bool) {
         self.inhibited = on;
         if on {
             self.metrics.discards_inhibited_bytes += self.pending.bytes();
@@ -633,7 +633,7 @@ impl PageEngine {
     /// the element is acknowledged, and partially inflated host pages are forgotten (as QEMU
     /// does): such a driver may reuse a page as soon as it *posted* its deflate, which the
     /// device may not have seen yet.
-    pub(crate) fn end_inflate_element<Mem>(&mut self, mem: &Mem, must_tell_host: bool)
+    pub(super) fn end_inflate_element<Mem>(&mut self, mem: &Mem, must_tell_host: bool)
     where
         Mem: GuestMemoryBackend + ?Sized,
     {
@@ -645,13 +645,13 @@ impl PageEngine {
     }
 
     /// Forgets everything not yet discarded (device reset: the new driver owns the pages).
-    pub(crate) fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.pending.clear();
         self.partial.clear();
     }
 
     /// Records the inflated pages `[pfn, pfn + count)`; returns how many are outside RAM.
-    pub(crate) fn inflate<Mem>(&mut self, mem: &Mem, pfn: u64, count: u64) -> u64
+    pub(super) fn inflate<Mem>(&mut self, mem: &Mem, pfn: u64, count: u64) -> u64
     where
         Mem: GuestMemoryBackend + ?Sized,
     {
@@ -677,7 +677,7 @@ impl PageEngine {
     }
 
     /// Discards every pending inflated range, in ascending address order.
-    pub(crate) fn flush<Mem>(&mut self, mem: &Mem)
+    pub(super) fn flush<Mem>(&mut self, mem: &Mem)
     where
         Mem: GuestMemoryBackend + ?Sized,
     {
@@ -784,7 +784,7 @@ impl PageEngine {
     /// Takes the deflated pages `[pfn, pfn + count)` back: they leave the partial table and
     /// their host pages are repopulated. Returns how many are outside RAM. The caller flushes
     /// the pending ranges first, so nothing discards these pages later.
-    pub(crate) fn deflate<Mem>(&mut self, mem: &Mem, pfn: u64, count: u64) -> u64
+    pub(super) fn deflate<Mem>(&mut self, mem: &Mem, pfn: u64, count: u64) -> u64
     where
         Mem: GuestMemoryBackend + ?Sized,
     {
@@ -815,7 +815,7 @@ impl PageEngine {
     /// Discards the reported free range `[gpa, gpa + len)`, rounded inward to whole host
     /// pages (of each region's page size) and clipped to each region. Returns the bytes
     /// discarded.
-    pub(crate) fn report<Mem>(&mut self, mem: &Mem, gpa: u64, len: u64) -> u64
+    pub(super) fn report<Mem>(&mut self, mem: &Mem, gpa: u64, len: u64) -> u64
     where
         Mem: GuestMemoryBackend + ?Sized,
     {
@@ -841,7 +841,7 @@ impl PageEngine {
 }
 
 /// Logs a PFN array that stopped early.
-pub(crate) fn log_pfn_stop(queue: &str, stop: PfnStop) {
+pub(super) fn log_pfn_stop(queue: &str, stop: PfnStop) {
     warn_limited!(BAD_PFN_READ, "balloon: {} element: {:?}", queue, stop);
 }
 

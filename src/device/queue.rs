@@ -23,7 +23,7 @@ static RING_ERROR: RateLimit = RateLimit::new();
 /// raised only when `needs_notification` asks for it. When chains are left after `budget`,
 /// the queue's eventfd `evt` is signalled again so the event loop comes back after serving
 /// the others; returns whether that happened.
-pub(crate) fn serve<'m, Mem>(
+pub(super) fn serve<'m, Mem>(
     queue: &mut Queue,
     mem: &'m Mem,
     index: usize,

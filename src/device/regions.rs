@@ -20,7 +20,7 @@ pub const BACKING_CACHE: usize = 256;
 ///
 /// The loop runs at most once per region plus once per hole, so it is bounded by the memory
 /// layout, not by whoever chose the range.
-pub(crate) fn for_each_piece<M, F>(mem: &M, start: u64, end: u64, mut f: F) -> u64
+pub(super) fn for_each_piece<M, F>(mem: &M, start: u64, end: u64, mut f: F) -> u64
 where
     M: GuestMemoryBackend + ?Sized,
     F: FnMut(&M::R, u64, u64),
@@ -92,18 +92,18 @@ struct Entry {
 /// of guest memory is the VMM's, so the work and memory here are bounded by it, not by the
 /// guest.
 #[derive(Debug, Default)]
-pub(crate) struct BackingCache {
+pub(super) struct BackingCache {
     entries: Vec<Entry>,
     clock: u64,
 }
 
 impl BackingCache {
-    pub(crate) fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self::default()
     }
 
     /// What backs `region`, and whether it was looked at just now (not remembered).
-    pub(crate) fn get<R: GuestMemoryRegion>(&mut self, region: &R) -> (RegionBacking, bool) {
+    pub(super) fn get<R: GuestMemoryRegion>(&mut self, region: &R) -> (RegionBacking, bool) {
         let key = RegionKey::of(region);
         self.clock = self.clock.wrapping_add(1);
         let clock = self.clock;
@@ -118,7 +118,7 @@ impl BackingCache {
 
     /// Remembers `backing` for `region` (replacing what was known).
     #[cfg(test)]
-    pub(crate) fn insert<R: GuestMemoryRegion>(&mut self, region: &R, backing: RegionBacking) {
+    pub(super) fn insert<R: GuestMemoryRegion>(&mut self, region: &R, backing: RegionBacking) {
         let key = RegionKey::of(region);
         self.entries.retain(|e| e.key != key);
         self.put(key, backing);

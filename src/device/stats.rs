@@ -11,8 +11,15 @@
 use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+
+use super::descriptor::check_chain;
+use super::queue::serve;
+use super::{Balloon, BalloonEvents};
+use crate::ratelimit::{warn_limited, RateLimit};
+
+static BAD_CHAIN: RateLimit = RateLimit::new();
 
 /// The most entries parsed from one buffer (Linux sends 16); the rest is ignored.
 pub const MAX_ENTRIES: usize = 256;
@@ -145,7 +152,7 @@ pub struct StatsReport {
 
 /// Parses the device-readable part of a statistics buffer as a byte stream of 10-byte
 /// entries. Returns `None` if a descriptor cannot be read.
-pub(crate) fn parse<M>(chain: &DescriptorChain<M>) -> Option<(BalloonStats, u32, u32)>
+pub(super) fn parse<M>(chain: &DescriptorChain<M>) -> Option<(BalloonStats, u32, u32)>
 where
     M: std::ops::Deref + Clone,
     M::Target: GuestMemoryBackend,
@@ -180,6 +187,59 @@ where
         }
     }
     Some((stats, entries, unknown))
+}
+
+impl<M> Balloon<M>
+where
+    M: GuestAddressSpace + Send + 'static,
+    M::M: GuestMemoryBackend,
+{
+    /// Serves up to `budget` elements of the statistics queue `index`. Each buffer is
+    /// parsed and then held until the device wants fresh numbers
+    /// ([`request_stats`](Balloon::request_stats)); a second one while one is held (the
+    /// driver must not send it) gives the older one back.
+    pub(super) fn process_stats(&mut self, index: usize, budget: usize) {
+        let guard = self.mem.memory();
+        let mem: &M::M = &guard;
+        let (Some(queue), Some(evt)) = (self.queues.get_mut(index), self.queue_evts.get(index))
+        else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let size = queue.size();
+        let stats = &mut self.stats;
+        let metrics = &mut self.metrics;
+        let mut stats_arrived = false;
+        serve(queue, mem, index, budget, &self.irq, evt, |chain, _| {
+            let head = chain.head_index();
+            if let Err(e) = check_chain(chain, size) {
+                warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
+                metrics.stats_malformed += 1;
+                return Some(head);
+            }
+            match parse(chain) {
+                Some((values, entries, unknown_tags)) => {
+                    metrics.stats_updates += 1;
+                    stats.last = Some(StatsReport {
+                        stats: values,
+                        received: Instant::now(),
+                        received_at: SystemTime::now(),
+                        entries,
+                        unknown_tags,
+                    });
+                    stats_arrived = true;
+                }
+                None => metrics.stats_malformed += 1,
+            }
+            stats.held.replace(head)
+        });
+        drop(guard);
+        if stats_arrived {
+            self.add_event(BalloonEvents::STATS_UPDATED);
+        }
+    }
 }
 
 #[cfg(test)]

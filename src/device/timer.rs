@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 /// A monotonic, non-blocking timerfd.
 #[derive(Debug)]
-pub(crate) struct Timer {
+pub(super) struct Timer {
     file: File,
     armed: bool,
 }
 
 impl Timer {
-    pub(crate) fn new() -> io::Result<Self> {
+    pub(super) fn new() -> io::Result<Self> {
         // SAFETY: timerfd_create takes no pointers; the result is checked.
         let fd = unsafe {
             libc::timerfd_create(
@@ -50,7 +50,7 @@ impl Timer {
     }
 
     /// Fires after `first`, then every `interval` if given. A zero `first` disarms.
-    pub(crate) fn arm(&mut self, first: Duration, interval: Option<Duration>) -> io::Result<()> {
+    pub(super) fn arm(&mut self, first: Duration, interval: Option<Duration>) -> io::Result<()> {
         let spec = libc::itimerspec {
             it_interval: Self::spec(interval.unwrap_or(Duration::ZERO)),
             it_value: Self::spec(first),
@@ -66,18 +66,18 @@ impl Timer {
         Ok(())
     }
 
-    pub(crate) fn disarm(&mut self) -> io::Result<()> {
+    pub(super) fn disarm(&mut self) -> io::Result<()> {
         self.arm(Duration::ZERO, None)
     }
 
     /// Whether the timer was armed by [`arm`](Self::arm) and has not been disarmed or
     /// consumed as a one-shot.
-    pub(crate) fn armed(&self) -> bool {
+    pub(super) fn armed(&self) -> bool {
         self.armed
     }
 
     /// Consumes expirations; returns how many (0 on a spurious wakeup).
-    pub(crate) fn consume(&mut self, periodic: bool) -> u64 {
+    pub(super) fn consume(&mut self, periodic: bool) -> u64 {
         let mut buf = [0u8; 8];
         let n = match self.file.read(&mut buf) {
             Ok(8) => u64::from_ne_bytes(buf),
@@ -165,7 +165,7 @@ impl Clock for ManualClock {
 
 /// What the stall watch found at a look ([`StallWatch::check`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StallCheck {
+pub(super) enum StallCheck {
     /// Nothing runs: the watch is off, the target is reached, or the guest cannot move
     /// (driver not live, device paused).
     Idle,
@@ -188,7 +188,7 @@ pub(crate) enum StallCheck {
 /// clock runs only while the guest can move: the driver is live and the device not paused.
 /// The timeout runs in full again after a pause.
 #[derive(Debug, Default)]
-pub(crate) struct StallWatch {
+pub(super) struct StallWatch {
     timeout: Option<Duration>,
     /// The closest distance to the target in this episode (None: no episode).
     closest: Option<u32>,
@@ -199,7 +199,7 @@ pub(crate) struct StallWatch {
 
 impl StallWatch {
     /// A watch with `timeout` (`None` or zero: off).
-    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+    pub(super) fn new(timeout: Option<Duration>) -> Self {
         StallWatch {
             timeout: timeout.filter(|t| !t.is_zero()),
             ..Default::default()
@@ -208,7 +208,7 @@ impl StallWatch {
 
     /// Takes in where `actual` is: `distance` pages from the target, `live` whether the
     /// guest can move.
-    pub(crate) fn observe(&mut self, now: Duration, live: bool, distance: u32) {
+    pub(super) fn observe(&mut self, now: Duration, live: bool, distance: u32) {
         if distance == 0 {
             self.closest = None;
             self.since = None;
@@ -231,27 +231,27 @@ impl StallWatch {
     }
 
     /// A new target: a new episode.
-    pub(crate) fn retarget(&mut self, now: Duration, live: bool, distance: u32) {
+    pub(super) fn retarget(&mut self, now: Duration, live: bool, distance: u32) {
         self.forget();
         self.observe(now, live, distance);
     }
 
     /// The driver is gone: nothing to watch.
-    pub(crate) fn forget(&mut self) {
+    pub(super) fn forget(&mut self) {
         self.closest = None;
         self.since = None;
         self.stalled = false;
     }
 
     /// Another clock took over: a running timeout starts again at its `now`.
-    pub(crate) fn restart_clock(&mut self, now: Duration) {
+    pub(super) fn restart_clock(&mut self, now: Duration) {
         if self.since.is_some() {
             self.since = Some(now);
         }
     }
 
     /// Looks at the watch at `now`.
-    pub(crate) fn check(&mut self, now: Duration) -> StallCheck {
+    pub(super) fn check(&mut self, now: Duration) -> StallCheck {
         let Some(timeout) = self.timeout else {
             return StallCheck::Idle;
         };
@@ -272,19 +272,19 @@ impl StallWatch {
     }
 
     /// Whether the target is stalled (reported and not cleared since).
-    pub(crate) fn stalled(&self) -> bool {
+    pub(super) fn stalled(&self) -> bool {
         self.stalled
     }
 
     /// The closest distance in this episode, for a snapshot.
-    pub(crate) fn closest(&self) -> Option<u32> {
+    pub(super) fn closest(&self) -> Option<u32> {
         self.closest
     }
 
     /// Takes a saved episode back (before [`observe`](Self::observe) with where the restored
     /// device is). The clock starts again: a saved clock reading means nothing here. A
     /// stall is kept only if this watch is on.
-    pub(crate) fn restore(&mut self, closest: Option<u32>, stalled: bool) {
+    pub(super) fn restore(&mut self, closest: Option<u32>, stalled: bool) {
         self.closest = closest;
         self.since = None;
         self.stalled = stalled && self.timeout.is_some() && closest.is_some();

@@ -10,7 +10,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty_log::{DirtyLog, DirtyLogClear, RegionInfo};
 use super::Error;
-use crate::bitmap::{DirtyBitmap, BITS_PER_WORD};
+use crate::bitmap::{merge_log, DirtyBitmap};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;
 use crate::spec::{PAGE_SHIFT, PAGE_SIZE};
@@ -451,40 +451,6 @@ impl MigrationBitmap {
         }
         Ok(newly)
     }
-}
-
-/// ORs a log with `page_size`-byte pages into a 4 KiB-page bitmap: every 4 KiB page that a
-/// set bit's bytes touch becomes dirty. Returns the pages that became set, or `None` if
-/// `page_size` is zero.
-pub(super) fn merge_log(bitmap: &DirtyBitmap, page_size: u64, words: &[u64]) -> Option<usize> {
-    if page_size == 0 {
-        return None;
-    }
-    if page_size == PAGE_SIZE {
-        return Some(bitmap.or_words(0, words));
-    }
-    let mut newly = 0;
-    for (w, &word) in words.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let bit = (w * BITS_PER_WORD) as u64 + u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            // Bytes [bit * ps, (bit + 1) * ps) of the region, as 4 KiB pages. A bit whose
-            // bytes do not fit in u64 lies past any region: stop there.
-            let (Some(lo), Some(hi)) =
-                (bit.checked_mul(page_size), (bit + 1).checked_mul(page_size))
-            else {
-                return Some(newly);
-            };
-            let first = lo >> PAGE_SHIFT;
-            let end = hi.div_ceil(PAGE_SIZE);
-            if first >= bitmap.len() as u64 {
-                return Some(newly);
-            }
-            newly += bitmap.set_range(first as usize, (end - first) as usize);
-        }
-    }
-    Some(newly)
 }
 
 impl FreePageSink for MigrationBitmap {

@@ -24,7 +24,7 @@ use std::error::Error as StdError;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::bitmap::merge_log;
+use crate::bitmap::merge_log;
 use crate::spec::PAGE_SIZE;
 
 /// The error a [`DirtyLog`] returns: whatever the source's own error is, boxed.
