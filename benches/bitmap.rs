@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use virtio_balloon::bitmap::{count_one, count_one_with_offset, DirtyBitmap};
 use virtio_balloon::migration::MigrationBitmap;
+use virtio_balloon::migration::{count_one, count_one_with_offset, DirtyBitmap};
 use vm_memory::GuestAddress;
 
 /// 1 TiB of guest memory in 4 KiB pages.

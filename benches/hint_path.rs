@@ -128,11 +128,9 @@ impl HintDevice {
         let cfg = BalloonConfig {
             // Without a stats queue, a driver acking only FREE_PAGE_HINT numbers the queues as
             // the device does.
-            stats: false,
-            free_page_queue_size: QUEUE_SIZE,
-            chains_per_wakeup: QUEUE_SIZE,
-            ..BalloonConfig::default()
-        };
+            .with_stats(false)
+            .with_free_page_queue_size(QUEUE_SIZE)
+            .with_chains_per_wakeup(QUEUE_SIZE);
         let balloon = Balloon::new(cfg, mem.clone(), sink).unwrap();
         let queue = balloon.queue_layout().index(QueueRole::FreePage).unwrap();
         let mut t = MmioTransport::new(balloon);

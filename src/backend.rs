@@ -60,6 +60,7 @@ fn base_page_size() -> u64 {
 /// The device finds it once per region with [`of_region`](Self::of_region) and passes it to
 /// the backend with every range ([`HostRange::backing`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum RegionBacking {
     /// Private anonymous memory (`MAP_PRIVATE | MAP_ANONYMOUS`), with or without transparent
     /// huge pages. `MADV_DONTNEED` frees it.
@@ -385,6 +386,7 @@ pub trait MemoryBackend: Send + Sync {
 
 /// How [`MadviseBackend`] discards.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DiscardPolicy {
     /// By what backs each region ([`HostRange::backing`]; the table in the
     /// [module documentation](self)): `MADV_DONTNEED` for private memory, hole punching (or

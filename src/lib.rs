@@ -13,29 +13,32 @@
 //!
 //! * [`Balloon`] with [`BalloonConfig`]: the device. It implements
 //!   [`transport::VirtioDevice`] (put it behind [`transport::MmioTransport`], virtio-mmio
-//!   version 2) and `event_manager::MutEventSubscriber` ([`event_handler`]): each queue has an
-//!   eventfd a VMM registers as an ioeventfd, and the event loop serves the queues in bounded
-//!   batches.
-//! * Every free page hint element is validated (direction decides what a descriptor is,
-//!   checked arithmetic, page rounding, splitting at memory regions) before anything
-//!   reaches the sink.
-//! * [`HintControl`]: the migration thread's handle on the hint state machine
-//!   ([`device::hint`]); it is also the device's
+//!   version 2) and `event_manager::MutEventSubscriber` ([`event_handler`]): each queue has
+//!   an eventfd a VMM registers as an ioeventfd, and the event loop hands every event to
+//!   [`Balloon::handle_event`], which serves the queue in a bounded batch.
+//! * Free page hinting: every hint element is validated (direction decides what a
+//!   descriptor is, checked arithmetic, page rounding, splitting at memory regions) before
+//!   anything reaches the sink. [`FreePageHinting`] is the migration thread's handle on the
+//!   hint state machine ([`HintState`], [`HintRound`]); it is also the device's
 //!   [`PrecopyNotifier`](migration::PrecopyNotifier).
 //! * The traditional balloon on the same device: inflate and deflate towards
 //!   [`Balloon::set_target`] through a [`MemoryBackend`](backend::MemoryBackend) (by default
-//!   `madvise`, [`backend`]), statistics ([`device::stats`]), free page reporting, page
-//!   poison, [`BalloonMetrics`] and snapshot/restore ([`device::snapshot`]).
+//!   `madvise`, [`backend`]), statistics ([`StatsReport`]), free page reporting, page
+//!   poison, [`BalloonMetrics`] and snapshot/restore ([`BalloonState`]).
 //! * [`sink`]: the [`FreePageSink`](sink::FreePageSink) trait through which the device hands
 //!   over validated free ranges.
 //! * [`migration`]: [`MigrationBitmap`](migration::MigrationBitmap), the "to send" bitmap of
 //!   a precopy migration per guest memory region with its dirty page counter, fed by a
 //!   [`DirtyLog`](migration::DirtyLog) (KVM's or vm-memory's) and trimmed by hints; the
 //!   [`PrecopyNotifierChain`](migration::PrecopyNotifierChain) that tells the device when
-//!   hint rounds start and stop.
-//! * The [`bitmap`] module: [`count_one`](bitmap::count_one),
-//!   [`count_one_with_offset`](bitmap::count_one_with_offset) and
-//!   [`DirtyBitmap`](bitmap::DirtyBitmap), a lock-free atomic bitmap.
+//!   hint rounds start and stop; [`count_one`](migration::count_one),
+//!   [`count_one_with_offset`](migration::count_one_with_offset) and
+//!   [`DirtyBitmap`](migration::DirtyBitmap), a lock-free atomic bitmap.
+//! * [`defs`]: the balloon's own constants (feature bits, configuration layout, command
+//!   ids, statistics tags, page size).
+//!
+//! The device's types are at the crate root; `transport`, `migration`, `backend`, `sink`
+//! and `defs` are modules. `docs/modules.md` draws how the modules depend on each other.
 //!
 //! The README shows how a VMM wires the device in.
 //!
@@ -75,19 +78,20 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
-pub mod bitmap;
-pub mod device;
+pub mod defs;
+mod device;
 pub mod event_handler;
 pub mod migration;
 mod ratelimit;
 pub mod sink;
-pub mod spec;
 pub mod transport;
 
 pub use device::{
     Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonState,
-    BalloonStats, DeviceEvent, HintControl, HintMetrics, HintState, HintStatus, QueueLayout,
-    QueueRole, RestoreError, StatsReport,
+    BalloonStats, Clock, DeviceEvent, FreePageHinting, HintMetrics, HintRound, HintState,
+    ManualClock, MonotonicClock, PageMetrics, QueueLayout, QueueRole, QueueSnapshot, RestoreError,
+    StatsReport, BACKING_CACHE, BALLOON_STATE_VERSION, DISCARD_FLUSH_DELAY, MAX_PARTIAL_PAGE,
+    MAX_PFNS_PER_ELEMENT, MAX_STATS_ENTRIES, PARTIAL_SLOTS, PENDING_CAP, PENDING_RANGES, PFN_CHUNK,
 };
 
 /// The README's code blocks, compiled and run as doc tests so they stay true.

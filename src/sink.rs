@@ -82,7 +82,7 @@ impl<T: FreePageSink + ?Sized> FreePageSink for &T {
 
 /// One hint as a [`RecordingSink`] saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HintRecord {
+pub struct RecordedHint {
     /// The round the hint belongs to.
     pub cmd_id: u32,
     /// First byte of the free range.
@@ -99,35 +99,35 @@ pub struct HintRecord {
 /// # Example
 ///
 /// ```
-/// use virtio_balloon::sink::{FreePageSink, HintRecord, RecordingSink};
+/// use virtio_balloon::sink::{FreePageSink, RecordedHint, RecordingSink};
 /// use vm_memory::GuestAddress;
 ///
 /// let sink = RecordingSink::default();
 /// sink.free_page_hint(2, GuestAddress(0x40_0000), 0x40_0000);
 /// assert_eq!(
 ///     sink.take(),
-///     [HintRecord { cmd_id: 2, gpa: GuestAddress(0x40_0000), len: 0x40_0000 }]
+///     [RecordedHint { cmd_id: 2, gpa: GuestAddress(0x40_0000), len: 0x40_0000 }]
 /// );
 /// assert!(sink.hints().is_empty());
 /// ```
 #[derive(Debug, Default)]
 pub struct RecordingSink {
-    hints: Mutex<Vec<HintRecord>>,
+    hints: Mutex<Vec<RecordedHint>>,
 }
 
 impl RecordingSink {
-    fn lock(&self) -> MutexGuard<'_, Vec<HintRecord>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<RecordedHint>> {
         // A panic while holding the lock cannot leave the vector half-written: keep going.
         self.hints.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A copy of the hints recorded so far.
-    pub fn hints(&self) -> Vec<HintRecord> {
+    pub fn hints(&self) -> Vec<RecordedHint> {
         self.lock().clone()
     }
 
     /// Removes and returns the hints recorded so far.
-    pub fn take(&self) -> Vec<HintRecord> {
+    pub fn take(&self) -> Vec<RecordedHint> {
         std::mem::take(&mut *self.lock())
     }
 
@@ -139,7 +139,7 @@ impl RecordingSink {
 
 impl FreePageSink for RecordingSink {
     fn free_page_hint(&self, cmd_id: u32, gpa: GuestAddress, len: u64) {
-        self.lock().push(HintRecord { cmd_id, gpa, len });
+        self.lock().push(RecordedHint { cmd_id, gpa, len });
     }
 }
 

@@ -25,7 +25,7 @@ use guest_model::ring::{
 };
 use virtio_balloon::migration::MigrationBitmap;
 use virtio_balloon::transport::MmioTransport;
-use virtio_balloon::{Balloon, BalloonConfig, HintControl, HintMetrics, HintState, QueueRole};
+use virtio_balloon::{Balloon, BalloonConfig, FreePageHinting, HintMetrics, HintState, QueueRole};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -225,7 +225,7 @@ struct Setup {
     queue: usize,
     guest: Guest,
     sink: Arc<MigrationBitmap>,
-    control: HintControl,
+    control: FreePageHinting,
 }
 
 impl Setup {
@@ -240,12 +240,10 @@ impl Setup {
         );
         let sink = Arc::new(MigrationBitmap::new(&*mem).unwrap());
         sink.mark_all_dirty();
-        let cfg = BalloonConfig {
-            stats: false,
-            free_page_queue_size: QUEUE_SIZE,
-            chains_per_wakeup: QUEUE_SIZE,
-            ..BalloonConfig::default()
-        };
+        let cfg = BalloonConfig::default()
+            .with_stats(false)
+            .with_free_page_queue_size(QUEUE_SIZE)
+            .with_chains_per_wakeup(QUEUE_SIZE);
         let balloon = Balloon::new(cfg, mem.clone(), sink.clone()).unwrap();
         let queue = balloon.queue_layout().index(QueueRole::FreePage).unwrap();
         let control = balloon.hint_control();

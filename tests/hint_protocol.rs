@@ -29,10 +29,10 @@ use guest_model::ring::{self, Desc, GuestMem, RingLayout, SplitRing};
 use virtio_balloon::migration::{
     MigrationBitmap, MigrationState, PrecopyEvent, PrecopyNotifierChain,
 };
-use virtio_balloon::sink::{FreePageSink, HintRecord, RecordingSink};
+use virtio_balloon::sink::{FreePageSink, RecordedHint, RecordingSink};
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use virtio_balloon::{
-    Balloon, BalloonConfig, BalloonError, HintControl, HintMetrics, HintState, QueueRole,
+    Balloon, BalloonConfig, BalloonError, FreePageHinting, HintMetrics, HintState, QueueRole,
 };
 use vm_memory::{Bytes, FileOffset, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
@@ -121,11 +121,9 @@ fn ram() -> Mem {
 /// The test device: the default features (statistics, free page hinting, page poison) with
 /// small queues.
 fn cfg() -> BalloonConfig {
-    BalloonConfig {
-        queue_size: 16,
-        free_page_queue_size: 64,
-        ..BalloonConfig::default()
-    }
+    BalloonConfig::default()
+        .with_queue_size(16)
+        .with_free_page_queue_size(64)
 }
 
 /// A device-readable part.
@@ -248,7 +246,7 @@ struct Vm {
     mmio: MmioTransport<Dev>,
     rec: Arc<RecordingSink>,
     count: Arc<Counter>,
-    ctl: HintControl,
+    ctl: FreePageHinting,
     fpq: usize,
     ring: SplitRing,
 }
@@ -424,7 +422,7 @@ impl Vm {
         self.rec
             .hints()
             .iter()
-            .map(|h: &HintRecord| (h.cmd_id, h.gpa.0, h.len))
+            .map(|h: &RecordedHint| (h.cmd_id, h.gpa.0, h.len))
             .collect()
     }
 
@@ -978,10 +976,7 @@ fn edge_14_file_backed_region() {
     assert_eq!(vm.metrics().hints_outside_ram, 2);
     vm.assert_all_returned();
 
-    let opt_in = BalloonConfig {
-        hint_file_backed_memory: true,
-        ..cfg()
-    };
+    let opt_in = cfg().with_hint_file_backed_memory(true);
     let mut vm = Vm::with(opt_in, ram_with_file(), None);
     vm.probe(LINUX_FEATURES, FreeQueue::Ready);
     let id = vm.begin_round();
@@ -1176,10 +1171,7 @@ fn edge_20_guest_never_answers() {
 /// work so migration can always stop the round.
 #[test]
 fn edge_21_endless_hinting_is_bounded() {
-    let mut vm = Vm::ready_with(BalloonConfig {
-        chains_per_wakeup: 8,
-        ..cfg()
-    });
+    let mut vm = Vm::ready_with(cfg().with_chains_per_wakeup(8));
     let id = vm.begin_round();
     let _ = vm.free_queue_event_fired();
 
@@ -1431,10 +1423,7 @@ fn edge_27_queue_not_ready() {
 fn edge_28_minimum_ring_sizes() {
     let mem = Arc::new(ram());
     let sink = Arc::new(RecordingSink::default());
-    let tiny = BalloonConfig {
-        free_page_queue_size: 1,
-        ..cfg()
-    };
+    let tiny = cfg().with_free_page_queue_size(1);
     assert!(matches!(
         Balloon::new(tiny, mem.clone(), sink.clone()),
         Err(BalloonError::QueueTooSmall {
@@ -1442,11 +1431,7 @@ fn edge_28_minimum_ring_sizes() {
             size: 1
         })
     ));
-    let small_reporting = BalloonConfig {
-        reporting: true,
-        reporting_queue_size: 16,
-        ..cfg()
-    };
+    let small_reporting = cfg().with_reporting(true).with_reporting_queue_size(16);
     assert!(matches!(
         Balloon::new(small_reporting, mem.clone(), sink.clone()),
         Err(BalloonError::QueueTooSmall {
@@ -1456,10 +1441,7 @@ fn edge_28_minimum_ring_sizes() {
     ));
 
     // The defaults offer QEMU's sizes.
-    let dflt = BalloonConfig {
-        reporting: true,
-        ..BalloonConfig::default()
-    };
+    let dflt = BalloonConfig::default().with_reporting(true);
     let dev = Balloon::new(dflt, mem, sink).unwrap();
     let layout = dev.queue_layout().clone();
     let mut mmio = MmioTransport::new(dev);
@@ -1472,10 +1454,7 @@ fn edge_28_minimum_ring_sizes() {
     }
 
     // The smallest free page queue Linux accepts works: one slot for the command, one hint.
-    let mut vm = Vm::ready_with(BalloonConfig {
-        free_page_queue_size: 2,
-        ..cfg()
-    });
+    let mut vm = Vm::ready_with(cfg().with_free_page_queue_size(2));
     let id = vm.begin_round();
     for i in 0..4 {
         vm.post_hint(page(i), PAGE);
@@ -1500,11 +1479,9 @@ fn edge_29_used_entries_match_pops() {
 
 fn used_entries_match_pops(features: u64) {
     let mut vm = Vm::with(
-        BalloonConfig {
-            free_page_queue_size: 256,
-            chains_per_wakeup: 256,
-            ..cfg()
-        },
+        cfg()
+            .with_free_page_queue_size(256)
+            .with_chains_per_wakeup(256),
         ram(),
         None,
     );
@@ -1568,11 +1545,11 @@ fn used_entries_match_pops(features: u64) {
 #[test]
 fn edge_40_flood_of_small_hints() {
     const BUDGET: u16 = 32;
-    let mut vm = Vm::ready_with(BalloonConfig {
-        free_page_queue_size: 256,
-        chains_per_wakeup: BUDGET,
-        ..cfg()
-    });
+    let mut vm = Vm::ready_with(
+        cfg()
+            .with_free_page_queue_size(256)
+            .with_chains_per_wakeup(BUDGET),
+    );
     let id = vm.begin_round();
     let total = R1.1 / PAGE; // every page of R1: 4096 hints
     let mut next = 0u64;
@@ -1619,10 +1596,7 @@ fn edge_40_flood_of_small_hints() {
 #[test]
 fn edge_40_hostile_indirect_tables_are_bounded() {
     const BUDGET: u16 = 4;
-    let mut vm = Vm::ready_with(BalloonConfig {
-        chains_per_wakeup: BUDGET,
-        ..cfg()
-    });
+    let mut vm = Vm::ready_with(cfg().with_chains_per_wakeup(BUDGET));
     vm.begin_round();
     let size = u64::from(vm.ring.size());
     // One table of 1024 hints, shared by every element (one ring slot each).
@@ -1650,11 +1624,11 @@ fn edge_40_hostile_indirect_tables_are_bounded() {
 #[test]
 fn edge_40_stop_round_while_guest_floods() {
     const AFTER_STOP: u32 = 3000;
-    let mut vm = Vm::ready_with(BalloonConfig {
-        free_page_queue_size: 256,
-        chains_per_wakeup: 16,
-        ..cfg()
-    });
+    let mut vm = Vm::ready_with(
+        cfg()
+            .with_free_page_queue_size(256)
+            .with_chains_per_wakeup(16),
+    );
     let id = vm.begin_round();
     let Vm {
         mem,

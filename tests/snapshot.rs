@@ -28,9 +28,10 @@ use virtio_balloon::transport::{
     ActivateError, FeatureError, MmioState, MmioTransport, VirtioDevice,
 };
 use virtio_balloon::{
-    Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonState, HintControl,
-    HintMetrics, HintState, RestoreError,
+    Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonState,
+    FreePageHinting, HintMetrics, HintState, RestoreError,
 };
+use virtio_balloon::{ManualClock, QueueSnapshot, BALLOON_STATE_VERSION};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -54,7 +55,7 @@ struct Rig {
     mem: Mem,
     dev: Dev,
     driver: Driver,
-    hints: HintControl,
+    hints: FreePageHinting,
     sink: Arc<RecordingSink>,
     backend: Arc<RecordingBackend>,
     /// The guest's kick eventfds (what ioeventfds would signal).
@@ -249,7 +250,7 @@ fn pfn_range(first: u32, n: u32) -> Vec<u32> {
     (first..first + n).collect()
 }
 
-fn hint_set(recs: &[HintRecord]) -> Vec<(u64, u64)> {
+fn hint_set(recs: &[RecordedHint]) -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = recs.iter().map(|r| (r.gpa.0, r.len)).collect();
     v.sort_unstable();
     v
@@ -761,10 +762,7 @@ fn active_state() -> (Rig, BalloonState) {
 #[test]
 fn restore_refuses_another_feature_offer() {
     let (rig, state) = active_state();
-    let other = BalloonConfig {
-        deflate_on_oom: !rig.cfg.deflate_on_oom,
-        ..rig.cfg
-    };
+    let other = rig.cfg.with_deflate_on_oom(!rig.cfg.deflate_on_oom);
     assert_ne!(other.device_features(), state.device_features);
     let e = try_restore(&rig, other, &state);
     match e {
@@ -858,10 +856,7 @@ fn restore_refuses_a_queue_outside_guest_memory() {
 #[test]
 fn restore_reports_a_configuration_that_cannot_make_a_device() {
     let (rig, state) = active_state();
-    let cfg = BalloonConfig {
-        chains_per_wakeup: 0,
-        ..rig.cfg
-    };
+    let cfg = rig.cfg.with_chains_per_wakeup(0);
     let e = try_restore(&rig, cfg, &state);
     assert!(
         matches!(e, RestoreError::Create(BalloonError::ZeroBudget)),
@@ -1203,9 +1198,10 @@ fn as_version_1(state: &BalloonState) -> BalloonState {
         version: 1,
         stall_closest: None,
         target_stalled: false,
-        metrics: BalloonMetrics {
-            target_stalls: 0,
-            ..state.metrics
+        metrics: {
+            let mut m = state.metrics;
+            m.target_stalls = 0;
+            m
         },
         ..state.clone()
     }
@@ -1233,10 +1229,7 @@ fn restore_golden(state: &BalloonState) -> (Balloon<Mem>, Arc<ManualClock>) {
         mem.write_obj(q.next_avail, GuestAddress(q.avail_ring + 2))
             .expect("avail idx");
     }
-    let cfg = BalloonConfig {
-        stall_timeout: Some(GOLDEN_STALL_TIMEOUT),
-        ..BalloonConfig::default()
-    };
+    let cfg = BalloonConfig::default().with_stall_timeout(Some(GOLDEN_STALL_TIMEOUT));
     let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
     let backend: Arc<dyn MemoryBackend> = recording_backend();
     let mut dev = Balloon::restore(cfg, mem, sink, backend, state).expect("restore the golden");
@@ -1585,10 +1578,7 @@ fn a_stall_watch_in_progress_keeps_its_closest_distance_across_restore() {
     // Without a stall timeout on the restoring side, a saved stall is dropped.
     let (stalled, _) = rig.save(true);
     assert!(stalled.target_stalled);
-    let off = BalloonConfig {
-        stall_timeout: None,
-        ..rig.cfg
-    };
+    let off = rig.cfg.with_stall_timeout(None);
     let sink: Arc<dyn FreePageSink> = Arc::new(RecordingSink::default());
     let backend: Arc<dyn MemoryBackend> = recording_backend();
     let mut dev = Balloon::restore(off, rig.mem.clone(), sink, backend, &stalled).expect("restore");

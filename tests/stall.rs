@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use virtio_balloon::device::ManualClock;
 use virtio_balloon::sink::RecordingSink;
+use virtio_balloon::ManualClock;
 use virtio_balloon::{Balloon, BalloonEvents};
 
 const TIMEOUT: Duration = Duration::from_secs(30);

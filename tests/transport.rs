@@ -11,10 +11,9 @@ use event_manager::{EventManager, SubscriberOps};
 use guest_model::ring::{Desc, GuestMem, Part, SplitRing, VRING_DESC_F_NEXT};
 use virtio_balloon::migration::{MigrationState, PrecopyEvent, PrecopyNotifierChain};
 use virtio_balloon::sink::RecordingSink;
-use virtio_balloon::spec::features as f;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use virtio_balloon::{
-    Balloon, BalloonConfig, BalloonError, HintControl, HintState, QueueLayout, QueueRole,
+    Balloon, BalloonConfig, BalloonError, FreePageHinting, HintState, QueueLayout, QueueRole,
 };
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -1697,7 +1696,7 @@ fn nothing_is_served_before_driver_ok_or_after_reset() {
 // The precopy notifier
 // ---------------------------------------------------------------------------------------
 
-fn chain_with(hints: &HintControl) -> PrecopyNotifierChain {
+fn chain_with(hints: &FreePageHinting) -> PrecopyNotifierChain {
     let mut chain = PrecopyNotifierChain::new();
     chain.add(Arc::new(hints.clone()));
     chain
@@ -1880,7 +1879,7 @@ fn errors_and_debug_output_name_what_went_wrong() {
     let hints = balloon.hint_control();
     let debug = format!("{balloon:?} {hints:?}");
     assert!(
-        debug.contains("Balloon") && debug.contains("HintControl"),
+        debug.contains("Balloon") && debug.contains("FreePageHinting"),
         "{debug}"
     );
     assert!(debug.contains("Stop"), "the status shows: {debug}");

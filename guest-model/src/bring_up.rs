@@ -6,7 +6,7 @@
 //! (`VERSION_1` + `FREE_PAGE_HINT`, the free page queue, DRIVER_OK). Shared by tests and
 //! benchmarks that drive the device by hand, hostile ones included.
 
-use virtio_balloon::spec::{features, mmio, status};
+use virtio_balloon::defs::{features, mmio, status};
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use vm_memory::GuestAddress;
 

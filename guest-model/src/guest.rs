@@ -558,7 +558,7 @@ impl Guest {
     }
 
     /// The migration side of hinting (start, stop, done).
-    pub fn hints(&self) -> HintControl {
+    pub fn hints(&self) -> FreePageHinting {
         self.harness.hints.clone()
     }
 

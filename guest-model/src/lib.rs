@@ -143,10 +143,7 @@ impl HarnessConfig {
     /// One RAM region `[0, mem_size)`, FREE_PAGE_HINT on, the driver area at 1 MiB (3 MiB
     /// long) and `nblocks` free 4 MiB blocks starting at 4 MiB. Probed, step mode.
     pub fn simple(mem_size: u64, nblocks: usize) -> Self {
-        let balloon = BalloonConfig {
-            free_page_hint: true,
-            ..BalloonConfig::default()
-        };
+        let balloon = BalloonConfig::default().with_free_page_hint(true);
         let free_blocks = blocks(GuestAddress(4 * MIB), nblocks);
         if let Some(last) = free_blocks.last() {
             assert!(
@@ -175,13 +172,11 @@ impl HarnessConfig {
     /// hinting; a balloon pool of `pool_len` bytes at 4 MiB. Probed, step mode.
     pub fn balloon(mem_size: u64, pool_len: u64) -> Self {
         assert!(4 * MIB + pool_len <= mem_size, "pool past the end of RAM");
-        let balloon = BalloonConfig {
-            stats: true,
-            deflate_on_oom: true,
-            free_page_hint: false,
-            reporting: true,
-            ..BalloonConfig::default()
-        };
+        let balloon = BalloonConfig::default()
+            .with_stats(true)
+            .with_deflate_on_oom(true)
+            .with_free_page_hint(false)
+            .with_reporting(true);
         HarnessConfig {
             regions: vec![(GuestAddress(0), mem_size)],
             balloon,
@@ -220,7 +215,7 @@ pub struct Harness {
     /// The device behind its MMIO transport.
     pub dev: Dev,
     /// The migration side of hinting.
-    pub hints: HintControl,
+    pub hints: FreePageHinting,
     /// The guest.
     pub driver: Driver,
     /// The MMIO path the driver uses, remembering the latest accesses.

@@ -35,12 +35,12 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::wire::{FrameWriter, WIRE_PAGE_SIZE};
+use virtio_balloon::defs::PAGE_SIZE;
 use virtio_balloon::migration::{
     DirtyLog, Error as BitmapError, MigrationBitmap, MigrationState, NotifyError, PrecopyEvent,
     PrecopyNotifierChain,
 };
-use virtio_balloon::spec::PAGE_SIZE;
-use virtio_balloon::HintControl;
+use virtio_balloon::FreePageHinting;
 
 /// The error a [`VmControl`] returns.
 pub type VmControlError = Box<dyn StdError + Send + Sync>;
@@ -412,7 +412,7 @@ pub struct Precopy<'a, M> {
     bitmap: &'a MigrationBitmap,
     chain: &'a PrecopyNotifierChain,
     config: PrecopyConfig,
-    wait_for_hints: Option<(HintControl, Duration)>,
+    wait_for_hints: Option<(FreePageHinting, Duration)>,
     cancel: Option<CancelToken>,
     progress: Option<ProgressFn<'a>>,
 }
@@ -449,8 +449,8 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
     }
 
     /// Before the first pass, waits up to `deadline` for the guest to complete the hint round
-    /// that the first sync started ([`HintControl::wait_round_complete`]).
-    pub fn wait_for_hint_round(mut self, hints: HintControl, deadline: Duration) -> Self {
+    /// that the first sync started ([`FreePageHinting::wait_round_complete`]).
+    pub fn wait_for_hint_round(mut self, hints: FreePageHinting, deadline: Duration) -> Self {
         self.wait_for_hints = Some((hints, deadline));
         self
     }

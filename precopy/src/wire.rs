@@ -29,8 +29,8 @@ use std::io::{self, Read, Write};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use virtio_balloon::defs::PAGE_SIZE;
 use virtio_balloon::migration::MigrationBitmap;
-use virtio_balloon::spec::PAGE_SIZE;
 
 /// The format version this crate writes and reads.
 pub const WIRE_VERSION: u32 = 1;

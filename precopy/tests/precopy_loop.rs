@@ -671,10 +671,7 @@ fn waiting_for_a_round_the_guest_never_started_returns_at_once() {
     let mem = Arc::new(memory(&[(0, 4 * MIB)]));
     let bitmap = Arc::new(MigrationBitmap::new(&*mem).unwrap());
     let balloon = Balloon::new(
-        BalloonConfig {
-            free_page_hint: true,
-            ..BalloonConfig::default()
-        },
+        BalloonConfig::default().with_free_page_hint(true),
         mem.clone(),
         bitmap.clone(),
     )

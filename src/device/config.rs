@@ -9,8 +9,8 @@
 //! regenerates the image from the device state; writes of any width are merged into that
 //! image and only `actual` and `poison_val` are taken from it.
 
+use crate::defs::config::{ACTUAL, MAX_LEN, POISON_VAL};
 use crate::ratelimit::{warn_limited, RateLimit};
-use crate::spec::config::{ACTUAL, MAX_LEN, POISON_VAL};
 
 static READ_ONLY_WRITE: RateLimit = RateLimit::new();
 

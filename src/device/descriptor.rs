@@ -24,7 +24,7 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::spec::PAGE_SIZE;
+use crate::defs::PAGE_SIZE;
 
 /// Why an element was refused as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

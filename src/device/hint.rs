@@ -29,7 +29,7 @@
 //! the guest knows about it. A reset moves nothing: the next driver starts over.
 //!
 //! One lock (the *hint lock*) covers the state and the free page queue. The event loop holds
-//! it while it handles a batch of elements and calls the sink; [`HintControl::stop_round`]
+//! it while it handles a batch of elements and calls the sink; [`FreePageHinting::stop_round`]
 //! takes it, so once `stop_round` returns no element is half applied and none will be applied
 //! until the next round.
 //!
@@ -50,15 +50,18 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::descriptor::{for_each_hint, inspect, HintOutcome};
 use super::queue::serve;
+use crate::defs::cmd_id;
 use crate::migration::{NotifierError, PrecopyContext, PrecopyEvent, PrecopyNotifier};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::{FreePageElement, FreePageSink};
-use crate::spec::cmd_id;
 use crate::transport::Interrupt;
 
 static BAD_ELEMENT: RateLimit = RateLimit::new();
 
 /// The state of free page hinting.
+///
+/// Not `#[non_exhaustive]`: these are the four states of the free page hint protocol, and a
+/// model of the device (the fuzz targets) matches them exhaustively on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HintState {
     /// Idle or stopped: hints are ignored.
@@ -84,6 +87,7 @@ impl fmt::Display for HintState {
 
 /// Counters of the free page queue since the device was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HintMetrics {
     /// Elements popped from the free page queue.
     pub elements: u64,
@@ -128,9 +132,10 @@ impl HintMetrics {
     }
 }
 
-/// A snapshot of free page hinting, from [`HintControl::status`].
+/// A snapshot of free page hinting, from [`FreePageHinting::status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HintStatus {
+#[non_exhaustive]
+pub struct HintRound {
     /// The current state.
     pub state: HintState,
     /// The id of the current (or last) round; 0 before the first round.
@@ -248,7 +253,7 @@ impl HintCore {
     }
 }
 
-/// The activated free page queue, type-erased so [`HintControl`] needs no memory type.
+/// The activated free page queue, type-erased so [`FreePageHinting`] needs no memory type.
 pub(super) trait ActiveQueue: Send {
     /// Pops and handles up to `budget` elements. Returns true when elements were left on
     /// the ring (the queue's eventfd has then been signalled again).
@@ -312,7 +317,7 @@ struct HintInner {
     queue: Option<Box<dyn ActiveQueue>>,
 }
 
-/// State shared by the device, its event loop and every [`HintControl`].
+/// State shared by the device, its event loop and every [`FreePageHinting`].
 pub(super) struct HintShared {
     inner: Mutex<HintInner>,
     cond: Condvar,
@@ -506,9 +511,9 @@ impl HintShared {
         id
     }
 
-    pub(super) fn status(&self) -> HintStatus {
+    pub(super) fn status(&self) -> HintRound {
         let g = self.lock();
-        HintStatus {
+        HintRound {
             state: g.core.state,
             cmd_id: g.core.cmd_id,
             round_complete: g.core.cmd_id != 0 && g.core.completed == Some(g.core.cmd_id),
@@ -552,21 +557,21 @@ impl HintShared {
 /// [`PrecopyNotifierChain`](crate::migration::PrecopyNotifierChain) and the migration's
 /// bitmap syncs drive the rounds.
 #[derive(Clone)]
-pub struct HintControl {
+pub struct FreePageHinting {
     shared: Arc<HintShared>,
 }
 
-impl fmt::Debug for HintControl {
+impl fmt::Debug for FreePageHinting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HintControl")
+        f.debug_struct("FreePageHinting")
             .field("status", &self.status())
             .finish()
     }
 }
 
-impl HintControl {
+impl FreePageHinting {
     pub(super) fn new(shared: Arc<HintShared>) -> Self {
-        HintControl { shared }
+        FreePageHinting { shared }
     }
 
     /// Publishes a new round id (never 0 or 1, always larger than the last one until it
@@ -590,7 +595,7 @@ impl HintControl {
     }
 
     /// The current state, round id and counters.
-    pub fn status(&self) -> HintStatus {
+    pub fn status(&self) -> HintRound {
         self.shared.status()
     }
 
@@ -610,7 +615,7 @@ impl HintControl {
     }
 }
 
-impl PrecopyNotifier for HintControl {
+impl PrecopyNotifier for FreePageHinting {
     fn name(&self) -> &str {
         "virtio-balloon free page hinting"
     }

@@ -17,8 +17,8 @@ use super::descriptor::check_chain;
 use super::pages::{for_each_pfn_chunk, for_each_run, log_pfn_stop, PfnStop};
 use super::queue::serve;
 use super::{Balloon, DISCARD_FLUSH_DELAY};
+use crate::defs::features as f;
 use crate::ratelimit::{warn_limited, RateLimit};
-use crate::spec::features as f;
 
 static BAD_CHAIN: RateLimit = RateLimit::new();
 static FLUSH_TIMER_FAILED: RateLimit = RateLimit::new();

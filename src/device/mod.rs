@@ -7,18 +7,18 @@
 //! [`MmioTransport`](crate::transport::MmioTransport)) and
 //! [`MutEventSubscriber`](event_manager::MutEventSubscriber) (register it with an
 //! `EventManager`; see [`event_handler`](crate::event_handler)). The migration thread drives free page
-//! hinting through the [`HintControl`] from [`Balloon::hint_control`].
+//! hinting through the [`FreePageHinting`] from [`Balloon::hint_control`].
 
 mod config;
 mod descriptor;
-pub mod hint;
+mod hint;
 mod inflate;
-pub mod pages;
+mod pages;
 mod queue;
 mod regions;
 mod reporting;
-pub mod snapshot;
-pub mod stats;
+mod snapshot;
+mod stats;
 mod timer;
 
 use std::fmt;
@@ -34,19 +34,22 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{MadviseBackend, MemoryBackend};
+use crate::defs::{self, features as f};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;
-use crate::spec::{self, features as f};
 use crate::transport::{
     ActivateError, FeatureError, Interrupt, InterruptDelivery, QueueHandover, VirtioDevice,
 };
 use config::ConfigSpace;
+pub use hint::{FreePageHinting, HintMetrics, HintRound, HintState};
 use hint::{FreePageQueue, HintShared};
-pub use hint::{HintControl, HintMetrics, HintState, HintStatus};
 use pages::PageEngine;
-pub use pages::PageMetrics;
+pub use pages::{
+    PageMetrics, BACKING_CACHE, MAX_PARTIAL_PAGE, MAX_PFNS_PER_ELEMENT, PARTIAL_SLOTS, PENDING_CAP,
+    PENDING_RANGES, PFN_CHUNK,
+};
 pub use snapshot::{BalloonState, QueueSnapshot, RestoreError, BALLOON_STATE_VERSION};
-pub use stats::{BalloonStats, StatsReport};
+pub use stats::{BalloonStats, StatsReport, MAX_STATS_ENTRIES};
 pub use timer::{Clock, ManualClock, MonotonicClock};
 use timer::{StallCheck, StallWatch, Timer};
 
@@ -58,6 +61,7 @@ pub const DISCARD_FLUSH_DELAY: Duration = Duration::from_millis(100);
 
 /// What the device waits for: one of the file descriptors from [`Balloon::event_fds`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum DeviceEvent {
     /// The kick eventfd of the queue with this index.
     Queue(usize),
@@ -116,6 +120,7 @@ impl std::ops::BitOr for BalloonEvents {
 
 /// Counters a VMM can export. Backend-independent, kept across snapshot and restore.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BalloonMetrics {
     /// Inflate, deflate and reporting.
     pub pages: PageMetrics,
@@ -145,7 +150,20 @@ struct StatsState {
 }
 
 /// What the device offers and how it sizes its queues.
+///
+/// Start from [`BalloonConfig::default`] and change fields with the `with_<field>` methods:
+///
+/// ```
+/// use virtio_balloon::BalloonConfig;
+///
+/// let cfg = BalloonConfig::default()
+///     .with_reporting(true)
+///     .with_free_page_queue_size(256);
+/// assert!(cfg.reporting && cfg.free_page_hint);
+/// assert_eq!(cfg.free_page_queue_size, 256);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BalloonConfig {
     /// Offer `VIRTIO_BALLOON_F_MUST_TELL_HOST` (on by default). A driver that accepts it
     /// waits for the device to acknowledge a deflate before it touches the pages again
@@ -201,9 +219,9 @@ impl Default for BalloonConfig {
             free_page_hint: true,
             page_poison: true,
             reporting: false,
-            queue_size: spec::queue::DEFAULT_SIZE,
-            free_page_queue_size: spec::queue::DEFAULT_FREE_PAGE_SIZE,
-            reporting_queue_size: spec::queue::MIN_REPORTING_SIZE,
+            queue_size: defs::queue::DEFAULT_SIZE,
+            free_page_queue_size: defs::queue::DEFAULT_FREE_PAGE_SIZE,
+            reporting_queue_size: defs::queue::MIN_REPORTING_SIZE,
             chains_per_wakeup: 256,
             hint_file_backed_memory: false,
             stall_timeout: None,
@@ -212,6 +230,93 @@ impl Default for BalloonConfig {
 }
 
 impl BalloonConfig {
+    // One `with_<field>` per field: the struct is `#[non_exhaustive]`, so code outside the
+    // crate builds a configuration from `BalloonConfig::default()` with these.
+
+    /// Sets [`must_tell_host`](Self::must_tell_host).
+    #[must_use]
+    pub const fn with_must_tell_host(mut self, must_tell_host: bool) -> Self {
+        self.must_tell_host = must_tell_host;
+        self
+    }
+
+    /// Sets [`stats`](Self::stats).
+    #[must_use]
+    pub const fn with_stats(mut self, stats: bool) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// Sets [`deflate_on_oom`](Self::deflate_on_oom).
+    #[must_use]
+    pub const fn with_deflate_on_oom(mut self, deflate_on_oom: bool) -> Self {
+        self.deflate_on_oom = deflate_on_oom;
+        self
+    }
+
+    /// Sets [`free_page_hint`](Self::free_page_hint).
+    #[must_use]
+    pub const fn with_free_page_hint(mut self, free_page_hint: bool) -> Self {
+        self.free_page_hint = free_page_hint;
+        self
+    }
+
+    /// Sets [`page_poison`](Self::page_poison).
+    #[must_use]
+    pub const fn with_page_poison(mut self, page_poison: bool) -> Self {
+        self.page_poison = page_poison;
+        self
+    }
+
+    /// Sets [`reporting`](Self::reporting).
+    #[must_use]
+    pub const fn with_reporting(mut self, reporting: bool) -> Self {
+        self.reporting = reporting;
+        self
+    }
+
+    /// Sets [`queue_size`](Self::queue_size).
+    #[must_use]
+    pub const fn with_queue_size(mut self, queue_size: u16) -> Self {
+        self.queue_size = queue_size;
+        self
+    }
+
+    /// Sets [`free_page_queue_size`](Self::free_page_queue_size).
+    #[must_use]
+    pub const fn with_free_page_queue_size(mut self, free_page_queue_size: u16) -> Self {
+        self.free_page_queue_size = free_page_queue_size;
+        self
+    }
+
+    /// Sets [`reporting_queue_size`](Self::reporting_queue_size).
+    #[must_use]
+    pub const fn with_reporting_queue_size(mut self, reporting_queue_size: u16) -> Self {
+        self.reporting_queue_size = reporting_queue_size;
+        self
+    }
+
+    /// Sets [`chains_per_wakeup`](Self::chains_per_wakeup).
+    #[must_use]
+    pub const fn with_chains_per_wakeup(mut self, chains_per_wakeup: u16) -> Self {
+        self.chains_per_wakeup = chains_per_wakeup;
+        self
+    }
+
+    /// Sets [`hint_file_backed_memory`](Self::hint_file_backed_memory).
+    #[must_use]
+    pub const fn with_hint_file_backed_memory(mut self, hint_file_backed_memory: bool) -> Self {
+        self.hint_file_backed_memory = hint_file_backed_memory;
+        self
+    }
+
+    /// Sets [`stall_timeout`](Self::stall_timeout).
+    #[must_use]
+    pub const fn with_stall_timeout(mut self, stall_timeout: Option<Duration>) -> Self {
+        self.stall_timeout = stall_timeout;
+        self
+    }
+
     /// The balloon feature bits this configuration offers, plus `VIRTIO_F_VERSION_1`,
     /// `VIRTIO_F_RING_EVENT_IDX` and `VIRTIO_F_RING_INDIRECT_DESC`.
     pub fn device_features(&self) -> u64 {
@@ -248,6 +353,7 @@ impl BalloonConfig {
 
 /// The role of a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum QueueRole {
     /// inflateq: PFNs the guest gives up.
     Inflate,
@@ -308,6 +414,7 @@ impl QueueLayout {
 
 /// Why a balloon could not be created.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum BalloonError {
     /// A queue size is 0, above 32768 or not a power of two.
     InvalidQueueSize {
@@ -406,7 +513,7 @@ impl<M> fmt::Debug for Balloon<M> {
 }
 
 fn check_size(role: QueueRole, size: u16, min: u16) -> Result<(), BalloonError> {
-    if size == 0 || !size.is_power_of_two() || size > spec::queue::MAX_SIZE {
+    if size == 0 || !size.is_power_of_two() || size > defs::queue::MAX_SIZE {
         return Err(BalloonError::InvalidQueueSize { role, size });
     }
     if size < min {
@@ -446,8 +553,8 @@ where
         let mut queue_evts = Vec::with_capacity(layout.len());
         for &role in &layout.roles {
             let (size, min) = match role {
-                QueueRole::FreePage => (cfg.free_page_queue_size, spec::queue::MIN_FREE_PAGE_SIZE),
-                QueueRole::Reporting => (cfg.reporting_queue_size, spec::queue::MIN_REPORTING_SIZE),
+                QueueRole::FreePage => (cfg.free_page_queue_size, defs::queue::MIN_FREE_PAGE_SIZE),
+                QueueRole::Reporting => (cfg.reporting_queue_size, defs::queue::MIN_REPORTING_SIZE),
                 _ => (cfg.queue_size, 1),
             };
             check_size(role, size, min)?;
@@ -645,7 +752,7 @@ where
     /// Sets the target in bytes, rounded down to whole 4 KiB pages (and capped at the
     /// largest 32-bit page count, 16 TiB).
     pub fn set_target_bytes(&mut self, bytes: u64) {
-        let pages = u32::try_from(bytes >> spec::PAGE_SHIFT).unwrap_or(u32::MAX);
+        let pages = u32::try_from(bytes >> defs::PAGE_SHIFT).unwrap_or(u32::MAX);
         self.set_target(pages);
     }
 
@@ -700,8 +807,8 @@ where
 impl<M> Balloon<M> {
     /// The migration thread's handle on free page hinting (also the device's precopy
     /// notifier).
-    pub fn hint_control(&self) -> HintControl {
-        HintControl::new(self.hint.clone())
+    pub fn hint_control(&self) -> FreePageHinting {
+        FreePageHinting::new(self.hint.clone())
     }
 
     /// The configuration the device was created with.
@@ -740,7 +847,7 @@ impl<M> Balloon<M> {
         self.config.poison_val
     }
 
-    /// Whether the driver negotiated `feature` (a bit number from [`spec::features`]).
+    /// Whether the driver negotiated `feature` (a bit number from [`defs::features`]).
     pub fn has_feature(&self, feature: u32) -> bool {
         feature < 64 && self.acked & f::bit(feature) != 0
     }
@@ -770,7 +877,7 @@ impl<M> Balloon<M> {
 
     /// `actual` in bytes.
     pub fn actual_bytes(&self) -> u64 {
-        u64::from(self.config.actual) << spec::PAGE_SHIFT
+        u64::from(self.config.actual) << defs::PAGE_SHIFT
     }
 
     /// An eventfd signalled whenever [`take_events`](Self::take_events) has something new.
@@ -923,7 +1030,7 @@ where
     M::M: GuestMemoryBackend,
 {
     fn device_type(&self) -> u32 {
-        spec::VIRTIO_ID_BALLOON
+        defs::VIRTIO_ID_BALLOON
     }
 
     fn num_queues(&self) -> usize {

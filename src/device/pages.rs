@@ -79,8 +79,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Memo
 use super::regions::BackingCache;
 pub use super::regions::BACKING_CACHE;
 use crate::backend::{HostRange, MemoryBackend, RegionBacking};
+use crate::defs::{PAGE_SHIFT, PAGE_SIZE};
 use crate::ratelimit::{warn_limited, RateLimit};
-use crate::spec::{PAGE_SHIFT, PAGE_SIZE};
 
 static BACKEND_FAILED: RateLimit = RateLimit::new();
 static BAD_PFN_READ: RateLimit = RateLimit::new();
@@ -97,9 +97,8 @@ pub const MAX_PFNS_PER_ELEMENT: usize = 16 * PFN_CHUNK;
 pub const PENDING_CAP: u64 = 256 << 20;
 
 /// The most pending inflate ranges at once (a fixed array, allocated with the device). Linux
-/// hands out one or a few ascending streams at a time plus stray pages (see the
-/// [module documentation](self)); 64 ranges hold them with room to spare while keeping a
-/// flush to at most 64 discard calls (plus those of completed host pages).
+/// hands out one or a few ascending streams at a time plus stray pages; 64 ranges hold
+/// them with room to spare while keeping a flush to at most 64 discard calls (plus those of completed host pages).
 pub const PENDING_RANGES: usize = 64;
 
 /// Host pages tracked at once while only some of their 4 KiB pieces were inflated.
@@ -112,6 +111,7 @@ pub const MAX_PARTIAL_PAGE: u64 = 1 << 30;
 
 /// Counters of the memory side of the balloon.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PageMetrics {
     /// Inflate elements handled.
     pub inflate_elements: u64,

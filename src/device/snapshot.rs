@@ -34,8 +34,8 @@ use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
 use super::{Balloon, BalloonConfig, BalloonError, BalloonMetrics, HintState};
 use crate::backend::MemoryBackend;
+use crate::defs::features as f;
 use crate::sink::FreePageSink;
-use crate::spec::features as f;
 use crate::transport::{ActivateError, FeatureError, VirtioDevice};
 
 /// The format version of the [`BalloonState`] this crate writes.

@@ -6,7 +6,7 @@
 //! The statistics queue runs backwards: the driver posts one buffer, the device keeps it, and
 //! gives it back when it wants fresh numbers; the driver refills it and posts it again. Each
 //! buffer is an array of packed 10-byte entries (`le16` tag, `le64` value). Unknown tags and a
-//! trailing fragment are ignored; at most [`MAX_ENTRIES`] entries are parsed per buffer.
+//! trailing fragment are ignored; at most [`MAX_STATS_ENTRIES`] entries are parsed per buffer.
 
 use std::time::{Instant, SystemTime};
 
@@ -17,81 +17,17 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use super::descriptor::check_chain;
 use super::queue::serve;
 use super::{Balloon, BalloonEvents};
+use crate::defs::stats_tag::{self as tag, ENTRY_SIZE};
 use crate::ratelimit::{warn_limited, RateLimit};
 
 static BAD_CHAIN: RateLimit = RateLimit::new();
 
 /// The most entries parsed from one buffer (Linux sends 16); the rest is ignored.
-pub const MAX_ENTRIES: usize = 256;
-
-/// The size of one entry.
-pub const ENTRY_SIZE: usize = 10;
-
-/// Statistics tags (`VIRTIO_BALLOON_S_*`). 0-9 are in the virtio spec; Linux 6.12 added
-/// 10-15.
-pub mod tag {
-    /// Bytes swapped in.
-    pub const SWAP_IN: u16 = 0;
-    /// Bytes swapped out.
-    pub const SWAP_OUT: u16 = 1;
-    /// Major page faults.
-    pub const MAJFLT: u16 = 2;
-    /// Minor page faults.
-    pub const MINFLT: u16 = 3;
-    /// Free memory in bytes.
-    pub const MEMFREE: u16 = 4;
-    /// Total memory in bytes.
-    pub const MEMTOT: u16 = 5;
-    /// Available memory in bytes (as in /proc/meminfo).
-    pub const AVAIL: u16 = 6;
-    /// Disk caches in bytes.
-    pub const CACHES: u16 = 7;
-    /// Successful hugetlb page allocations.
-    pub const HTLB_PGALLOC: u16 = 8;
-    /// Failed hugetlb page allocations.
-    pub const HTLB_PGFAIL: u16 = 9;
-    /// OOM killer invocations.
-    pub const OOM_KILL: u16 = 10;
-    /// Allocation stalls.
-    pub const ALLOC_STALL: u16 = 11;
-    /// Pages scanned by kswapd.
-    pub const ASYNC_SCAN: u16 = 12;
-    /// Pages scanned directly.
-    pub const DIRECT_SCAN: u16 = 13;
-    /// Pages reclaimed by kswapd.
-    pub const ASYNC_RECLAIM: u16 = 14;
-    /// Pages reclaimed directly.
-    pub const DIRECT_RECLAIM: u16 = 15;
-    /// The number of known tags (`VIRTIO_BALLOON_S_NR`).
-    pub const COUNT: usize = 16;
-
-    /// The name Linux gives the tag (without the `VIRTIO_BALLOON_S_` prefix), lower case.
-    pub fn name(tag: u16) -> Option<&'static str> {
-        NAMES.get(usize::from(tag)).copied()
-    }
-
-    const NAMES: [&str; COUNT] = [
-        "swap_in",
-        "swap_out",
-        "major_faults",
-        "minor_faults",
-        "free_memory",
-        "total_memory",
-        "available_memory",
-        "disk_caches",
-        "hugetlb_allocations",
-        "hugetlb_failures",
-        "oom_kills",
-        "alloc_stalls",
-        "async_scans",
-        "direct_scans",
-        "async_reclaims",
-        "direct_reclaims",
-    ];
-}
+pub const MAX_STATS_ENTRIES: usize = 256;
 
 /// The values of one statistics buffer, by tag. A tag the driver did not send is `None`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BalloonStats {
     values: [Option<u64>; tag::COUNT],
 }
@@ -168,7 +104,7 @@ where
         }
         let mut off = 0u64;
         let len = u64::from(desc.len());
-        while off < len && (entries as usize) < MAX_ENTRIES {
+        while off < len && (entries as usize) < MAX_STATS_ENTRIES {
             let want = (ENTRY_SIZE - have).min((len - off) as usize);
             let addr = desc.addr().0.checked_add(off).map(GuestAddress)?;
             mem.read_slice(&mut entry[have..have + want], addr).ok()?;

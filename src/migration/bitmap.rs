@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::counting::{merge_log, DirtyBitmap};
 use super::dirty_log::{DirtyLog, DirtyLogClear, RegionInfo};
 use super::Error;
-use crate::bitmap::{merge_log, DirtyBitmap};
+use crate::defs::{PAGE_SHIFT, PAGE_SIZE};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;
-use crate::spec::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Bitmap of one guest memory region: bit `i` is the 4 KiB page at `start + i * 4096`.
 #[derive(Debug)]

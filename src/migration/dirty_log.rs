@@ -24,8 +24,8 @@ use std::error::Error as StdError;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::bitmap::merge_log;
-use crate::spec::PAGE_SIZE;
+use super::counting::merge_log;
+use crate::defs::PAGE_SIZE;
 
 /// The error a [`DirtyLog`] returns: whatever the source's own error is, boxed.
 pub type DirtyLogError = Box<dyn StdError + Send + Sync>;
@@ -120,7 +120,7 @@ pub trait DirtyLogClear: Send + Sync {
 ///
 /// If the second log fails, what the first returned for that region is dropped with the
 /// error: like after any failed sync, the migration must start over
-/// ([`Precopy`](super::Precopy) ends with the error and a new run marks everything dirty).
+/// (the precopy loop of `virtio-balloon-precopy` ends with the error and a new run marks everything dirty).
 #[derive(Debug)]
 pub struct JoinedLog<A, B>(pub A, pub B);
 
@@ -141,7 +141,7 @@ impl<A: DirtyLog, B: DirtyLog> DirtyLog for JoinedLog<A, B> {
         }
         let pages = usize::try_from(region.len.div_ceil(PAGE_SIZE))
             .map_err(|_| Box::new(RegionMismatch { region: *region }))?;
-        let joined = crate::bitmap::DirtyBitmap::new(pages);
+        let joined = super::counting::DirtyBitmap::new(pages);
         for log in [&a, &b] {
             // A zero page size cannot be placed: everything is dirty.
             if merge_log(&joined, log.page_size, &log.words).is_none() {

@@ -19,9 +19,9 @@ use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
+use super::counting::{DirtyBitmap, BITS_PER_WORD};
 use super::dirty_log::{DirtyLog, DirtyLogClear, DirtyLogError, HarvestedLog, RegionInfo};
-use crate::bitmap::{DirtyBitmap, BITS_PER_WORD};
-use crate::spec::PAGE_SIZE;
+use crate::defs::PAGE_SIZE;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
@@ -42,6 +42,7 @@ pub struct KvmSlot {
 
 /// Whether KVM write-protects the pages it reports by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KvmProtection {
     /// `KVM_GET_DIRTY_LOG` resets and write-protects what it reports (KVM's default).
     Automatic,

@@ -24,12 +24,16 @@
 //! puts it back into the migration bitmap: it is sent, with its new contents.
 
 mod bitmap;
+mod counting;
 mod dirty_log;
 #[cfg(feature = "kvm")]
 mod kvm;
 mod notifier;
 
 pub use bitmap::{MigrationBitmap, CLEAR_CHUNK_PAGES};
+pub use counting::{
+    checked_count_one_with_offset, count_one, count_one_with_offset, DirtyBitmap, BITS_PER_WORD,
+};
 pub use dirty_log::{
     DirtyLog, DirtyLogClear, DirtyLogError, GuestMemoryDirtyLog, HarvestedLog, JoinedLog,
     RegionInfo, RegionMismatch,
@@ -48,6 +52,7 @@ use vm_memory::GuestAddress;
 
 /// Errors of the migration bitmap.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// A guest memory region of length zero.
     EmptyRegion {

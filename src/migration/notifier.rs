@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 /// What the precopy migration is doing now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub enum PrecopyEvent {
     /// The migration is set up (dirty logging already runs and the first sync is done).
     Setup,

@@ -8,8 +8,8 @@ use log::{info, warn};
 use virtio_queue::QueueT;
 
 use super::VirtioDevice;
+use crate::defs::{mmio, status};
 use crate::ratelimit::{warn_limited, RateLimit};
-use crate::spec::{mmio, status};
 
 static BAD_WIDTH: RateLimit = RateLimit::new();
 static BAD_READ: RateLimit = RateLimit::new();

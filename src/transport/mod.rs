@@ -26,11 +26,12 @@ use std::sync::{Arc, RwLock};
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::defs::{features, interrupt};
 use crate::ratelimit::{warn_limited, RateLimit};
-use crate::spec::{features, interrupt};
 
 /// Why a device refused to activate.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ActivateError {
     /// A ready queue does not fit in guest memory or is badly laid out.
     InvalidQueue {
@@ -71,6 +72,7 @@ impl std::error::Error for ActivateError {}
 
 /// Why the device refused the features a driver acknowledged (FEATURES_OK stays clear).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FeatureError {
     /// The driver acknowledged bits the device does not offer.
     NotOffered(u64),

@@ -12,8 +12,8 @@ use guest_model as common;
 use std::sync::{Arc, Mutex};
 
 use common::ring::{GuestMem, Part, RingLayout, SplitRing};
+use virtio_balloon::defs::features as f;
 use virtio_balloon::sink::RecordingSink;
-use virtio_balloon::spec::features as f;
 use virtio_balloon::transport::{
     ActivateError, FeatureError, InterruptDelivery, QueueHandover, VirtioDevice,
 };
@@ -62,14 +62,12 @@ struct Setup {
 fn setup(size: u16, chains_per_wakeup: u16) -> Setup {
     let mem: Mem =
         Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap());
-    let cfg = BalloonConfig {
-        reporting: true,
-        queue_size: 1024,
-        free_page_queue_size: 1024,
-        reporting_queue_size: 1024,
-        chains_per_wakeup,
-        ..BalloonConfig::default()
-    };
+    let cfg = BalloonConfig::default()
+        .with_reporting(true)
+        .with_queue_size(1024)
+        .with_free_page_queue_size(1024)
+        .with_reporting_queue_size(1024)
+        .with_chains_per_wakeup(chains_per_wakeup);
     let sink = Arc::new(RecordingSink::default());
     let balloon = Balloon::new(cfg, mem.clone(), sink.clone()).unwrap();
     let n = balloon.queue_layout().len();

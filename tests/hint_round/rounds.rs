@@ -3,7 +3,7 @@
 
 //! Free page hint rounds end to end: a Linux-faithful guest model drives the device through
 //! virtio-mmio registers, split rings in guest memory, ioeventfd kicks and the irqfd, while
-//! the test plays the migration thread through `HintControl`.
+//! the test plays the migration thread through `FreePageHinting`.
 
 use guest_model as common;
 
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use virtio_balloon::migration::MigrationBitmap;
-use virtio_balloon::sink::{FreePageSink, HintRecord, RecordingSink};
+use virtio_balloon::sink::{FreePageSink, RecordedHint, RecordingSink};
 use virtio_balloon::transport::VirtioDevice;
 use virtio_balloon::HintState;
 use vm_memory::GuestAddress;
@@ -26,12 +26,12 @@ fn stray_blocks(n: usize) -> Vec<GuestAddress> {
     blocks(GuestAddress(128 * MIB), n)
 }
 
-fn records_as_set(recs: &[HintRecord]) -> BTreeSet<(u64, u64)> {
+fn records_as_set(recs: &[RecordedHint]) -> BTreeSet<(u64, u64)> {
     recs.iter().map(|r| (r.gpa.0, r.len)).collect()
 }
 
 /// Asserts that `recs` are exactly `expected` blocks under `id`, each once.
-fn assert_exact_hints(recs: &[HintRecord], id: u32, expected: &[GuestAddress]) {
+fn assert_exact_hints(recs: &[RecordedHint], id: u32, expected: &[GuestAddress]) {
     for r in recs {
         assert_eq!(
             r.cmd_id, id,
@@ -451,7 +451,7 @@ fn reset_mid_round_stops_hints_and_keeps_ids_rising() {
     assert!(h.hints.wait_round_complete(DEADLINE));
 
     let recs = sink.hints();
-    let (old, new): (Vec<HintRecord>, Vec<HintRecord>) =
+    let (old, new): (Vec<RecordedHint>, Vec<RecordedHint>) =
         recs.into_iter().partition(|r| r.cmd_id == id1);
     assert_exact_hints(&old, id1, &sent);
     assert_exact_hints(&new, id2, &free);
@@ -508,7 +508,7 @@ fn config_shows_the_current_id_during_start() {
 struct RaceSink {
     open: AtomicBool,
     epoch: AtomicUsize,
-    recs: Mutex<Vec<(usize, bool, HintRecord)>>,
+    recs: Mutex<Vec<(usize, bool, RecordedHint)>>,
 }
 
 impl FreePageSink for RaceSink {
@@ -518,7 +518,7 @@ impl FreePageSink for RaceSink {
         self.recs
             .lock()
             .unwrap()
-            .push((epoch, open, HintRecord { cmd_id, gpa, len }));
+            .push((epoch, open, RecordedHint { cmd_id, gpa, len }));
     }
 }
 
@@ -671,7 +671,7 @@ fn enter_start(h: &Harness) -> (u16, u32) {
 }
 
 /// The 4 KiB pages covered by `recs`, checking each lies under `id`.
-fn hinted_pages(recs: &[HintRecord], id: u32) -> BTreeSet<u64> {
+fn hinted_pages(recs: &[RecordedHint], id: u32) -> BTreeSet<u64> {
     let mut pages = BTreeSet::new();
     for r in recs {
         assert_eq!(r.cmd_id, id, "{r:?}");

@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use common::trace::{Capture, Entry, Line, Plan, FIRST_ROUND_ID};
 use common::*;
-use virtio_balloon::sink::{HintRecord, RecordingSink};
-use virtio_balloon::spec::PAGE_SIZE;
+use virtio_balloon::defs::PAGE_SIZE;
+use virtio_balloon::sink::{RecordedHint, RecordingSink};
 use virtio_balloon::{HintMetrics, HintState};
 use vm_memory::GuestAddress;
 
@@ -294,22 +294,23 @@ fn replay(h: &Harness, plan: &Plan, start_id: u32, batch: Option<u16>) -> Replay
     }
 }
 
-fn pieces(recs: &[HintRecord]) -> Vec<(u64, u64)> {
+fn pieces(recs: &[RecordedHint]) -> Vec<(u64, u64)> {
     recs.iter().map(|r| (r.gpa.0, r.len)).collect()
 }
 
 /// `after - before` for the counters the replay checks.
 fn delta(before: &HintMetrics, after: &HintMetrics) -> HintMetrics {
-    HintMetrics {
-        elements: after.elements - before.elements,
-        malformed_elements: after.malformed_elements - before.malformed_elements,
-        rounds_started: after.rounds_started - before.rounds_started,
-        rounds_stopped_by_guest: after.rounds_stopped_by_guest - before.rounds_stopped_by_guest,
-        stale_commands: after.stale_commands - before.stale_commands,
-        hints_accepted: after.hints_accepted - before.hints_accepted,
-        bytes_accepted: after.bytes_accepted - before.bytes_accepted,
-        hints_wrong_state: after.hints_wrong_state - before.hints_wrong_state,
-        ..HintMetrics::default()
+    {
+        let mut m = HintMetrics::default();
+        m.elements = after.elements - before.elements;
+        m.malformed_elements = after.malformed_elements - before.malformed_elements;
+        m.rounds_started = after.rounds_started - before.rounds_started;
+        m.rounds_stopped_by_guest = after.rounds_stopped_by_guest - before.rounds_stopped_by_guest;
+        m.stale_commands = after.stale_commands - before.stale_commands;
+        m.hints_accepted = after.hints_accepted - before.hints_accepted;
+        m.bytes_accepted = after.bytes_accepted - before.bytes_accepted;
+        m.hints_wrong_state = after.hints_wrong_state - before.hints_wrong_state;
+        m
     }
 }
 
@@ -363,13 +364,14 @@ fn replay_capture(cap: Capture, batch: Option<u16>) -> Checked {
     let d = delta(&before, &st.metrics);
     assert_eq!(
         d,
-        HintMetrics {
-            elements: replayed.posted as u64,
-            rounds_started: 1,
-            rounds_stopped_by_guest: 1,
-            hints_accepted: accepted,
-            bytes_accepted: bytes,
-            ..HintMetrics::default()
+        {
+            let mut m = HintMetrics::default();
+            m.elements = replayed.posted as u64;
+            m.rounds_started = 1;
+            m.rounds_stopped_by_guest = 1;
+            m.hints_accepted = accepted;
+            m.bytes_accepted = bytes;
+            m
         },
         "{}: the device's counters",
         cap.name

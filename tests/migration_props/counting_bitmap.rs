@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Barrier;
 
 use proptest::prelude::*;
-use virtio_balloon::bitmap::{
+use virtio_balloon::migration::{
     checked_count_one_with_offset, count_one, count_one_with_offset, DirtyBitmap,
 };
 

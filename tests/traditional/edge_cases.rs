@@ -181,16 +181,14 @@ struct Rig {
 
 /// Statistics, free page hinting, page poison and reporting offered; small queues.
 fn cfg() -> BalloonConfig {
-    BalloonConfig {
-        stats: true,
-        free_page_hint: true,
-        page_poison: true,
-        reporting: true,
-        queue_size: 256,
-        free_page_queue_size: 64,
-        reporting_queue_size: 32,
-        ..BalloonConfig::default()
-    }
+    BalloonConfig::default()
+        .with_stats(true)
+        .with_free_page_hint(true)
+        .with_page_poison(true)
+        .with_reporting(true)
+        .with_queue_size(256)
+        .with_free_page_queue_size(64)
+        .with_reporting_queue_size(32)
 }
 
 impl Rig {
@@ -588,20 +586,10 @@ fn edge_30_narrow_and_unaligned_config_writes_merge_into_actual() {
 fn edge_31_config_access_past_the_end() {
     let cases = [
         (
-            BalloonConfig {
-                free_page_hint: false,
-                page_poison: false,
-                ..cfg()
-            },
+            cfg().with_free_page_hint(false).with_page_poison(false),
             8usize,
         ),
-        (
-            BalloonConfig {
-                page_poison: false,
-                ..cfg()
-            },
-            12,
-        ),
+        (cfg().with_page_poison(false), 12),
         (cfg(), 16),
     ];
     for (c, len) in cases {
@@ -1659,10 +1647,7 @@ fn stats_requests_and_targets_in_every_state() {
     assert_eq!(r.dev(|d| d.num_pages()), u32::MAX);
     assert!(r.take_events().is_empty());
 
-    let no_stats = BalloonConfig {
-        stats: false,
-        ..cfg()
-    };
+    let no_stats = cfg().with_stats(false);
     let r = Rig::ready(no_stats, ram(), PAGE);
     assert!(!r.dev(|d| d.request_stats()), "no statistics queue");
 }

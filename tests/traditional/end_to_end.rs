@@ -642,7 +642,7 @@ fn reporting_rig(
 }
 
 /// Reports [`REPORTED`] in one request; returns the device's page metrics afterwards.
-fn report(h: &Harness) -> virtio_balloon::device::PageMetrics {
+fn report(h: &Harness) -> virtio_balloon::PageMetrics {
     let ranges: Vec<(GuestAddress, u64)> = REPORTED
         .iter()
         .map(|&(a, l)| (GuestAddress(a), l))

@@ -34,10 +34,7 @@ fn queues_survive_guest_memory_losing_their_rings() {
     let mem = Mem::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let atomic = Atomic::new(mem.clone());
     let sink = Arc::new(RecordingSink::default());
-    let cfg = BalloonConfig {
-        stats: false,
-        ..BalloonConfig::default()
-    };
+    let cfg = BalloonConfig::default().with_stats(false);
     let balloon = Balloon::new(cfg, atomic.clone(), sink.clone()).unwrap();
     let hints = balloon.hint_control();
     let inflate = balloon.queue_layout().index(QueueRole::Inflate).unwrap();

@@ -33,10 +33,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use virtio_balloon::device::stats::tag;
-use virtio_balloon::spec::{self, features as f};
+use virtio_balloon::defs::stats_tag as tag;
+use virtio_balloon::defs::{self, features as f};
 use virtio_balloon::transport::VirtioDevice;
-use virtio_balloon::{Balloon, HintControl, QueueRole, StatsReport};
+use virtio_balloon::{Balloon, FreePageHinting, QueueRole, StatsReport};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -357,10 +357,10 @@ type ShutdownHook = Box<dyn Fn() + Send + Sync>;
 
 /// The controller of the daemon: maps each request onto the balloon's API.
 ///
-/// Never holds the balloon's lock while it waits (`wait_round` uses the [`HintControl`]).
+/// Never holds the balloon's lock while it waits (`wait_round` uses the [`FreePageHinting`]).
 pub struct BalloonController {
     balloon: Arc<Mutex<Balloon<Mem>>>,
-    hint: HintControl,
+    hint: FreePageHinting,
     counter: Option<Arc<HintCounter>>,
     capture: Option<(CaptureTarget, Mem)>,
     shutdown: Option<ShutdownHook>,
@@ -410,7 +410,7 @@ impl BalloonController {
 
     fn set_target(&self, bytes: Option<u64>, pages: Option<u64>) -> Result<Value, String> {
         let pages = match (bytes, pages) {
-            (Some(b), None) => b >> spec::PAGE_SHIFT,
+            (Some(b), None) => b >> defs::PAGE_SHIFT,
             (None, Some(p)) => p,
             _ => return Err("set_target needs exactly one of \"bytes\" or \"pages\"".into()),
         };
@@ -418,14 +418,14 @@ impl BalloonController {
             format!(
                 "target too large: at most {} pages ({} bytes)",
                 u32::MAX,
-                u64::from(u32::MAX) << spec::PAGE_SHIFT
+                u64::from(u32::MAX) << defs::PAGE_SHIFT
             )
         })?;
         let mut b = lock(&self.balloon);
         b.set_target(pages);
         Ok(json!({
             "num_pages": b.num_pages(),
-            "target_bytes": u64::from(b.num_pages()) << spec::PAGE_SHIFT,
+            "target_bytes": u64::from(b.num_pages()) << defs::PAGE_SHIFT,
         }))
     }
 
@@ -436,7 +436,7 @@ impl BalloonController {
         let mut v = json!({
             "num_pages": b.num_pages(),
             "actual": b.actual(),
-            "target_bytes": u64::from(b.num_pages()) << spec::PAGE_SHIFT,
+            "target_bytes": u64::from(b.num_pages()) << defs::PAGE_SHIFT,
             "actual_bytes": b.actual_bytes(),
             "activated": b.is_activated(),
             "paused": b.is_paused(),

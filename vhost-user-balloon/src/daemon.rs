@@ -125,8 +125,9 @@ impl Daemon {
             .filter_map(|(fd, ev)| match ev {
                 DeviceEvent::StatsTimer => Some((fd, ExtraEvent::StatsTimer)),
                 DeviceEvent::FlushTimer => Some((fd, ExtraEvent::FlushTimer)),
-                // The daemon does not turn the stall watch on (`stall_timeout: None`).
-                DeviceEvent::Queue(_) | DeviceEvent::StallTimer => None,
+                // The daemon does not turn the stall watch on (`stall_timeout: None`); queue
+                // kicks come from the vhost-user frontend.
+                _ => None,
             })
             .collect();
         let channel = Arc::new(ConfigChannel::new());

@@ -20,9 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_balloon::spec::features as f;
+use virtio_balloon::defs::features as f;
 use virtio_balloon::transport::{InterruptDelivery, QueueHandover, VirtioDevice};
-use virtio_balloon::{Balloon, DeviceEvent, HintControl};
+use virtio_balloon::{Balloon, DeviceEvent, FreePageHinting};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -133,7 +133,7 @@ struct BackendState {
 /// The balloon as a `vhost-user-backend` backend.
 pub struct BalloonBackend {
     balloon: Arc<Mutex<Balloon<Mem>>>,
-    hint: HintControl,
+    hint: FreePageHinting,
     channel: Arc<ConfigChannel>,
     num_queues: usize,
     max_queue_size: usize,
@@ -184,7 +184,7 @@ impl BalloonBackend {
     }
 
     /// The hint handle, for the control socket and a VMM's migration.
-    pub fn hint_control(&self) -> HintControl {
+    pub fn hint_control(&self) -> FreePageHinting {
         self.hint.clone()
     }
 

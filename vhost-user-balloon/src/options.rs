@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use log::LevelFilter;
-use virtio_balloon::spec::queue;
+use virtio_balloon::defs::queue;
 use virtio_balloon::BalloonConfig;
 
 use crate::discard::DiscardMode;
@@ -187,23 +187,22 @@ fn check_size(name: &str, size: u16, min: u16) -> Result<(), String> {
 impl Options {
     /// The device configuration the options ask for.
     pub fn balloon_config(&self) -> BalloonConfig {
-        BalloonConfig {
-            must_tell_host: pair(self.must_tell_host, self.no_must_tell_host),
-            stats: pair(self.stats, self.no_stats),
-            deflate_on_oom: pair(self.deflate_on_oom, self.no_deflate_on_oom),
-            free_page_hint: pair(self.free_page_hint, self.no_free_page_hint),
-            page_poison: pair(self.page_poison, self.no_page_poison),
-            reporting: pair(self.reporting, self.no_reporting),
-            queue_size: self.queue_size,
-            free_page_queue_size: self.free_page_queue_size.unwrap_or(self.queue_size),
-            reporting_queue_size: self.reporting_queue_size.unwrap_or(self.queue_size),
-            chains_per_wakeup: self.chains_per_wakeup,
-            hint_file_backed_memory: pair(
+        BalloonConfig::default()
+            .with_must_tell_host(pair(self.must_tell_host, self.no_must_tell_host))
+            .with_stats(pair(self.stats, self.no_stats))
+            .with_deflate_on_oom(pair(self.deflate_on_oom, self.no_deflate_on_oom))
+            .with_free_page_hint(pair(self.free_page_hint, self.no_free_page_hint))
+            .with_page_poison(pair(self.page_poison, self.no_page_poison))
+            .with_reporting(pair(self.reporting, self.no_reporting))
+            .with_queue_size(self.queue_size)
+            .with_free_page_queue_size(self.free_page_queue_size.unwrap_or(self.queue_size))
+            .with_reporting_queue_size(self.reporting_queue_size.unwrap_or(self.queue_size))
+            .with_chains_per_wakeup(self.chains_per_wakeup)
+            .with_hint_file_backed_memory(pair(
                 self.hint_file_backed_memory,
                 self.no_hint_file_backed_memory,
-            ),
-            stall_timeout: None,
-        }
+            ))
+            .with_stall_timeout(None)
     }
 
     /// The largest queue size to report to the frontend (`VhostUserBackend::max_queue_size`).
@@ -322,20 +321,19 @@ mod tests {
         let c = o.balloon_config();
         assert_eq!(
             c,
-            BalloonConfig {
-                must_tell_host: true,
-                stats: true,
-                deflate_on_oom: true,
-                free_page_hint: true,
-                page_poison: true,
-                reporting: true,
-                queue_size: 256,
-                free_page_queue_size: 256,
-                reporting_queue_size: 256,
-                chains_per_wakeup: 256,
-                hint_file_backed_memory: true,
-                stall_timeout: None,
-            }
+            BalloonConfig::default()
+                .with_must_tell_host(true)
+                .with_stats(true)
+                .with_deflate_on_oom(true)
+                .with_free_page_hint(true)
+                .with_page_poison(true)
+                .with_reporting(true)
+                .with_queue_size(256)
+                .with_free_page_queue_size(256)
+                .with_reporting_queue_size(256)
+                .with_chains_per_wakeup(256)
+                .with_hint_file_backed_memory(true)
+                .with_stall_timeout(None)
         );
     }
 

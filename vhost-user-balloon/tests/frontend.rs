@@ -102,13 +102,11 @@ fn start_daemon(name: &str) -> Running {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("balloon.sock");
-    let cfg = BalloonConfig {
-        queue_size: QUEUE_SIZE,
-        free_page_queue_size: QUEUE_SIZE,
-        reporting_queue_size: QUEUE_SIZE,
-        hint_file_backed_memory: true,
-        ..BalloonConfig::default()
-    };
+    let cfg = BalloonConfig::default()
+        .with_queue_size(QUEUE_SIZE)
+        .with_free_page_queue_size(QUEUE_SIZE)
+        .with_reporting_queue_size(QUEUE_SIZE)
+        .with_hint_file_backed_memory(true);
     let sink = Arc::new(RecordingSink::default());
     let mut daemon = Daemon::new(
         cfg,

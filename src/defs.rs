@@ -165,3 +165,69 @@ pub mod mmio {
     /// The size of the register window.
     pub const WINDOW_SIZE: u64 = 0x1000;
 }
+
+/// Statistics tags (`VIRTIO_BALLOON_S_*`). 0-9 are in the virtio spec; Linux 6.12 added
+/// 10-15.
+pub mod stats_tag {
+    /// The size of one entry of a statistics buffer: a `le16` tag and a `le64` value.
+    pub const ENTRY_SIZE: usize = 10;
+
+    /// Bytes swapped in.
+    pub const SWAP_IN: u16 = 0;
+    /// Bytes swapped out.
+    pub const SWAP_OUT: u16 = 1;
+    /// Major page faults.
+    pub const MAJFLT: u16 = 2;
+    /// Minor page faults.
+    pub const MINFLT: u16 = 3;
+    /// Free memory in bytes.
+    pub const MEMFREE: u16 = 4;
+    /// Total memory in bytes.
+    pub const MEMTOT: u16 = 5;
+    /// Available memory in bytes (as in /proc/meminfo).
+    pub const AVAIL: u16 = 6;
+    /// Disk caches in bytes.
+    pub const CACHES: u16 = 7;
+    /// Successful hugetlb page allocations.
+    pub const HTLB_PGALLOC: u16 = 8;
+    /// Failed hugetlb page allocations.
+    pub const HTLB_PGFAIL: u16 = 9;
+    /// OOM killer invocations.
+    pub const OOM_KILL: u16 = 10;
+    /// Allocation stalls.
+    pub const ALLOC_STALL: u16 = 11;
+    /// Pages scanned by kswapd.
+    pub const ASYNC_SCAN: u16 = 12;
+    /// Pages scanned directly.
+    pub const DIRECT_SCAN: u16 = 13;
+    /// Pages reclaimed by kswapd.
+    pub const ASYNC_RECLAIM: u16 = 14;
+    /// Pages reclaimed directly.
+    pub const DIRECT_RECLAIM: u16 = 15;
+    /// The number of known tags (`VIRTIO_BALLOON_S_NR`).
+    pub const COUNT: usize = 16;
+
+    /// The name Linux gives the tag (without the `VIRTIO_BALLOON_S_` prefix), lower case.
+    pub fn name(tag: u16) -> Option<&'static str> {
+        NAMES.get(usize::from(tag)).copied()
+    }
+
+    const NAMES: [&str; COUNT] = [
+        "swap_in",
+        "swap_out",
+        "major_faults",
+        "minor_faults",
+        "free_memory",
+        "total_memory",
+        "available_memory",
+        "disk_caches",
+        "hugetlb_allocations",
+        "hugetlb_failures",
+        "oom_kills",
+        "alloc_stalls",
+        "async_scans",
+        "direct_scans",
+        "async_reclaims",
+        "direct_reclaims",
+    ];
+}

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::spec::{PAGE_SHIFT, PAGE_SIZE};
+use crate::defs::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Number of bits in one bitmap word.
 pub const BITS_PER_WORD: usize = u64::BITS as usize;
@@ -91,7 +91,7 @@ impl WordSpan {
 /// # Example
 ///
 /// ```
-/// use virtio_balloon::bitmap::count_one;
+/// use virtio_balloon::migration::count_one;
 ///
 /// let map = [u64::MAX, 0b1011];
 /// assert_eq!(count_one(&map, 0), 0);
@@ -118,7 +118,7 @@ pub fn count_one(map: &[u64], nbits: usize) -> usize {
 /// # Example
 ///
 /// ```
-/// use virtio_balloon::bitmap::count_one_with_offset;
+/// use virtio_balloon::migration::count_one_with_offset;
 ///
 /// let map = [0xF0, u64::MAX];
 /// assert_eq!(count_one_with_offset(&map, 4, 4), 4);
@@ -144,7 +144,7 @@ pub fn count_one_with_offset(map: &[u64], offset: usize, nbits: usize) -> usize 
 /// # Example
 ///
 /// ```
-/// use virtio_balloon::bitmap::checked_count_one_with_offset;
+/// use virtio_balloon::migration::checked_count_one_with_offset;
 ///
 /// let map = [u64::MAX];
 /// assert_eq!(checked_count_one_with_offset(&map, 0, 64), Some(64));
@@ -188,7 +188,7 @@ fn popcount(words: &[u64]) -> usize {
 /// # Example
 ///
 /// ```
-/// use virtio_balloon::bitmap::DirtyBitmap;
+/// use virtio_balloon::migration::DirtyBitmap;
 ///
 /// let map = DirtyBitmap::new(200);
 /// assert_eq!(map.set_range(10, 100), 100);
@@ -307,7 +307,7 @@ impl DirtyBitmap {
     /// Clears the bits of `mask` in word `word` and returns which of them were set (0 for a
     /// word past the end).
     #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
-    pub(crate) fn take_bits(&self, word: usize, mask: u64) -> u64 {
+    pub(super) fn take_bits(&self, word: usize, mask: u64) -> u64 {
         match self.words.get(word) {
             Some(w) if w.load(Ordering::Acquire) & mask != 0 => {
                 w.fetch_and(!mask, Ordering::AcqRel) & mask
@@ -428,7 +428,7 @@ impl Iterator for SetBits<'_> {
 /// ORs a log with `page_size`-byte pages into a 4 KiB-page bitmap: every 4 KiB page that a
 /// set bit's bytes touch becomes dirty. Returns the pages that became set, or `None` if
 /// `page_size` is zero.
-pub(crate) fn merge_log(bitmap: &DirtyBitmap, page_size: u64, words: &[u64]) -> Option<usize> {
+pub(super) fn merge_log(bitmap: &DirtyBitmap, page_size: u64, words: &[u64]) -> Option<usize> {
     if page_size == 0 {
         return None;
     }
