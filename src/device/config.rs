@@ -1,7 +1,7 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The balloon's configuration space (PROTOCOL §2).
+//! The balloon's configuration space (the layout is in `docs/protocol.md`).
 //!
 //! Four little-endian `u32` fields: `num_pages` (device), `actual` (driver),
 //! `free_page_hint_cmd_id` (device) and `poison_val` (driver). Its length is fixed by the

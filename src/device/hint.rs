@@ -3,7 +3,9 @@
 
 //! The free page hint state machine and the migration thread's handle on it.
 //!
-//! States and transitions follow QEMU's model (PROTOCOL §4.2–4.5):
+//! States and transitions follow QEMU's model of the free page hint protocol (the device
+//! publishes a command id, the guest answers with a start buffer carrying it, sends hints,
+//! and ends with a STOP buffer; `docs/protocol.md` describes the exchange):
 //!
 //! | state | config shows | hints | left by |
 //! | --- | --- | --- | --- |
@@ -14,14 +16,15 @@
 //!
 //! Two things differ from QEMU, both on purpose:
 //!
-//! * The configuration shows the current id in START too (QEMU shows 0, PROTOCOL C3), so a
-//!   configuration interrupt for another reason does not end the guest's round.
+//! * The configuration shows the current id in START too (QEMU shows 0 there), so a
+//!   configuration interrupt for another reason does not end the guest's round (Linux
+//!   re-reads the id on every configuration interrupt and stops hinting when it changed).
 //! * A start buffer is accepted only if the guest made it available after the id was
 //!   published (a *fence* on the ring position). Linux keeps the id of every round's start
 //!   buffer in one memory slot; a device that fell a round behind would otherwise read the
 //!   new id out of the old round's start buffer and apply the old round's hints after the new
-//!   sync (PROTOCOL §4.5). `stop_round` and `done` also consume everything queued so far, so
-//!   nothing of a finished round is left on the ring.
+//!   sync, clearing pages the guest may have written since. `stop_round` and `done` also
+//!   consume everything queued so far, so nothing of a finished round is left on the ring.
 //!
 //! While a driver runs, every change of the shown value moves the configuration generation.
 //! The device's own changes (`start_round`, `stop_round`, `done`) also raise the
