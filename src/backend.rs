@@ -40,6 +40,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 /// The file system magic number of hugetlbfs (`HUGETLBFS_MAGIC` in `linux/magic.h`).
 const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
@@ -494,29 +495,21 @@ impl MadviseBackend {
     }
 
     fn punch_hole(range: &HostRange<'_>, file: &FileOffset) -> io::Result<()> {
+        // An offset or length past `off64_t` fails with EINVAL, as fallocate itself would.
         let offset = file
             .start()
             .checked_add(range.region_offset)
-            .and_then(|o| libc::off_t::try_from(o).ok())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let len = libc::off_t::try_from(range.len)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: fallocate works on a file descriptor the region's FileOffset keeps open; the
-        // byte range is the part of the file the region maps at `range`, which the device
-        // clipped to the region.
-        let ret = unsafe {
-            libc::fallocate(
-                file.file().as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        // The byte range is the part of the file the region maps at `range`, which the device
+        // clipped to the region; the region's FileOffset keeps the file open.
+        fallocate(
+            file.file(),
+            FallocateMode::PunchHole,
+            true,
+            offset,
+            range.len,
+        )
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 
     /// Frees the file pages behind a range of a shared mapping: punches the region's file,

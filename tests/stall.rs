@@ -258,7 +258,7 @@ fn the_stall_timer_raises_the_event_through_the_event_loop() {
     assert_eq!((su.actual, su.end), (256, SizeEnd::OutOfMemory));
     let mut seen = BalloonEvents::empty();
     wait_until("TARGET_STALLED", || {
-        seen = seen | dev(&h, |d| d.take_events());
+        seen |= dev(&h, |d| d.take_events());
         seen.contains(BalloonEvents::TARGET_STALLED)
     })
     .unwrap();

@@ -171,56 +171,29 @@ pub struct MigrationReport {
 }
 
 /// Why a migration failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PrecopyError {
     /// Writing the stream failed.
-    Io(io::Error),
+    #[error("writing the migration stream failed: {0}")]
+    Io(#[from] io::Error),
     /// A bitmap sync failed.
-    Sync(BitmapError),
+    #[error("dirty bitmap sync failed: {0}")]
+    Sync(#[source] BitmapError),
     /// A notifier failed the `Setup` event.
-    Setup(NotifyError),
+    #[error("migration setup failed: {0}")]
+    Setup(#[source] NotifyError),
     /// Reading a dirty page from guest memory failed.
+    #[error("reading guest memory at {:#x} failed", .addr.0)]
     Memory {
         /// The page.
         addr: GuestAddress,
     },
     /// [`VmControl::stop_vm`] failed.
-    StopVm(VmControlError),
+    #[error("stopping the guest failed: {0}")]
+    StopVm(#[source] VmControlError),
     /// The [`CancelToken`] was cancelled.
+    #[error("migration cancelled")]
     Cancelled,
-}
-
-impl fmt::Display for PrecopyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PrecopyError::Io(e) => write!(f, "writing the migration stream failed: {e}"),
-            PrecopyError::Sync(e) => write!(f, "dirty bitmap sync failed: {e}"),
-            PrecopyError::Setup(e) => write!(f, "migration setup failed: {e}"),
-            PrecopyError::Memory { addr } => {
-                write!(f, "reading guest memory at {:#x} failed", addr.0)
-            }
-            PrecopyError::StopVm(e) => write!(f, "stopping the guest failed: {e}"),
-            PrecopyError::Cancelled => f.write_str("migration cancelled"),
-        }
-    }
-}
-
-impl StdError for PrecopyError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match self {
-            PrecopyError::Io(e) => Some(e),
-            PrecopyError::Sync(e) => Some(e),
-            PrecopyError::Setup(e) => Some(e),
-            PrecopyError::StopVm(e) => Some(e.as_ref()),
-            PrecopyError::Memory { .. } | PrecopyError::Cancelled => None,
-        }
-    }
-}
-
-impl From<io::Error> for PrecopyError {
-    fn from(e: io::Error) -> Self {
-        PrecopyError::Io(e)
-    }
 }
 
 /// The bandwidth the loop measured, and the rate limit.

@@ -24,7 +24,6 @@
 //! against its own memory before anything is written, and the work a frame causes is
 //! bounded by the memory it names.
 
-use std::fmt;
 use std::io::{self, Read, Write};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -146,11 +145,18 @@ impl<W: Write> FrameWriter<W> {
 }
 
 /// Errors of [`Receiver::receive`].
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// Reading the stream failed (an early end of stream included).
-    Io(io::Error),
+    #[error("reading the migration stream failed: {0}")]
+    Io(#[from] io::Error),
     /// The stream does not begin with a start frame of this format version and page size.
+    #[error(
+        "stream starts with version {version} and page size {page_size}, expected version {} \
+     and page size {}",
+        WIRE_VERSION,
+        PAGE_SIZE
+    )]
     BadStart {
         /// The version it announced.
         version: u32,
@@ -158,6 +164,7 @@ pub enum WireError {
         page_size: u64,
     },
     /// A frame of an unknown kind.
+    #[error("frame {frame} has unknown kind {kind}")]
     UnknownFrame {
         /// Its kind.
         kind: u32,
@@ -166,6 +173,7 @@ pub enum WireError {
     },
     /// A page or zero run that is not page aligned, has no pages, or lies (partly) outside
     /// the destination's memory.
+    #[error("frame of {count} pages at {gpa:#x} is not aligned or not in guest memory")]
     BadRange {
         /// The frame's address.
         gpa: u64,
@@ -173,46 +181,11 @@ pub enum WireError {
         count: u32,
     },
     /// Writing destination memory failed.
+    #[error("writing guest memory at {gpa:#x} failed")]
     Memory {
         /// Where.
         gpa: u64,
     },
-}
-
-impl fmt::Display for WireError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WireError::Io(e) => write!(f, "reading the migration stream failed: {e}"),
-            WireError::BadStart { version, page_size } => write!(
-                f,
-                "stream starts with version {version} and page size {page_size}, \
-                 expected version {WIRE_VERSION} and page size {PAGE_SIZE}"
-            ),
-            WireError::UnknownFrame { kind, frame } => {
-                write!(f, "frame {frame} has unknown kind {kind}")
-            }
-            WireError::BadRange { gpa, count } => write!(
-                f,
-                "frame of {count} pages at {gpa:#x} is not aligned or not in guest memory"
-            ),
-            WireError::Memory { gpa } => write!(f, "writing guest memory at {gpa:#x} failed"),
-        }
-    }
-}
-
-impl std::error::Error for WireError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            WireError::Io(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<io::Error> for WireError {
-    fn from(e: io::Error) -> Self {
-        WireError::Io(e)
-    }
 }
 
 /// What a destination received.

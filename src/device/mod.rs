@@ -74,47 +74,20 @@ pub enum DeviceEvent {
     StallTimer,
 }
 
-/// Things that happened on the device that a VMM may want to react to, from
-/// [`Balloon::take_events`]. The device signals [`Balloon::events_fd`] when one is added.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct BalloonEvents(u32);
-
-impl BalloonEvents {
-    /// The driver's `actual` reached the target (`num_pages`).
-    pub const TARGET_REACHED: BalloonEvents = BalloonEvents(1);
-    /// The driver wrote a new `actual` (also when it deflated on its own, on OOM).
-    pub const ACTUAL_CHANGED: BalloonEvents = BalloonEvents(2);
-    /// A statistics buffer arrived ([`Balloon::latest_stats`]).
-    pub const STATS_UPDATED: BalloonEvents = BalloonEvents(4);
-    /// `actual` has not come closer to the target for [`BalloonConfig::stall_timeout`]
-    /// while the driver was live ([`Balloon::target_stalled`]). Raised once per stall.
-    pub const TARGET_STALLED: BalloonEvents = BalloonEvents(8);
-
-    /// No event.
-    pub const fn empty() -> Self {
-        BalloonEvents(0)
-    }
-
-    /// Whether every event of `other` is in `self`.
-    pub const fn contains(self, other: BalloonEvents) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Whether there is no event.
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    /// The raw bits.
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-}
-
-impl std::ops::BitOr for BalloonEvents {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        BalloonEvents(self.0 | rhs.0)
+bitflags::bitflags! {
+    /// Things that happened on the device that a VMM may want to react to, from
+    /// [`Balloon::take_events`]. The device signals [`Balloon::events_fd`] when one is added.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+    pub struct BalloonEvents: u32 {
+        /// The driver's `actual` reached the target (`num_pages`).
+        const TARGET_REACHED = 1;
+        /// The driver wrote a new `actual` (also when it deflated on its own, on OOM).
+        const ACTUAL_CHANGED = 2;
+        /// A statistics buffer arrived ([`Balloon::latest_stats`]).
+        const STATS_UPDATED = 4;
+        /// `actual` has not come closer to the target for [`BalloonConfig::stall_timeout`]
+        /// while the driver was live ([`Balloon::target_stalled`]). Raised once per stall.
+        const TARGET_STALLED = 8;
     }
 }
 
@@ -413,10 +386,11 @@ impl QueueLayout {
 }
 
 /// Why a balloon could not be created.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BalloonError {
     /// A queue size is 0, above 32768 or not a power of two.
+    #[error("{role:?} queue size {size} is not a power of two in 1..=32768")]
     InvalidQueueSize {
         /// Which queue.
         role: QueueRole,
@@ -424,6 +398,7 @@ pub enum BalloonError {
         size: u16,
     },
     /// The free page queue needs at least 2 entries, the reporting queue at least 32.
+    #[error("{role:?} queue size {size} is too small for the Linux driver")]
     QueueTooSmall {
         /// Which queue.
         role: QueueRole,
@@ -431,39 +406,11 @@ pub enum BalloonError {
         size: u16,
     },
     /// `chains_per_wakeup` is 0.
+    #[error("chains_per_wakeup must be at least 1")]
     ZeroBudget,
     /// An eventfd could not be created.
-    EventFd(io::Error),
-}
-
-impl fmt::Display for BalloonError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BalloonError::InvalidQueueSize { role, size } => {
-                write!(
-                    f,
-                    "{role:?} queue size {size} is not a power of two in 1..=32768"
-                )
-            }
-            BalloonError::QueueTooSmall { role, size } => {
-                write!(
-                    f,
-                    "{role:?} queue size {size} is too small for the Linux driver"
-                )
-            }
-            BalloonError::ZeroBudget => write!(f, "chains_per_wakeup must be at least 1"),
-            BalloonError::EventFd(e) => write!(f, "cannot create an eventfd: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for BalloonError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            BalloonError::EventFd(e) => Some(e),
-            _ => None,
-        }
-    }
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] io::Error),
 }
 
 /// The virtio balloon device.
@@ -893,7 +840,7 @@ impl<M> Balloon<M> {
     }
 
     fn add_event(&mut self, e: BalloonEvents) {
-        self.events = self.events | e;
+        self.events |= e;
         let _ = self.events_fd.write(1);
     }
 

@@ -24,7 +24,6 @@
 //!
 //! States are versioned ([`BALLOON_STATE_VERSION`]); see there for what stays compatible.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,11 +159,15 @@ pub struct BalloonState {
 }
 
 /// Why a saved state cannot be restored. New versions of the state may bring new reasons.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RestoreError {
     /// The state has a format version this crate does not read: newer than the one it
     /// writes (or 0, which no crate writes).
+    #[error(
+        "the saved balloon state has format version {found}; this version of the crate reads \
+     versions 1 to {supported}"
+    )]
     UnsupportedVersion {
         /// The version of the state.
         found: u32,
@@ -172,9 +175,11 @@ pub enum RestoreError {
         supported: u32,
     },
     /// The new device could not be created.
+    #[error("cannot create the balloon: {0}")]
     Create(BalloonError),
     /// The new device offers other features than the saved one: the driver negotiated
     /// against the saved offer.
+    #[error("the saved balloon offered features {saved:#x}, this one offers {offered:#x}")]
     FeaturesDiffer {
         /// What the saved device offered.
         saved: u64,
@@ -182,8 +187,10 @@ pub enum RestoreError {
         offered: u64,
     },
     /// The saved acknowledged features are not valid for the device.
+    #[error("saved features are invalid: {0}")]
     Features(FeatureError),
     /// The saved state has another number of queues.
+    #[error("the state has {saved} queues, the device {expected}")]
     QueueCount {
         /// In the state.
         saved: usize,
@@ -191,38 +198,15 @@ pub enum RestoreError {
         expected: usize,
     },
     /// A saved queue does not fit the device or guest memory.
+    #[error("saved queue {index} is invalid")]
     Queue {
         /// The queue index.
         index: usize,
     },
     /// The device could not be activated.
+    #[error("cannot activate the restored balloon: {0}")]
     Activate(ActivateError),
 }
-
-impl fmt::Display for RestoreError {
-    fn fmt(&self, fm: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RestoreError::UnsupportedVersion { found, supported } => write!(
-                fm,
-                "the saved balloon state has format version {found}; this version of the \
-                 crate reads versions 1 to {supported}"
-            ),
-            RestoreError::Create(e) => write!(fm, "cannot create the balloon: {e}"),
-            RestoreError::FeaturesDiffer { saved, offered } => write!(
-                fm,
-                "the saved balloon offered features {saved:#x}, this one offers {offered:#x}"
-            ),
-            RestoreError::Features(e) => write!(fm, "saved features are invalid: {e}"),
-            RestoreError::QueueCount { saved, expected } => {
-                write!(fm, "the state has {saved} queues, the device {expected}")
-            }
-            RestoreError::Queue { index } => write!(fm, "saved queue {index} is invalid"),
-            RestoreError::Activate(e) => write!(fm, "cannot activate the restored balloon: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for RestoreError {}
 
 impl<M> Balloon<M>
 where

@@ -10,7 +10,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::counting::{merge_log, DirtyBitmap};
 use super::dirty_log::{DirtyLog, DirtyLogClear, RegionInfo};
-use super::Error;
+use super::error::Error;
 use crate::defs::{PAGE_SHIFT, PAGE_SIZE};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;

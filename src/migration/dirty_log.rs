@@ -157,23 +157,17 @@ impl<A: DirtyLog, B: DirtyLog> DirtyLog for JoinedLog<A, B> {
 
 /// Error of [`GuestMemoryDirtyLog`]: the guest memory no longer has the region the migration
 /// bitmap was built for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "guest memory has no region {} at {:#x} of {:#x} bytes",
+    .region.index,
+    .region.start.0,
+    .region.len
+)]
 pub struct RegionMismatch {
     /// The region the bitmap asked for.
     pub region: RegionInfo,
 }
-
-impl std::fmt::Display for RegionMismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "guest memory has no region {} at {:#x} of {:#x} bytes",
-            self.region.index, self.region.start.0, self.region.len
-        )
-    }
-}
-
-impl StdError for RegionMismatch {}
 
 /// The write-tracking bitmaps of a `GuestMemoryMmap<AtomicBitmap>` as a [`DirtyLog`].
 ///

@@ -6,7 +6,6 @@
 //!
 //! See [`KvmDirtyLog`] for what manual protection asks of the hint path.
 
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -52,18 +51,33 @@ pub enum KvmProtection {
 }
 
 /// Errors of [`KvmDirtyLog`].
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KvmError {
     /// The kernel lacks `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+    #[error("KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")]
     ManualProtectUnsupported,
     /// Enabling manual protection failed.
-    EnableManualProtect(errno::Error),
+    #[error("enabling manual dirty log protection failed: {0}")]
+    EnableManualProtect(#[source] errno::Error),
     /// A slot of length zero, or one whose page count does not fit in memory.
+    #[error(
+    "KVM slot {} at {:#x} of {:#x} bytes cannot be tracked",
+    .0.slot,
+    .0.guest_addr.0,
+    .0.len
+)]
     BadSlot(KvmSlot),
     /// The migration bitmap asked for a region that matches no slot.
+    #[error(
+    "no KVM slot covers region {} at {:#x} of {:#x} bytes",
+    .0.index,
+    .0.start.0,
+    .0.len
+)]
     NoSlot(RegionInfo),
     /// `KVM_GET_DIRTY_LOG` failed (the slot was removed, or lost dirty logging).
+    #[error("KVM_GET_DIRTY_LOG of slot {slot} failed: {source}")]
     GetDirtyLog {
         /// The slot.
         slot: u32,
@@ -72,52 +86,13 @@ pub enum KvmError {
     },
     /// `KVM_CLEAR_DIRTY_LOG` failed. The pages it was given stay in the "reported, not
     /// cleared" set, so a later clear retries them.
+    #[error("KVM_CLEAR_DIRTY_LOG of slot {slot} failed: {source}")]
     ClearDirtyLog {
         /// The slot.
         slot: u32,
         /// What KVM returned.
         source: errno::Error,
     },
-}
-
-impl fmt::Display for KvmError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KvmError::ManualProtectUnsupported => {
-                f.write_str("KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
-            }
-            KvmError::EnableManualProtect(e) => {
-                write!(f, "enabling manual dirty log protection failed: {e}")
-            }
-            KvmError::BadSlot(s) => write!(
-                f,
-                "KVM slot {} at {:#x} of {:#x} bytes cannot be tracked",
-                s.slot, s.guest_addr.0, s.len
-            ),
-            KvmError::NoSlot(r) => write!(
-                f,
-                "no KVM slot covers region {} at {:#x} of {:#x} bytes",
-                r.index, r.start.0, r.len
-            ),
-            KvmError::GetDirtyLog { slot, source } => {
-                write!(f, "KVM_GET_DIRTY_LOG of slot {slot} failed: {source}")
-            }
-            KvmError::ClearDirtyLog { slot, source } => {
-                write!(f, "KVM_CLEAR_DIRTY_LOG of slot {slot} failed: {source}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for KvmError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            KvmError::EnableManualProtect(e)
-            | KvmError::GetDirtyLog { source: e, .. }
-            | KvmError::ClearDirtyLog { source: e, .. } => Some(e),
-            _ => None,
-        }
-    }
 }
 
 /// One slot and the pages KVM reported for it that were not cleared since.

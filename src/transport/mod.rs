@@ -30,19 +30,23 @@ use crate::defs::{features, interrupt};
 use crate::ratelimit::{warn_limited, RateLimit};
 
 /// Why a device refused to activate.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ActivateError {
     /// A ready queue does not fit in guest memory or is badly laid out.
+    #[error("queue {index} is not valid in guest memory")]
     InvalidQueue {
         /// The queue index.
         index: usize,
     },
     /// The driver did not accept `VIRTIO_F_VERSION_1`.
+    #[error("the driver did not accept VIRTIO_F_VERSION_1")]
     LegacyDriver,
     /// The device was already active.
+    #[error("the device is already active")]
     AlreadyActive,
     /// More queues were handed over than the device has.
+    #[error("{given} queues handed over, the device has {max}")]
     TooManyQueues {
         /// The number handed over.
         given: usize,
@@ -51,62 +55,23 @@ pub enum ActivateError {
     },
 }
 
-impl fmt::Display for ActivateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ActivateError::InvalidQueue { index } => {
-                write!(f, "queue {index} is not valid in guest memory")
-            }
-            ActivateError::LegacyDriver => {
-                write!(f, "the driver did not accept VIRTIO_F_VERSION_1")
-            }
-            ActivateError::AlreadyActive => write!(f, "the device is already active"),
-            ActivateError::TooManyQueues { given, max } => {
-                write!(f, "{given} queues handed over, the device has {max}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ActivateError {}
-
 /// Why the device refused the features a driver acknowledged (FEATURES_OK stays clear).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FeatureError {
     /// The driver acknowledged bits the device does not offer.
+    #[error("the driver acknowledged features {0:#x} that were not offered")]
     NotOffered(u64),
     /// The driver did not acknowledge `VIRTIO_F_VERSION_1`.
+    #[error("the driver did not acknowledge VERSION_1")]
     NoVersion1,
     /// The acknowledged features would number the queues differently from the device.
+    #[error("without features {0:#x} the driver would number the queues differently")]
     QueueLayout(u64),
     /// Features changed after the device was activated.
+    #[error("features {0:#x} acknowledged after the device was activated")]
     AfterActivation(u64),
 }
-
-impl fmt::Display for FeatureError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FeatureError::NotOffered(bits) => {
-                write!(
-                    f,
-                    "the driver acknowledged features {bits:#x} that were not offered"
-                )
-            }
-            FeatureError::NoVersion1 => write!(f, "the driver did not acknowledge VERSION_1"),
-            FeatureError::QueueLayout(bits) => write!(
-                f,
-                "without features {bits:#x} the driver would number the queues differently"
-            ),
-            FeatureError::AfterActivation(bits) => write!(
-                f,
-                "features {bits:#x} acknowledged after the device was activated"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for FeatureError {}
 
 /// One queue as a VMM that set up the ring itself hands it to a device: a vhost-user
 /// frontend's vring, a queue restored by the VMM, a transport without a DRIVER_OK register.
