@@ -1,7 +1,12 @@
 // Copyright 2026 The virtio-balloon maintainers.
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Constants of the virtio balloon specification.
+//! The virtio balloon's own constants: feature bits, configuration space layout, free page
+//! hint command ids, statistics tags, queue sizes and the balloon's page size.
+//!
+//! Generic virtio values (the device id, device status bits, `VIRTIO_F_VERSION_1` and the
+//! ring feature bits, virtio-mmio registers) come from the `virtio-bindings` crate:
+//! `virtio_bindings::virtio_ids`, `virtio_config`, `virtio_ring` and `virtio_mmio`.
 
 /// log2 of the balloon's page size: PFNs and free page hints are in 4 KiB units whatever the
 /// host's page size (`VIRTIO_BALLOON_PFN_SHIFT`).
@@ -9,9 +14,6 @@ pub const PAGE_SHIFT: u32 = 12;
 
 /// The balloon's page size in bytes (4 KiB).
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
-
-/// The virtio device id of the traditional memory balloon.
-pub const VIRTIO_ID_BALLOON: u32 = 5;
 
 /// Feature bits of the balloon device (bit numbers).
 pub mod features {
@@ -27,15 +29,6 @@ pub mod features {
     pub const VIRTIO_BALLOON_F_PAGE_POISON: u32 = 4;
     /// A free page reporting queue exists.
     pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
-
-    /// The ring supports indirect descriptor tables.
-    pub const VIRTIO_F_RING_INDIRECT_DESC: u32 = 28;
-    /// The ring supports the `used_event` and `avail_event` fields.
-    pub const VIRTIO_F_RING_EVENT_IDX: u32 = 29;
-    /// The device complies with virtio 1.0 or later (required by virtio-mmio version 2).
-    pub const VIRTIO_F_VERSION_1: u32 = 32;
-    /// The device is behind an IOMMU. Never offered: the Linux balloon driver clears it.
-    pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 
     /// The mask of one feature bit.
     pub const fn bit(feature: u32) -> u64 {
@@ -79,91 +72,6 @@ pub mod queue {
     pub const DEFAULT_FREE_PAGE_SIZE: u16 = 1024;
     /// The default size of the inflate, deflate and stats queues.
     pub const DEFAULT_SIZE: u16 = 256;
-}
-
-/// Bits of the device status register.
-pub mod status {
-    /// The guest found the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 64;
-    /// The guest gave up on the device.
-    pub const FAILED: u8 = 128;
-}
-
-/// Bits of the interrupt status register.
-pub mod interrupt {
-    /// The device used a buffer in at least one queue.
-    pub const USED_BUFFER: u8 = 1;
-    /// The configuration space changed.
-    pub const CONFIG_CHANGE: u8 = 2;
-}
-
-/// Register offsets of the virtio-mmio transport, version 2.
-pub mod mmio {
-    /// "virt" in little-endian.
-    pub const MAGIC_VALUE: u32 = 0x7472_6976;
-    /// The transport version (2: virtio 1.x).
-    pub const VERSION: u32 = 2;
-    /// The vendor id this crate reports.
-    pub const VENDOR_ID: u32 = 0;
-
-    /// MagicValue (R).
-    pub const REG_MAGIC_VALUE: u64 = 0x000;
-    /// Version (R).
-    pub const REG_VERSION: u64 = 0x004;
-    /// DeviceID (R).
-    pub const REG_DEVICE_ID: u64 = 0x008;
-    /// VendorID (R).
-    pub const REG_VENDOR_ID: u64 = 0x00c;
-    /// DeviceFeatures (R).
-    pub const REG_DEVICE_FEATURES: u64 = 0x010;
-    /// DeviceFeaturesSel (W).
-    pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-    /// DriverFeatures (W).
-    pub const REG_DRIVER_FEATURES: u64 = 0x020;
-    /// DriverFeaturesSel (W).
-    pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-    /// QueueSel (W).
-    pub const REG_QUEUE_SEL: u64 = 0x030;
-    /// QueueNumMax (R).
-    pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
-    /// QueueNum (W).
-    pub const REG_QUEUE_NUM: u64 = 0x038;
-    /// QueueReady (RW).
-    pub const REG_QUEUE_READY: u64 = 0x044;
-    /// QueueNotify (W).
-    pub const REG_QUEUE_NOTIFY: u64 = 0x050;
-    /// InterruptStatus (R).
-    pub const REG_INTERRUPT_STATUS: u64 = 0x060;
-    /// InterruptACK (W).
-    pub const REG_INTERRUPT_ACK: u64 = 0x064;
-    /// Status (RW).
-    pub const REG_STATUS: u64 = 0x070;
-    /// QueueDescLow (W).
-    pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
-    /// QueueDescHigh (W).
-    pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-    /// QueueDriverLow (W): the available ring.
-    pub const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-    /// QueueDriverHigh (W).
-    pub const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-    /// QueueDeviceLow (W): the used ring.
-    pub const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    /// QueueDeviceHigh (W).
-    pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    /// ConfigGeneration (R).
-    pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
-    /// The start of the device configuration space.
-    pub const CONFIG_SPACE: u64 = 0x100;
-    /// The size of the register window.
-    pub const WINDOW_SIZE: u64 = 0x1000;
 }
 
 /// Statistics tags (`VIRTIO_BALLOON_S_*`). 0-9 are in the virtio spec; Linux 6.12 added

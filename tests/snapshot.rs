@@ -1257,19 +1257,19 @@ fn check_golden_device(dev: &mut Balloon<Mem>, state: &BalloonState) {
         f::VIRTIO_BALLOON_F_STATS_VQ,
         f::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
         f::VIRTIO_BALLOON_F_PAGE_POISON,
-        f::VIRTIO_F_RING_INDIRECT_DESC,
-        f::VIRTIO_F_RING_EVENT_IDX,
-        f::VIRTIO_F_VERSION_1,
+        virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC,
+        virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+        virtio_bindings::virtio_config::VIRTIO_F_VERSION_1,
     ]
     .iter()
     .fold(0u64, |bits, &b| bits | f::bit(b));
     assert_eq!(dev.device_features(), offered);
     assert_eq!(
         dev.driver_features(),
-        offered & !f::bit(f::VIRTIO_F_RING_INDIRECT_DESC)
+        offered & !f::bit(virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
     );
-    assert!(dev.has_feature(f::VIRTIO_F_RING_EVENT_IDX));
-    assert!(!dev.has_feature(f::VIRTIO_F_RING_INDIRECT_DESC));
+    assert!(dev.has_feature(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX));
+    assert!(!dev.has_feature(virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC));
     assert_eq!(dev.poison_val(), PAGE_POISON_VAL);
     assert_eq!(config32(dev, config::POISON_VAL), PAGE_POISON_VAL);
     // Where the device stands on each ring: (size, next_avail, next_used).

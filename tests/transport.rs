@@ -246,7 +246,10 @@ fn device_features_pages() {
             assert_eq!(offered & bit(b) != 0, on, "feature bit {b}");
         }
         assert_ne!(offered & bit(VERSION_1), 0);
-        assert_eq!(f::bit(f::VIRTIO_F_VERSION_1), bit(VERSION_1));
+        assert_eq!(
+            f::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1),
+            bit(VERSION_1)
+        );
         assert_eq!(offered & bit(33), 0, "ACCESS_PLATFORM is never offered");
         assert_eq!(device_features(&mut r.t), offered);
     }

@@ -6,7 +6,7 @@
 //! (`VERSION_1` + `FREE_PAGE_HINT`, the free page queue, DRIVER_OK). Shared by tests and
 //! benchmarks that drive the device by hand, hostile ones included.
 
-use virtio_balloon::defs::{features, mmio, status};
+use virtio_balloon::defs::features;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use vm_memory::GuestAddress;
 
@@ -121,7 +121,11 @@ pub fn set_up_queue<D: VirtioDevice>(
 /// Adds `bits` to the status register, as a driver does.
 pub fn add_status<D: VirtioDevice>(t: &mut MmioTransport<D>, bits: u8) {
     let now = t.status();
-    reg_write(t, mmio::REG_STATUS, u32::from(now | bits));
+    reg_write(
+        t,
+        virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+        u32::from(now | bits),
+    );
 }
 
 /// Sets queue `index` up with `size` entries and its three ring addresses.
@@ -131,17 +135,38 @@ pub fn program_queue<D: VirtioDevice>(
     size: u16,
     [desc, avail, used]: [u64; 3],
 ) {
-    reg_write(t, mmio::REG_QUEUE_SEL, index as u32);
-    reg_write(t, mmio::REG_QUEUE_NUM, u32::from(size));
+    reg_write(
+        t,
+        virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
+        index as u32,
+    );
+    reg_write(
+        t,
+        virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
+        u32::from(size),
+    );
     for (low, addr) in [
-        (mmio::REG_QUEUE_DESC_LOW, desc),
-        (mmio::REG_QUEUE_DRIVER_LOW, avail),
-        (mmio::REG_QUEUE_DEVICE_LOW, used),
+        (
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
+            desc,
+        ),
+        (
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
+            avail,
+        ),
+        (
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
+            used,
+        ),
     ] {
         reg_write(t, low, addr as u32);
         reg_write(t, low + 4, (addr >> 32) as u32);
     }
-    reg_write(t, mmio::REG_QUEUE_READY, 1);
+    reg_write(
+        t,
+        virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
+        1,
+    );
 }
 
 /// Brings the device up with only `VERSION_1` and `FREE_PAGE_HINT` accepted (the device must
@@ -151,20 +176,44 @@ pub fn bring_up_hinting<D: VirtioDevice>(
     t: &mut MmioTransport<D>,
     queues: &[(usize, u16, [u64; 3])],
 ) {
-    add_status(t, status::ACKNOWLEDGE);
-    add_status(t, status::DRIVER);
-    let acked = features::bit(features::VIRTIO_F_VERSION_1)
+    add_status(
+        t,
+        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8,
+    );
+    add_status(
+        t,
+        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8,
+    );
+    let acked = features::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
         | features::bit(features::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
     for page in 0..2u32 {
-        reg_write(t, mmio::REG_DRIVER_FEATURES_SEL, page);
-        reg_write(t, mmio::REG_DRIVER_FEATURES, (acked >> (32 * page)) as u32);
+        reg_write(
+            t,
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
+            page,
+        );
+        reg_write(
+            t,
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
+            (acked >> (32 * page)) as u32,
+        );
     }
-    add_status(t, status::FEATURES_OK);
-    assert_ne!(t.status() & status::FEATURES_OK, 0, "FEATURES_OK refused");
+    add_status(
+        t,
+        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
+    );
+    assert_ne!(
+        t.status() & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
+        0,
+        "FEATURES_OK refused"
+    );
     for &(index, size, rings) in queues {
         program_queue(t, index, size, rings);
     }
-    add_status(t, status::DRIVER_OK);
+    add_status(
+        t,
+        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8,
+    );
     assert!(t.device().is_activated(), "DRIVER_OK refused");
 }
 

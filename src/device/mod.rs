@@ -34,6 +34,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{MadviseBackend, MemoryBackend};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
 use crate::defs::{self, features as f};
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::sink::FreePageSink;
@@ -293,9 +297,9 @@ impl BalloonConfig {
     /// The balloon feature bits this configuration offers, plus `VIRTIO_F_VERSION_1`,
     /// `VIRTIO_F_RING_EVENT_IDX` and `VIRTIO_F_RING_INDIRECT_DESC`.
     pub fn device_features(&self) -> u64 {
-        let mut bits = f::bit(f::VIRTIO_F_VERSION_1)
-            | f::bit(f::VIRTIO_F_RING_EVENT_IDX)
-            | f::bit(f::VIRTIO_F_RING_INDIRECT_DESC);
+        let mut bits = f::bit(VIRTIO_F_VERSION_1)
+            | f::bit(VIRTIO_RING_F_EVENT_IDX)
+            | f::bit(VIRTIO_RING_F_INDIRECT_DESC);
         for (on, bit) in [
             (self.must_tell_host, f::VIRTIO_BALLOON_F_MUST_TELL_HOST),
             (self.stats, f::VIRTIO_BALLOON_F_STATS_VQ),
@@ -977,7 +981,7 @@ where
     M::M: GuestMemoryBackend,
 {
     fn device_type(&self) -> u32 {
-        defs::VIRTIO_ID_BALLOON
+        VIRTIO_ID_BALLOON
     }
 
     fn num_queues(&self) -> usize {
@@ -1021,7 +1025,7 @@ where
         if extra != 0 {
             return Err(FeatureError::NotOffered(extra));
         }
-        if self.acked & f::bit(f::VIRTIO_F_VERSION_1) == 0 {
+        if self.acked & f::bit(VIRTIO_F_VERSION_1) == 0 {
             return Err(FeatureError::NoVersion1);
         }
         // A driver numbering queues by the features it accepted (Linux) would number them
@@ -1089,10 +1093,10 @@ where
         if self.activated {
             return Err(ActivateError::AlreadyActive);
         }
-        if !self.has_feature(f::VIRTIO_F_VERSION_1) {
+        if !self.has_feature(VIRTIO_F_VERSION_1) {
             return Err(ActivateError::LegacyDriver);
         }
-        let event_idx = self.has_feature(f::VIRTIO_F_RING_EVENT_IDX);
+        let event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX);
         {
             let guard = self.mem.memory();
             let mem: &M::M = &guard;

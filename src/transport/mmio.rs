@@ -5,11 +5,53 @@
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{info, warn};
+use virtio_bindings::virtio_config as cfg;
+use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::QueueT;
 
 use super::VirtioDevice;
-use crate::defs::{mmio, status};
 use crate::ratelimit::{warn_limited, RateLimit};
+
+/// The MagicValue register's value: "virt" in little-endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// The Version register's value: 2, virtio-mmio for virtio 1.x.
+pub const MMIO_VERSION: u32 = 2;
+/// The VendorID register's value.
+pub const MMIO_VENDOR_ID: u32 = 0;
+
+// The registers as the offsets of a bus access (virtio-bindings has them as u32).
+const REG_MAGIC_VALUE: u64 = reg::VIRTIO_MMIO_MAGIC_VALUE as u64;
+const REG_VERSION: u64 = reg::VIRTIO_MMIO_VERSION as u64;
+const REG_DEVICE_ID: u64 = reg::VIRTIO_MMIO_DEVICE_ID as u64;
+const REG_VENDOR_ID: u64 = reg::VIRTIO_MMIO_VENDOR_ID as u64;
+const REG_DEVICE_FEATURES: u64 = reg::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+const REG_DEVICE_FEATURES_SEL: u64 = reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+const REG_DRIVER_FEATURES: u64 = reg::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+const REG_DRIVER_FEATURES_SEL: u64 = reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+const REG_QUEUE_SEL: u64 = reg::VIRTIO_MMIO_QUEUE_SEL as u64;
+const REG_QUEUE_NUM_MAX: u64 = reg::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+const REG_QUEUE_NUM: u64 = reg::VIRTIO_MMIO_QUEUE_NUM as u64;
+const REG_QUEUE_READY: u64 = reg::VIRTIO_MMIO_QUEUE_READY as u64;
+const REG_QUEUE_NOTIFY: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+const REG_INTERRUPT_STATUS: u64 = reg::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+const REG_INTERRUPT_ACK: u64 = reg::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+const REG_STATUS: u64 = reg::VIRTIO_MMIO_STATUS as u64;
+const REG_QUEUE_DESC_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+const REG_QUEUE_DESC_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+const REG_QUEUE_DRIVER_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+const REG_QUEUE_DRIVER_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+const REG_QUEUE_DEVICE_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+const REG_QUEUE_DEVICE_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+const REG_CONFIG_GENERATION: u64 = reg::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+const CONFIG_SPACE: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
+
+// The device status bits as the u8 of the Status register.
+const S_ACKNOWLEDGE: u8 = cfg::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+const S_DRIVER: u8 = cfg::VIRTIO_CONFIG_S_DRIVER as u8;
+const S_DRIVER_OK: u8 = cfg::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const S_FEATURES_OK: u8 = cfg::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+const S_DEVICE_NEEDS_RESET: u8 = cfg::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+const S_FAILED: u8 = cfg::VIRTIO_CONFIG_S_FAILED as u8;
 
 static BAD_WIDTH: RateLimit = RateLimit::new();
 static BAD_READ: RateLimit = RateLimit::new();
@@ -68,7 +110,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// with the device: DRIVER_OK exactly when the device is activated (else the status is
     /// reset to 0 and the driver has to start over).
     pub fn restore(device: D, state: MmioState) -> Self {
-        let driver_ok = state.status & status::DRIVER_OK != 0;
+        let driver_ok = state.status & S_DRIVER_OK != 0;
         let status = if driver_ok == device.is_activated() {
             state.status
         } else {
@@ -123,8 +165,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// Handles a guest read of `data.len()` bytes at `offset` in the register window.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
-        if offset >= mmio::CONFIG_SPACE {
-            let Some(config_offset) = offset.checked_sub(mmio::CONFIG_SPACE) else {
+        if offset >= CONFIG_SPACE {
+            let Some(config_offset) = offset.checked_sub(CONFIG_SPACE) else {
                 return;
             };
             self.device.read_config(config_offset, data);
@@ -142,18 +184,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let queue = self.device.queue(self.queue_select as usize);
         let value: u32 = match offset {
-            mmio::REG_MAGIC_VALUE => mmio::MAGIC_VALUE,
-            mmio::REG_VERSION => mmio::VERSION,
-            mmio::REG_DEVICE_ID => self.device.device_type(),
-            mmio::REG_VENDOR_ID => mmio::VENDOR_ID,
-            mmio::REG_DEVICE_FEATURES => self
+            REG_MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => MMIO_VENDOR_ID,
+            REG_DEVICE_FEATURES => self
                 .device
                 .device_features_page(self.device_features_select),
-            mmio::REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
-            mmio::REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
-            mmio::REG_INTERRUPT_STATUS => u32::from(self.device.interrupt().status()),
-            mmio::REG_STATUS => u32::from(self.status),
-            mmio::REG_CONFIG_GENERATION => self.device.interrupt().config_generation(),
+            REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => u32::from(self.device.interrupt().status()),
+            REG_STATUS => u32::from(self.status),
+            REG_CONFIG_GENERATION => self.device.interrupt().config_generation(),
             _ => {
                 warn_limited!(
                     BAD_READ,
@@ -168,11 +210,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// Handles a guest write of `data` at `offset` in the register window.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= mmio::CONFIG_SPACE {
-            let Some(config_offset) = offset.checked_sub(mmio::CONFIG_SPACE) else {
+        if offset >= CONFIG_SPACE {
+            let Some(config_offset) = offset.checked_sub(CONFIG_SPACE) else {
                 return;
             };
-            if self.has_status(status::DRIVER, status::FAILED) {
+            if self.has_status(S_DRIVER, S_FAILED) {
                 self.device.write_config(config_offset, data);
             } else {
                 warn_limited!(
@@ -194,9 +236,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         };
         let value = u32::from_le_bytes(bytes);
         match offset {
-            mmio::REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
-            mmio::REG_DRIVER_FEATURES => {
-                if self.has_status(status::DRIVER, status::FEATURES_OK | status::FAILED) {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES => {
+                if self.has_status(S_DRIVER, S_FEATURES_OK | S_FAILED) {
                     self.device
                         .set_driver_features(self.driver_features_select, value);
                 } else {
@@ -207,34 +249,28 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     );
                 }
             }
-            mmio::REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            mmio::REG_QUEUE_SEL => self.queue_select = value,
-            mmio::REG_QUEUE_NUM => self.with_queue(|q| {
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_QUEUE_NUM => self.with_queue(|q| {
                 // Sizes above u16 are invalid; pass 0 so the queue logs and ignores it.
                 q.set_size(u16::try_from(value).unwrap_or(0))
             }),
-            mmio::REG_QUEUE_READY => self.with_queue(|q| q.set_ready(value == 1)),
-            mmio::REG_QUEUE_DESC_LOW => {
-                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
-            }
-            mmio::REG_QUEUE_DESC_HIGH => {
-                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
-            }
-            mmio::REG_QUEUE_DRIVER_LOW => {
+            REG_QUEUE_READY => self.with_queue(|q| q.set_ready(value == 1)),
+            REG_QUEUE_DESC_LOW => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            REG_QUEUE_DESC_HIGH => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            REG_QUEUE_DRIVER_LOW => {
                 self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
             }
-            mmio::REG_QUEUE_DRIVER_HIGH => {
+            REG_QUEUE_DRIVER_HIGH => {
                 self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
             }
-            mmio::REG_QUEUE_DEVICE_LOW => {
-                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            mmio::REG_QUEUE_DEVICE_HIGH => {
+            REG_QUEUE_DEVICE_LOW => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            REG_QUEUE_DEVICE_HIGH => {
                 self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
             }
-            mmio::REG_QUEUE_NOTIFY => self.notify(value),
-            mmio::REG_INTERRUPT_ACK => self.device.interrupt().ack(value as u8),
-            mmio::REG_STATUS => self.set_status(value),
+            REG_QUEUE_NOTIFY => self.notify(value),
+            REG_INTERRUPT_ACK => self.device.interrupt().ack(value as u8),
+            REG_STATUS => self.set_status(value),
             _ => {
                 warn_limited!(
                     BAD_WRITE,
@@ -247,7 +283,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// Applies a queue register write, only between FEATURES_OK and DRIVER_OK.
     fn with_queue(&mut self, f: impl FnOnce(&mut virtio_queue::Queue)) {
-        if !self.has_status(status::FEATURES_OK, status::DRIVER_OK | status::FAILED) {
+        if !self.has_status(S_FEATURES_OK, S_DRIVER_OK | S_FAILED) {
             warn_limited!(
                 LATE_QUEUE_WRITE,
                 "virtio-mmio: queue register written with status {:#x}",
@@ -298,9 +334,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
-        if new & status::FAILED != 0 {
+        if new & S_FAILED != 0 {
             warn!("virtio-mmio: the driver marked the device FAILED");
-            self.status |= status::FAILED;
+            self.status |= S_FAILED;
             return;
         }
         // The driver may only add bits, one step at a time.
@@ -316,9 +352,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         match added {
             0 => {}
-            status::ACKNOWLEDGE if self.status == 0 => self.status = new,
-            status::DRIVER if self.status == status::ACKNOWLEDGE => self.status = new,
-            status::FEATURES_OK if self.status == status::ACKNOWLEDGE | status::DRIVER => {
+            S_ACKNOWLEDGE if self.status == 0 => self.status = new,
+            S_DRIVER if self.status == S_ACKNOWLEDGE => self.status = new,
+            S_FEATURES_OK if self.status == S_ACKNOWLEDGE | S_DRIVER => {
                 match self.device.validate_features() {
                     Ok(()) => {
                         self.status = new;
@@ -327,9 +363,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     Err(e) => warn!("virtio-mmio: FEATURES_OK refused: {e}"),
                 }
             }
-            status::DRIVER_OK
-                if self.status == status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK =>
-            {
+            S_DRIVER_OK if self.status == S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK => {
                 match self.device.activate() {
                     Ok(()) => {
                         info!(
@@ -340,7 +374,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     }
                     Err(e) => {
                         warn!("virtio-mmio: activation failed: {e}");
-                        self.status |= status::DEVICE_NEEDS_RESET;
+                        self.status |= S_DEVICE_NEEDS_RESET;
                     }
                 }
             }

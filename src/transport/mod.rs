@@ -16,7 +16,7 @@
 
 mod mmio;
 
-pub use mmio::{MmioState, MmioTransport};
+pub use mmio::{MmioState, MmioTransport, MMIO_MAGIC_VALUE, MMIO_VENDOR_ID, MMIO_VERSION};
 
 use std::fmt;
 use std::io;
@@ -26,7 +26,10 @@ use std::sync::{Arc, RwLock};
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::defs::{features, interrupt};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+
+use crate::defs::features;
 use crate::ratelimit::{warn_limited, RateLimit};
 
 /// Why a device refused to activate.
@@ -131,7 +134,7 @@ pub trait VirtioDevice: Send {
         if extra != 0 {
             return Err(FeatureError::NotOffered(extra));
         }
-        if acked & features::bit(features::VIRTIO_F_VERSION_1) == 0 {
+        if acked & features::bit(VIRTIO_F_VERSION_1) == 0 {
             return Err(FeatureError::NoVersion1);
         }
         Ok(())
@@ -188,6 +191,11 @@ pub trait VirtioDevice: Send {
     /// Whether the device is active.
     fn is_activated(&self) -> bool;
 }
+
+/// InterruptStatus bit: the device used a buffer in at least one queue.
+const USED_BUFFER: u8 = VIRTIO_MMIO_INT_VRING as u8;
+/// InterruptStatus bit: the configuration space changed.
+const CONFIG_CHANGE: u8 = VIRTIO_MMIO_INT_CONFIG as u8;
 
 static IRQ_WRITE_FAILED: RateLimit = RateLimit::new();
 
@@ -313,8 +321,7 @@ impl Interrupt {
 
     /// Tells the driver that queue `queue` has new used buffers.
     pub fn signal_used(&self, queue: usize) {
-        self.status
-            .fetch_or(interrupt::USED_BUFFER, Ordering::AcqRel);
+        self.status.fetch_or(USED_BUFFER, Ordering::AcqRel);
         let result = self.delivery().used_buffer(queue);
         Self::log_failure(result);
     }
@@ -325,8 +332,7 @@ impl Interrupt {
     pub fn signal_config_change(&self) -> bool {
         self.bump_config_generation();
         if self.driver_ok.load(Ordering::Acquire) {
-            self.status
-                .fetch_or(interrupt::CONFIG_CHANGE, Ordering::AcqRel);
+            self.status.fetch_or(CONFIG_CHANGE, Ordering::AcqRel);
             let result = self.delivery().config_changed();
             Self::log_failure(result);
             true
@@ -365,12 +371,11 @@ impl Interrupt {
     /// again so the driver sees them.
     pub(crate) fn restore(&self, status: u8, generation: u32) {
         self.generation.store(generation, Ordering::Release);
-        if status & interrupt::USED_BUFFER != 0 {
+        if status & USED_BUFFER != 0 {
             self.signal_used(0);
         }
-        if status & interrupt::CONFIG_CHANGE != 0 {
-            self.status
-                .fetch_or(interrupt::CONFIG_CHANGE, Ordering::AcqRel);
+        if status & CONFIG_CHANGE != 0 {
+            self.status.fetch_or(CONFIG_CHANGE, Ordering::AcqRel);
             Self::log_failure(self.delivery().config_changed());
         }
     }
@@ -406,14 +411,14 @@ mod tests {
 
         irq.set_driver_ok(true);
         assert!(irq.signal_config_change());
-        assert_eq!(irq.status(), interrupt::CONFIG_CHANGE);
+        assert_eq!(irq.status(), CONFIG_CHANGE);
         assert_eq!(irq.config_generation(), 2);
         assert_eq!(irq.eventfd().read().unwrap(), 1);
 
         irq.signal_used_queue();
         assert_eq!(irq.status(), 3);
-        irq.ack(interrupt::CONFIG_CHANGE);
-        assert_eq!(irq.status(), interrupt::USED_BUFFER);
+        irq.ack(CONFIG_CHANGE);
+        assert_eq!(irq.status(), USED_BUFFER);
 
         irq.set_driver_ok(false);
         assert_eq!(irq.status(), 0);

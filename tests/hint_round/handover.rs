@@ -335,7 +335,7 @@ fn features_may_be_acknowledged_again_until_activation() {
     assert!(s.balloon.queue_negotiated(s.index(QueueRole::FreePage)));
     assert!(matches!(
         s.balloon
-            .ack_features(all & !(1u64 << f::VIRTIO_F_VERSION_1)),
+            .ack_features(all & !(1u64 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)),
         Err(FeatureError::NoVersion1)
     ));
     assert!(matches!(

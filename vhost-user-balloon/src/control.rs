@@ -516,9 +516,18 @@ fn feature_names(bits: u64) -> Vec<&'static str> {
         (f::VIRTIO_BALLOON_F_FREE_PAGE_HINT, "free_page_hint"),
         (f::VIRTIO_BALLOON_F_PAGE_POISON, "page_poison"),
         (f::VIRTIO_BALLOON_F_REPORTING, "reporting"),
-        (f::VIRTIO_F_RING_INDIRECT_DESC, "ring_indirect_desc"),
-        (f::VIRTIO_F_RING_EVENT_IDX, "ring_event_idx"),
-        (f::VIRTIO_F_VERSION_1, "version_1"),
+        (
+            virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC,
+            "ring_indirect_desc",
+        ),
+        (
+            virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX,
+            "ring_event_idx",
+        ),
+        (
+            virtio_bindings::virtio_config::VIRTIO_F_VERSION_1,
+            "version_1",
+        ),
     ]
     .into_iter()
     .filter(|(bit, _)| bits & f::bit(*bit) != 0)

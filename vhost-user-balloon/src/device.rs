@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_balloon::defs::features as f;
+
 use virtio_balloon::transport::{InterruptDelivery, QueueHandover, VirtioDevice};
 use virtio_balloon::{Balloon, DeviceEvent, FreePageHinting};
 use virtio_queue::QueueT;
@@ -210,7 +210,7 @@ impl BalloonBackend {
         if balloon.is_activated() {
             return true;
         }
-        if !balloon.has_feature(f::VIRTIO_F_VERSION_1) {
+        if !balloon.has_feature(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1) {
             return false;
         }
         let queues = balloon.num_queues();
