@@ -339,11 +339,9 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
     if hinting {
         chain.add(Arc::new(guest.hints()));
     }
-    let config = PrecopyConfig {
-        downtime_limit: o.downtime,
-        max_bandwidth: (o.bandwidth > 0).then_some(o.bandwidth * MIB),
-        ..PrecopyConfig::default()
-    };
+    let config = PrecopyConfig::default()
+        .with_downtime_limit(o.downtime)
+        .with_max_bandwidth((o.bandwidth > 0).then_some(o.bandwidth * MIB));
     let mut precopy = Precopy::new(&*src, &guest.bitmap, &chain).config(config);
     if hinting && o.wait {
         precopy = precopy.wait_for_hint_round(guest.hints(), o.wait_deadline);

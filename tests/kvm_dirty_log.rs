@@ -407,10 +407,7 @@ fn migrate(
         done: AtomicBool::new(false),
     }));
     let mut stream = Vec::new();
-    let config = PrecopyConfig {
-        max_iterations: 1,
-        ..PrecopyConfig::default()
-    };
+    let config = PrecopyConfig::default().with_max_iterations(1);
     let result = Precopy::new(&*s.mem, &s.bitmap, &chain)
         .config(config)
         .run(log, vm, &mut stream);

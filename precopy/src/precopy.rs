@@ -68,6 +68,7 @@ const SLICE: Duration = Duration::from_millis(100);
 
 /// Knobs of the precopy loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PrecopyConfig {
     /// The longest the guest may stay stopped for the final stage, at the measured bandwidth
     /// (QEMU's `downtime-limit`, default 300 ms).
@@ -96,6 +97,39 @@ impl Default for PrecopyConfig {
     }
 }
 
+impl PrecopyConfig {
+    // One `with_<field>` per field: the struct is `#[non_exhaustive]`, so code outside the
+    // crate builds a configuration from `PrecopyConfig::default()` with these.
+
+    /// Sets [`downtime_limit`](Self::downtime_limit).
+    #[must_use]
+    pub const fn with_downtime_limit(mut self, downtime_limit: Duration) -> Self {
+        self.downtime_limit = downtime_limit;
+        self
+    }
+
+    /// Sets [`max_bandwidth`](Self::max_bandwidth).
+    #[must_use]
+    pub const fn with_max_bandwidth(mut self, max_bandwidth: Option<u64>) -> Self {
+        self.max_bandwidth = max_bandwidth;
+        self
+    }
+
+    /// Sets [`max_iterations`](Self::max_iterations).
+    #[must_use]
+    pub const fn with_max_iterations(mut self, max_iterations: u32) -> Self {
+        self.max_iterations = max_iterations;
+        self
+    }
+
+    /// Sets [`postcopy`](Self::postcopy).
+    #[must_use]
+    pub const fn with_postcopy(mut self, postcopy: bool) -> Self {
+        self.postcopy = postcopy;
+        self
+    }
+}
+
 /// Cancels a running [`Precopy`] from another thread. Clones share the flag.
 #[derive(Clone, Debug, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
@@ -120,6 +154,7 @@ impl CancelToken {
 
 /// What one iteration (one pass between two syncs) did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IterationStats {
     /// 1 for the first pass; the final stage has the next number.
     pub iteration: u32,
@@ -143,6 +178,7 @@ pub struct IterationStats {
 
 /// The result of a migration.
 #[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct MigrationReport {
     /// Every iteration, the final stage last.
     pub iterations: Vec<IterationStats>,
@@ -172,6 +208,7 @@ pub struct MigrationReport {
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PrecopyError {
     /// Writing the stream failed.
     #[error("writing the migration stream failed: {0}")]

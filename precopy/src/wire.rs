@@ -146,6 +146,7 @@ impl<W: Write> FrameWriter<W> {
 
 /// Errors of [`Receiver::receive`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     /// Reading the stream failed (an early end of stream included).
     #[error("reading the migration stream failed: {0}")]
@@ -190,6 +191,7 @@ pub enum WireError {
 
 /// What a destination received.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReceiveStats {
     /// Page frames applied.
     pub pages: u64,

@@ -239,12 +239,10 @@ fn a_writer_racing_the_loop_loses_nothing() {
         std::thread::yield_now();
     }
     let mut stream = Vec::new();
-    let config = PrecopyConfig {
-        max_iterations: 4,
+    let config = PrecopyConfig::default()
+        .with_max_iterations(4)
         // A low limit keeps the loop iterating while the writer runs.
-        max_bandwidth: Some(256 * MIB),
-        ..PrecopyConfig::default()
-    };
+        .with_max_bandwidth(Some(256 * MIB));
     let report = Precopy::new(&*src, &bitmap, &chain)
         .config(config)
         .run(&mut GuestMemoryDirtyLog::new(&src), &mut vm, &mut stream)
@@ -537,10 +535,7 @@ fn a_failed_sync_fails_the_migration() {
     }
     chain.add(Arc::new(Postcopy(state_seen.clone())));
     Precopy::new(&src, &bitmap, &chain)
-        .config(PrecopyConfig {
-            postcopy: true,
-            ..PrecopyConfig::default()
-        })
+        .config(PrecopyConfig::default().with_postcopy(true))
         .run(
             &mut GuestMemoryDirtyLog::new(&src),
             &mut Vm::default(),
@@ -567,11 +562,11 @@ fn the_iteration_limit_forces_the_switchover() {
     let bitmap = MigrationBitmap::new(&src).unwrap();
     let chain = PrecopyNotifierChain::new();
     let report = Precopy::new(&src, &bitmap, &chain)
-        .config(PrecopyConfig {
-            max_iterations: 3,
-            downtime_limit: Duration::ZERO,
-            ..PrecopyConfig::default()
-        })
+        .config(
+            PrecopyConfig::default()
+                .with_max_iterations(3)
+                .with_downtime_limit(Duration::ZERO),
+        )
         .run(&mut AllDirty, &mut Vm::default(), io::sink())
         .unwrap();
     assert_eq!(report.iterations.len(), 4);
@@ -648,10 +643,7 @@ fn a_bandwidth_limit_still_delivers_everything() {
     let mut stream = Vec::new();
     // 16 MiB/s: 1.6 MiB per 100 ms window, so the loop sleeps between windows.
     let report = Precopy::new(&src, &bitmap, &chain)
-        .config(PrecopyConfig {
-            max_bandwidth: Some(16 * MIB),
-            ..PrecopyConfig::default()
-        })
+        .config(PrecopyConfig::default().with_max_bandwidth(Some(16 * MIB)))
         .run(
             &mut GuestMemoryDirtyLog::new(&src),
             &mut Vm::default(),
