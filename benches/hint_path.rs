@@ -125,9 +125,9 @@ struct HintDevice {
 
 impl HintDevice {
     fn new(mem: &Arc<Mem>, avail: SplitRing, sink: Arc<MigrationBitmap>) -> Self {
-        let cfg = BalloonConfig {
-            // Without a stats queue, a driver acking only FREE_PAGE_HINT numbers the queues as
-            // the device does.
+        // Without a stats queue, a driver acking only FREE_PAGE_HINT numbers the queues as
+        // the device does.
+        let cfg = BalloonConfig::default()
             .with_stats(false)
             .with_free_page_queue_size(QUEUE_SIZE)
             .with_chains_per_wakeup(QUEUE_SIZE);

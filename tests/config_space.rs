@@ -19,8 +19,8 @@ use guest_model as common;
 use std::sync::Arc;
 
 use common::*;
+use virtio_balloon::defs::features as f;
 use virtio_balloon::sink::RecordingSink;
-use virtio_balloon::spec::features as f;
 use virtio_balloon::transport::VirtioDevice;
 use virtio_balloon::{Balloon, BalloonConfig, HintState};
 use vm_memory::Bytes;
@@ -213,7 +213,7 @@ fn dropping_page_poison_clears_poison_val_under_a_new_generation() {
         Arc::new(RecordingSink::default()),
     )
     .expect("balloon");
-    let base = f::bit(f::VIRTIO_F_VERSION_1)
+    let base = f::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
         | f::bit(f::VIRTIO_BALLOON_F_MUST_TELL_HOST)
         | f::bit(f::VIRTIO_BALLOON_F_STATS_VQ)
         | f::bit(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT);

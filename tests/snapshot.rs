@@ -21,9 +21,8 @@ use common::driver::{PAGE_POISON_VAL, TOKEN_STATS};
 use common::*;
 use serde::{Deserialize, Serialize};
 use virtio_balloon::backend::MemoryBackend;
-use virtio_balloon::device::{ManualClock, QueueSnapshot, BALLOON_STATE_VERSION};
-use virtio_balloon::sink::{FreePageSink, HintRecord, RecordingSink};
-use virtio_balloon::spec::features as f;
+use virtio_balloon::defs::features as f;
+use virtio_balloon::sink::{FreePageSink, RecordedHint, RecordingSink};
 use virtio_balloon::transport::{
     ActivateError, FeatureError, MmioState, MmioTransport, VirtioDevice,
 };

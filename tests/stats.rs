@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use guest_model::*;
 use virtio_balloon::backend::NoopBackend;
-use virtio_balloon::device::stats::tag;
+use virtio_balloon::defs::stats_tag as tag;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::VirtioDevice;
 use virtio_balloon::{BalloonEvents, StatsReport};

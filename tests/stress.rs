@@ -135,12 +135,11 @@ impl Scenario {
             seed: splitmix(seed ^ 0x0077_7269_7465_7200),
         });
         let wait = (rng.below(2) == 0).then(|| Duration::from_millis(rng.between(50, 500)));
-        let config = PrecopyConfig {
-            downtime_limit: Duration::from_millis(rng.between(1, 20)),
-            max_bandwidth: Some(rng.between(64, 512) * MIB),
-            max_iterations: rng.between(3, 8) as u32,
-            postcopy: false,
-        };
+        let config = PrecopyConfig::default()
+            .with_downtime_limit(Duration::from_millis(rng.between(1, 20)))
+            .with_max_bandwidth(Some(rng.between(64, 512) * MIB))
+            .with_max_iterations(rng.between(3, 8) as u32)
+            .with_postcopy(false);
         let disruption = match rng.below(4) {
             0 => Disruption::Cancel {
                 after: Duration::from_millis(rng.between(0, 400)),

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use guest_model::ring::{Desc, GuestMem, Part, SplitRing, VRING_DESC_F_NEXT};
+use virtio_balloon::defs::features as f;
 use virtio_balloon::migration::{MigrationState, PrecopyEvent, PrecopyNotifierChain};
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};

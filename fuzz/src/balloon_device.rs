@@ -83,7 +83,7 @@ use crate::ring::{write_table_desc, DriverRing};
 use guest_model::ring::{GuestMem, RingLayout};
 use std::num::NonZeroUsize;
 use virtio_balloon::backend::{HostRange, MemoryBackend};
-use virtio_balloon::spec::{features as f, mmio, status};
+use virtio_balloon::defs::features as f;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use virtio_balloon::{
     Balloon, BalloonConfig, BalloonEvents, BalloonMetrics, BalloonState, HintState, QueueRole,
@@ -154,36 +154,36 @@ const OFFERED: u64 = f::bit(f::VIRTIO_BALLOON_F_MUST_TELL_HOST)
     | f::bit(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT)
     | f::bit(f::VIRTIO_BALLOON_F_PAGE_POISON)
     | f::bit(f::VIRTIO_BALLOON_F_REPORTING)
-    | f::bit(f::VIRTIO_F_RING_INDIRECT_DESC)
-    | f::bit(f::VIRTIO_F_RING_EVENT_IDX)
-    | f::bit(f::VIRTIO_F_VERSION_1);
+    | f::bit(virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
+    | f::bit(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX)
+    | f::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1);
 const CONFIG_LEN: u64 = 16;
 
 /// The registers below the configuration space.
 const REGS: [u64; 23] = [
-    mmio::REG_MAGIC_VALUE,
-    mmio::REG_VERSION,
-    mmio::REG_DEVICE_ID,
-    mmio::REG_VENDOR_ID,
-    mmio::REG_DEVICE_FEATURES,
-    mmio::REG_DEVICE_FEATURES_SEL,
-    mmio::REG_DRIVER_FEATURES,
-    mmio::REG_DRIVER_FEATURES_SEL,
-    mmio::REG_QUEUE_SEL,
-    mmio::REG_QUEUE_NUM_MAX,
-    mmio::REG_QUEUE_NUM,
-    mmio::REG_QUEUE_READY,
-    mmio::REG_QUEUE_NOTIFY,
-    mmio::REG_INTERRUPT_STATUS,
-    mmio::REG_INTERRUPT_ACK,
-    mmio::REG_STATUS,
-    mmio::REG_QUEUE_DESC_LOW,
-    mmio::REG_QUEUE_DESC_HIGH,
-    mmio::REG_QUEUE_DRIVER_LOW,
-    mmio::REG_QUEUE_DRIVER_HIGH,
-    mmio::REG_QUEUE_DEVICE_LOW,
-    mmio::REG_QUEUE_DEVICE_HIGH,
-    mmio::REG_CONFIG_GENERATION,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_VERSION as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_ID as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_VENDOR_ID as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_HIGH as u64,
+    virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION as u64,
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -601,7 +601,8 @@ impl Harness {
     /// A configuration space write at `off` (from the start of the configuration space).
     fn config_write(&mut self, off: u64, data: &[u8]) {
         let st = self.t.status();
-        let accepted = st & status::DRIVER != 0 && st & status::FAILED == 0;
+        let accepted = st & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8 != 0
+            && st & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED as u8 == 0;
         let mut actual_changed = false;
         if accepted {
             let poison_ok =
@@ -623,31 +624,38 @@ impl Harness {
                 self.model.poison = u32::from_le_bytes(img[12..16].try_into().unwrap());
             }
         }
-        self.t.write(mmio::CONFIG_SPACE + off, data);
+        self.t.write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + off,
+            data,
+        );
         if actual_changed {
-            self.model.events = self.model.events | BalloonEvents::ACTUAL_CHANGED;
+            self.model.events |= BalloonEvents::ACTUAL_CHANGED;
             if self.dev().is_activated() && self.model.actual == self.model.num_pages {
-                self.model.events = self.model.events | BalloonEvents::TARGET_REACHED;
+                self.model.events |= BalloonEvents::TARGET_REACHED;
             }
         }
     }
 
     /// An MMIO write at any offset and width.
     fn mmio_write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= mmio::CONFIG_SPACE {
-            self.config_write(offset - mmio::CONFIG_SPACE, data);
+        if offset >= virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 {
+            self.config_write(
+                offset - virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64,
+                data,
+            );
             return;
         }
         let before = self.t.status();
         self.t.write(offset, data);
         let after = self.t.status();
-        if offset == mmio::REG_STATUS && data == [0, 0, 0, 0] {
+        if offset == virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64 && data == [0, 0, 0, 0]
+        {
             assert_eq!(after, 0, "status after a reset");
             assert!(!self.dev().is_activated(), "active after a reset");
             self.model_reset();
         }
-        if before & status::FEATURES_OK == 0
-            && after & status::FEATURES_OK != 0
+        if before & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8 == 0
+            && after & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8 != 0
             && !self.has_feature(f::VIRTIO_BALLOON_F_PAGE_POISON)
         {
             // The device drops a poison value written while the feature was still accepted.
@@ -669,10 +677,10 @@ impl Harness {
         let mut b = [0u8; 8];
         let data = &mut b[..width];
         self.t.read(offset, data);
-        if offset >= mmio::CONFIG_SPACE {
+        if offset >= virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 {
             let img = self.expected_config();
             for (i, &got) in data.iter().enumerate() {
-                let o = (offset - mmio::CONFIG_SPACE)
+                let o = (offset - virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64)
                     .checked_add(i as u64)
                     .filter(|&o| o < CONFIG_LEN);
                 let want = o.map_or(0xff, |o| img[o as usize]);
@@ -695,23 +703,35 @@ impl Harness {
         let dev = self.dev();
         let queue = dev.queue(sel.queue_select as usize);
         let want = match offset {
-            mmio::REG_MAGIC_VALUE => mmio::MAGIC_VALUE,
-            mmio::REG_VERSION => 2,
-            mmio::REG_DEVICE_ID => 5,
-            mmio::REG_VENDOR_ID => 0,
-            mmio::REG_DEVICE_FEATURES => match sel.device_features_select {
-                0 => OFFERED as u32,
-                1 => (OFFERED >> 32) as u32,
-                _ => 0,
-            },
-            mmio::REG_QUEUE_NUM_MAX => self
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE as u64 => {
+                virtio_balloon::transport::MMIO_MAGIC_VALUE
+            }
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_VERSION as u64 => 2,
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_ID as u64 => 5,
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_VENDOR_ID as u64 => 0,
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64 => {
+                match sel.device_features_select {
+                    0 => OFFERED as u32,
+                    1 => (OFFERED >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64 => self
                 .max_sizes
                 .get(sel.queue_select as usize)
                 .map_or(0, |&m| u32::from(m)),
-            mmio::REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
-            mmio::REG_INTERRUPT_STATUS => u32::from(dev.interrupt().status()),
-            mmio::REG_STATUS => u32::from(self.t.status()),
-            mmio::REG_CONFIG_GENERATION => dev.interrupt().config_generation(),
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64 => {
+                queue.map_or(0, |q| u32::from(q.ready()))
+            }
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64 => {
+                u32::from(dev.interrupt().status())
+            }
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64 => {
+                u32::from(self.t.status())
+            }
+            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION as u64 => {
+                dev.interrupt().config_generation()
+            }
             _ => 0,
         };
         assert_eq!(got, want, "register {offset:#x}");
@@ -743,17 +763,30 @@ impl Harness {
             *r = None;
         }
 
-        self.write_reg(mmio::REG_STATUS, u32::from(status::ACKNOWLEDGE));
         self.write_reg(
-            mmio::REG_STATUS,
-            u32::from(status::ACKNOWLEDGE | status::DRIVER),
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8),
         );
-        self.write_reg(mmio::REG_DEVICE_FEATURES_SEL, 0);
-        let lo = self.read_reg(mmio::REG_DEVICE_FEATURES);
-        self.write_reg(mmio::REG_DEVICE_FEATURES_SEL, 1);
-        let hi = self.read_reg(mmio::REG_DEVICE_FEATURES);
+        self.write_reg(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            u32::from(
+                virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8
+                    | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8,
+            ),
+        );
+        self.write_reg(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
+            0,
+        );
+        let lo = self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
+        self.write_reg(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
+            1,
+        );
+        let hi = self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
         assert_eq!(u64::from(lo) | (u64::from(hi) << 32), OFFERED, "offer");
-        let mut features = (spec.features & OFFERED) | f::bit(f::VIRTIO_F_VERSION_1);
+        let mut features =
+            (spec.features & OFFERED) | f::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1);
         // Keep the offered queue numbering: a later queue feature needs the earlier ones.
         if features & f::bit(f::VIRTIO_BALLOON_F_REPORTING) != 0 {
             features |= f::bit(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
@@ -762,17 +795,31 @@ impl Harness {
             features |= f::bit(f::VIRTIO_BALLOON_F_STATS_VQ);
         }
         for page in 0..2u32 {
-            self.write_reg(mmio::REG_DRIVER_FEATURES_SEL, page);
-            self.write_reg(mmio::REG_DRIVER_FEATURES, (features >> (32 * page)) as u32);
+            self.write_reg(
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
+                page,
+            );
+            self.write_reg(
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
+                (features >> (32 * page)) as u32,
+            );
         }
         if let Some(p) = spec.poison {
             // Before FEATURES_OK: taken while PAGE_POISON is accepted.
             self.config_write(12, &p.to_le_bytes());
         }
-        let s = u32::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
-        self.write_reg(mmio::REG_STATUS, s);
+        let s = u32::from(
+            virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8
+                | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8
+                | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
+        );
+        self.write_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, s);
         if fresh {
-            assert_eq!(self.read_reg(mmio::REG_STATUS), s, "FEATURES_OK refused");
+            assert_eq!(
+                self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
+                s,
+                "FEATURES_OK refused"
+            );
             assert_eq!(self.dev().driver_features(), features, "accepted features");
         }
 
@@ -802,24 +849,46 @@ impl Harness {
                 zero(&self.mem, at, len);
                 rings_in_ram &= self.lay.in_ram(at, len);
             }
-            self.write_reg(mmio::REG_QUEUE_SEL, q as u32);
+            self.write_reg(
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
+                q as u32,
+            );
             assert_eq!(
-                self.read_reg(mmio::REG_QUEUE_NUM_MAX),
+                self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64),
                 u32::from(self.max_sizes[q]),
                 "queue {q} maximum size"
             );
-            self.write_reg(mmio::REG_QUEUE_NUM, u32::from(size));
+            self.write_reg(
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
+                u32::from(size),
+            );
             for (lo, addr) in [
-                (mmio::REG_QUEUE_DESC_LOW, desc),
-                (mmio::REG_QUEUE_DRIVER_LOW, avail),
-                (mmio::REG_QUEUE_DEVICE_LOW, used),
+                (
+                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
+                    desc,
+                ),
+                (
+                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
+                    avail,
+                ),
+                (
+                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
+                    used,
+                ),
             ] {
                 self.write_reg(lo, addr as u32);
                 self.write_reg(lo + 4, (addr >> 32) as u32);
             }
-            self.write_reg(mmio::REG_QUEUE_READY, 1);
+            self.write_reg(
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
+                1,
+            );
             if fresh {
-                assert_eq!(self.read_reg(mmio::REG_QUEUE_READY), 1, "queue {q} ready");
+                assert_eq!(
+                    self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64),
+                    1,
+                    "queue {q} ready"
+                );
             }
             let layout = RingLayout {
                 size,
@@ -836,11 +905,14 @@ impl Harness {
         if let Some(a) = spec.actual {
             self.config_write(4, &a.to_le_bytes());
         }
-        self.write_reg(mmio::REG_STATUS, s | u32::from(status::DRIVER_OK));
+        self.write_reg(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
+        );
         if fresh && rings_in_ram {
             assert_eq!(
-                self.read_reg(mmio::REG_STATUS),
-                s | u32::from(status::DRIVER_OK),
+                self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
+                s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
                 "activation failed"
             );
             assert!(self.dev().is_activated());
@@ -848,7 +920,7 @@ impl Harness {
     }
 
     fn reset(&mut self) {
-        self.write_reg(mmio::REG_STATUS, 0);
+        self.write_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, 0);
     }
 
     fn used_idx(&self, q: usize) -> u16 {
@@ -1301,7 +1373,7 @@ impl Harness {
         let Some(entries) = b.stats.iter().rev().flatten().next() else {
             return;
         };
-        self.model.events = self.model.events | BalloonEvents::STATS_UPDATED;
+        self.model.events |= BalloonEvents::STATS_UPDATED;
         let report = self
             .dev()
             .latest_stats()
@@ -1369,7 +1441,9 @@ impl Harness {
             assert_eq!(dev.is_activated(), activated, "restored activation");
             // The transport drops a status that disagrees with the device (possible after an
             // earlier corrupted restore).
-            let driver_ok = mmio_state.status & status::DRIVER_OK != 0;
+            let driver_ok = mmio_state.status
+                & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8
+                != 0;
             let want = if driver_ok == activated {
                 mmio_state.status
             } else {
@@ -1405,7 +1479,10 @@ impl Harness {
         assert_eq!(dev.discards_inhibited(), self.model.inhibited, "inhibited");
         assert_eq!(dev.host_page_size(), self.backend.page, "host page size");
         let mut b = [0u8; CONFIG_LEN as usize + 8];
-        self.t.read(mmio::CONFIG_SPACE, &mut b);
+        self.t.read(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64,
+            &mut b,
+        );
         assert_eq!(
             b[..CONFIG_LEN as usize],
             self.expected_config(),
@@ -1445,7 +1522,10 @@ impl Harness {
             }
             Op::ConfigRead { offset, raw, len } => {
                 let off = raw.map_or(u64::from(*offset), config_raw);
-                self.mmio_read(mmio::CONFIG_SPACE + off, 1 + usize::from(*len) % 8)
+                self.mmio_read(
+                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + off,
+                    1 + usize::from(*len) % 8,
+                )
             }
             Op::Post { queue, element } => self.post(usize::from(*queue) % QUEUES, element),
             Op::Process(q) => {
@@ -1563,7 +1643,7 @@ impl Harness {
         f(self.dev_mut());
         self.model.num_pages = pages;
         if self.dev().is_activated() && self.model.actual == pages {
-            self.model.events = self.model.events | BalloonEvents::TARGET_REACHED;
+            self.model.events |= BalloonEvents::TARGET_REACHED;
         }
     }
 
@@ -1667,13 +1747,15 @@ fn reg_offset(r: Reg) -> u64 {
     match r {
         Reg::Known(i) => REGS[usize::from(i) % REGS.len()],
         Reg::Raw(x) => u64::from(x),
-        Reg::Config(x) => mmio::CONFIG_SPACE + u64::from(x) % 24,
+        Reg::Config(x) => {
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + u64::from(x) % 24
+        }
     }
 }
 
 /// A raw configuration offset, kept where the MMIO offset does not overflow.
 fn config_raw(x: u64) -> u64 {
-    x.min(u64::MAX - mmio::CONFIG_SPACE)
+    x.min(u64::MAX - virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64)
 }
 
 fn width_of(w: u8) -> usize {
@@ -1745,20 +1827,19 @@ fn build(input: &Input) -> Harness {
     } else {
         1 + u16::from(input.budget) % 4
     };
-    let cfg = BalloonConfig {
-        must_tell_host: true,
-        stats: true,
-        deflate_on_oom: true,
-        free_page_hint: true,
-        page_poison: true,
-        reporting: true,
-        queue_size,
-        free_page_queue_size: fpq_size,
-        reporting_queue_size: 32,
-        chains_per_wakeup: budget,
-        hint_file_backed_memory: false,
-        stall_timeout: None,
-    };
+    let cfg = BalloonConfig::default()
+        .with_must_tell_host(true)
+        .with_stats(true)
+        .with_deflate_on_oom(true)
+        .with_free_page_hint(true)
+        .with_page_poison(true)
+        .with_reporting(true)
+        .with_queue_size(queue_size)
+        .with_free_page_queue_size(fpq_size)
+        .with_reporting_queue_size(32)
+        .with_chains_per_wakeup(budget)
+        .with_hint_file_backed_memory(false)
+        .with_stall_timeout(None);
     let balloon = Balloon::with_backend(cfg, mem.clone(), sink.clone(), backend.clone())
         .expect("valid config");
     assert_eq!(balloon.device_features(), OFFERED, "offer");

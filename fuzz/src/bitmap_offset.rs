@@ -14,7 +14,7 @@
 //!   the whole 4 KiB pages it covers.
 
 use crate::input::bitmap_offset::*;
-use virtio_balloon::bitmap::{checked_count_one_with_offset, count_one, count_one_with_offset};
+use virtio_balloon::migration::{checked_count_one_with_offset, count_one, count_one_with_offset};
 use virtio_balloon::migration::{
     DirtyLog, DirtyLogError, HarvestedLog, MigrationBitmap, RegionInfo,
 };

@@ -51,7 +51,7 @@ use crate::layout::{
 };
 use crate::ring::{write_table_desc, DriverRing};
 use guest_model::ring::{GuestMem, RingLayout};
-use virtio_balloon::spec::{features as f, mmio, status};
+use virtio_balloon::defs::features as f;
 use virtio_balloon::transport::MmioTransport;
 use virtio_balloon::{Balloon, BalloonConfig, HintMetrics, HintState, QueueRole};
 use vm_memory::{Bytes, GuestAddress};
@@ -325,8 +325,11 @@ impl Harness {
     }
 
     fn reset(&mut self) {
-        self.mmio_write(mmio::REG_STATUS, 0);
-        assert_eq!(self.mmio_read(mmio::REG_STATUS), 0);
+        self.mmio_write(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, 0);
+        assert_eq!(
+            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
+            0
+        );
         let m = &mut self.model;
         m.state = HintState::Stop;
         m.fence = None;
@@ -350,15 +353,27 @@ impl Harness {
         self.model.checked_used = Wrapping(0);
         self.model.used_expected.clear();
 
-        self.mmio_write(mmio::REG_STATUS, u32::from(status::ACKNOWLEDGE));
         self.mmio_write(
-            mmio::REG_STATUS,
-            u32::from(status::ACKNOWLEDGE | status::DRIVER),
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8),
         );
-        self.mmio_write(mmio::REG_DEVICE_FEATURES_SEL, 0);
-        let lo = self.mmio_read(mmio::REG_DEVICE_FEATURES);
-        self.mmio_write(mmio::REG_DEVICE_FEATURES_SEL, 1);
-        let hi = self.mmio_read(mmio::REG_DEVICE_FEATURES);
+        self.mmio_write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            u32::from(
+                virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8
+                    | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8,
+            ),
+        );
+        self.mmio_write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
+            0,
+        );
+        let lo = self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
+        self.mmio_write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
+            1,
+        );
+        let hi = self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
         let offered = u64::from(lo) | (u64::from(hi) << 32);
         assert_eq!(
             self.driver_features & !offered,
@@ -367,43 +382,78 @@ impl Harness {
             self.driver_features
         );
         for page in 0..2u32 {
-            self.mmio_write(mmio::REG_DRIVER_FEATURES_SEL, page);
             self.mmio_write(
-                mmio::REG_DRIVER_FEATURES,
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
+                page,
+            );
+            self.mmio_write(
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
                 (self.driver_features >> (32 * page)) as u32,
             );
         }
-        let s = u32::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
-        self.mmio_write(mmio::REG_STATUS, s);
-        assert_eq!(self.mmio_read(mmio::REG_STATUS), s, "FEATURES_OK refused");
-
-        self.mmio_write(mmio::REG_QUEUE_SEL, self.fpq as u32);
+        let s = u32::from(
+            virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8
+                | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8
+                | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
+        );
+        self.mmio_write(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, s);
         assert_eq!(
-            self.mmio_read(mmio::REG_QUEUE_NUM_MAX),
+            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
+            s,
+            "FEATURES_OK refused"
+        );
+
+        self.mmio_write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
+            self.fpq as u32,
+        );
+        assert_eq!(
+            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64),
             u32::from(self.max_size)
         );
-        self.mmio_write(mmio::REG_QUEUE_NUM, u32::from(self.model.size));
+        self.mmio_write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
+            u32::from(self.model.size),
+        );
         let ring = self.lay.ring;
         for (lo, addr) in [
-            (mmio::REG_QUEUE_DESC_LOW, ring + DESC_OFF),
-            (mmio::REG_QUEUE_DRIVER_LOW, ring + AVAIL_OFF),
-            (mmio::REG_QUEUE_DEVICE_LOW, ring + USED_OFF),
+            (
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
+                ring + DESC_OFF,
+            ),
+            (
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
+                ring + AVAIL_OFF,
+            ),
+            (
+                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
+                ring + USED_OFF,
+            ),
         ] {
             self.mmio_write(lo, addr as u32);
             self.mmio_write(lo + 4, (addr >> 32) as u32);
         }
-        self.mmio_write(mmio::REG_QUEUE_READY, 1);
-        assert_eq!(self.mmio_read(mmio::REG_QUEUE_READY), 1);
+        self.mmio_write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
+            1,
+        );
+        assert_eq!(
+            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64),
+            1
+        );
 
         // Buffers posted before DRIVER_OK (the device looks at them once activated).
         for chain in prepost.iter().take(MAX_PREPOST) {
             self.post(chain);
         }
 
-        self.mmio_write(mmio::REG_STATUS, s | u32::from(status::DRIVER_OK));
+        self.mmio_write(
+            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
+        );
         assert_eq!(
-            self.mmio_read(mmio::REG_STATUS),
-            s | u32::from(status::DRIVER_OK),
+            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
+            s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
             "activation failed"
         );
         let m = &mut self.model;
@@ -700,7 +750,7 @@ impl Harness {
             "round_complete"
         );
         assert_eq!(st.negotiated, m.active, "negotiated");
-        let cfg = self.mmio_read(mmio::CONFIG_SPACE + 8);
+        let cfg = self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + 8);
         assert_eq!(cfg, m.config_value(), "config free_page_hint_cmd_id");
         if !m.active {
             return;
@@ -849,22 +899,20 @@ fn build(input: &Input) -> Harness {
     let sink = Arc::new(RecordingSink::new(lay.regions.clone()));
     let max_size = 2u16 << (input.max_size_log % 8);
     let size = (max_size >> (input.size_shift % 3)).max(1);
-    let cfg = BalloonConfig {
-        chains_per_wakeup: 1,
-        free_page_hint: true,
-        free_page_queue_size: max_size,
-        stats: input.stats,
-        page_poison: input.page_poison,
-        reporting: input.reporting,
-        ..BalloonConfig::default()
-    };
+    let cfg = BalloonConfig::default()
+        .with_chains_per_wakeup(1)
+        .with_free_page_hint(true)
+        .with_free_page_queue_size(max_size)
+        .with_stats(input.stats)
+        .with_page_poison(input.page_poison)
+        .with_reporting(input.reporting);
     let balloon = Balloon::new(cfg, mem.clone(), sink.clone()).expect("valid config");
     let fpq = balloon
         .queue_layout()
         .index(QueueRole::FreePage)
         .expect("free page queue");
-    let mut driver_features =
-        f::bit(f::VIRTIO_F_VERSION_1) | f::bit(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
+    let mut driver_features = f::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
+        | f::bit(f::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
     if input.stats {
         driver_features |= f::bit(f::VIRTIO_BALLOON_F_STATS_VQ);
     }
@@ -875,10 +923,10 @@ fn build(input: &Input) -> Harness {
         driver_features |= f::bit(f::VIRTIO_BALLOON_F_PAGE_POISON);
     }
     if input.event_idx {
-        driver_features |= f::bit(f::VIRTIO_F_RING_EVENT_IDX);
+        driver_features |= f::bit(virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
     }
     if input.indirect_desc {
-        driver_features |= f::bit(f::VIRTIO_F_RING_INDIRECT_DESC);
+        driver_features |= f::bit(virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
     }
     let ring = fresh_ring(&mem, &lay, size, fpq);
     let mut h = Harness {

@@ -13,7 +13,7 @@ use vm_memory::GuestAddress;
 use std::sync::Arc;
 
 use virtio_balloon::sink::RecordingSink;
-use virtio_balloon::{Balloon, BalloonConfig, HintControl};
+use virtio_balloon::{Balloon, BalloonConfig, FreePageHinting};
 
 use crate::mmio::{feature, reg, status as st};
 use crate::ring::{GuestMem, Part, RingLayout, SplitRing};
@@ -233,7 +233,7 @@ pub struct RawRig {
     /// Guest memory.
     pub mem: Arc<GuestMem>,
     /// The migration side's handle on free page hinting.
-    pub hints: HintControl,
+    pub hints: FreePageHinting,
     /// Every hint the device delivered.
     pub sink: Arc<RecordingSink>,
     /// What the tests' driver accepts by default: everything offered except EVENT_IDX (so

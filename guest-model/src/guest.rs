@@ -54,7 +54,7 @@ use std::net::{TcpListener, TcpStream};
 
 use std::io::BufWriter;
 use virtio_balloon::migration::MigrationBitmap;
-use virtio_balloon::HintControl;
+use virtio_balloon::FreePageHinting;
 
 use virtio_balloon::migration::{GuestMemoryDirtyLog, PrecopyNotifierChain};
 use virtio_balloon_precopy::{

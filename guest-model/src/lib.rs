@@ -39,7 +39,7 @@ use std::os::fd::AsRawFd;
 use virtio_balloon::backend::MemoryBackend;
 use virtio_balloon::sink::FreePageSink;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
-use virtio_balloon::{Balloon, BalloonConfig, BalloonEvents, HintControl};
+use virtio_balloon::{Balloon, BalloonConfig, BalloonEvents, FreePageHinting};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -533,7 +533,7 @@ impl EventWatch {
             let mut ev = [EpollEvent::default()];
             if self.epoll.wait(50, &mut ev).unwrap_or(0) > 0 {
                 let e = dev(h, |b| b.take_events());
-                self.seen = self.seen | e;
+                self.seen |= e;
             }
         }
     }

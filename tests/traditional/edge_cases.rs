@@ -28,14 +28,14 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use guest_model::ring::{GuestMem, Part, SplitRing};
-use virtio_balloon::device::pages::{MAX_PFNS_PER_ELEMENT, PENDING_RANGES};
-use virtio_balloon::device::stats::tag;
+use virtio_balloon::defs::stats_tag as tag;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::{MmioTransport, VirtioDevice};
 use virtio_balloon::{
     Balloon, BalloonConfig, BalloonEvents, BalloonMetrics, HintState, QueueLayout, QueueRole,
     StatsReport,
 };
+use virtio_balloon::{MAX_PFNS_PER_ELEMENT, PENDING_RANGES};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 type Mem = GuestMem;

@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use common::driver::PAGE_POISON_VAL;
 use common::*;
 use virtio_balloon::backend::{MadviseBackend, MemoryBackend, NoopBackend};
-use virtio_balloon::device::pages::PENDING_CAP;
-use virtio_balloon::device::DISCARD_FLUSH_DELAY;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::VirtioDevice;
 use virtio_balloon::BalloonEvents;
+use virtio_balloon::DISCARD_FLUSH_DELAY;
+use virtio_balloon::PENDING_CAP;
 use vm_memory::{Bytes, GuestAddress};
 
 /// The frame a PFN names.
