@@ -86,15 +86,25 @@ mod ratelimit;
 pub mod sink;
 pub mod transport;
 
+pub use device::snapshot::{BalloonState, QueueSnapshot, RestoreError, BALLOON_STATE_VERSION};
 pub use device::{
-    Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonState,
-    BalloonStats, Clock, DeviceEvent, FreePageHinting, HintMetrics, HintRound, HintState,
-    ManualClock, MonotonicClock, PageMetrics, QueueLayout, QueueRole, QueueSnapshot, RestoreError,
-    StatsReport, BACKING_CACHE, BALLOON_STATE_VERSION, DISCARD_FLUSH_DELAY, MAX_PARTIAL_PAGE,
-    MAX_PFNS_PER_ELEMENT, MAX_STATS_ENTRIES, PARTIAL_SLOTS, PENDING_CAP, PENDING_RANGES, PFN_CHUNK,
+    Balloon, BalloonConfig, BalloonError, BalloonEvents, BalloonMetrics, BalloonStats, Clock,
+    DeviceEvent, FreePageHinting, HintMetrics, HintRound, HintState, ManualClock, MonotonicClock,
+    PageMetrics, QueueLayout, QueueRole, StatsReport, DISCARD_FLUSH_DELAY, MAX_PFNS_PER_ELEMENT,
+    MAX_STATS_ENTRIES, PENDING_CAP, PENDING_RANGES,
 };
 
 /// The README's code blocks, compiled and run as doc tests so they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The wiring guide's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/wiring.md")]
+pub struct WiringDoctests;
+
+/// The migration guide's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/migration.md")]
+pub struct MigrationDoctests;

@@ -17,7 +17,7 @@ mod pages;
 mod queue;
 mod regions;
 mod reporting;
-mod snapshot;
+pub(crate) mod snapshot;
 mod stats;
 mod timer;
 
@@ -48,16 +48,14 @@ use config::ConfigSpace;
 pub use hint::{FreePageHinting, HintMetrics, HintRound, HintState};
 use hint::{FreePageQueue, HintShared};
 use pages::PageEngine;
-pub use pages::{
-    PageMetrics, BACKING_CACHE, MAX_PARTIAL_PAGE, MAX_PFNS_PER_ELEMENT, PARTIAL_SLOTS, PENDING_CAP,
-    PENDING_RANGES, PFN_CHUNK,
-};
-pub use snapshot::{BalloonState, QueueSnapshot, RestoreError, BALLOON_STATE_VERSION};
+pub use pages::{PageMetrics, MAX_PFNS_PER_ELEMENT, PENDING_CAP, PENDING_RANGES};
+use stats::StatsState;
 pub use stats::{BalloonStats, StatsReport, MAX_STATS_ENTRIES};
 pub use timer::{Clock, ManualClock, MonotonicClock};
 use timer::{StallCheck, StallWatch, Timer};
 
 static STALL_TIMER_FAILED: RateLimit = RateLimit::new();
+static FLUSH_TIMER_FAILED: RateLimit = RateLimit::new();
 
 /// How long inflated pages may wait to be merged with the next inflate element before they
 /// are discarded.
@@ -114,16 +112,6 @@ pub struct BalloonMetrics {
     /// Stalls of the target ([`BalloonEvents::TARGET_STALLED`]).
     #[serde(default)]
     pub target_stalls: u64,
-}
-
-/// The statistics side of the device.
-#[derive(Debug)]
-struct StatsState {
-    /// The head of the buffer the device holds, if any.
-    held: Option<u16>,
-    last: Option<StatsReport>,
-    interval: Duration,
-    timer: Timer,
 }
 
 /// What the device offers and how it sizes its queues.
@@ -679,11 +667,93 @@ where
         let budget = usize::from(self.cfg.chains_per_wakeup);
         match self.layout.role(index) {
             Some(QueueRole::FreePage) => self.hint.process(budget),
-            Some(QueueRole::Inflate) => self.process_inflate_deflate(index, true, budget),
-            Some(QueueRole::Deflate) => self.process_inflate_deflate(index, false, budget),
-            Some(QueueRole::Stats) => self.process_stats(index, budget),
-            Some(QueueRole::Reporting) => self.process_reporting(index, budget),
+            Some(QueueRole::Inflate) => self.serve_pfns(index, true, budget),
+            Some(QueueRole::Deflate) => self.serve_pfns(index, false, budget),
+            Some(QueueRole::Stats) => self.serve_stats(index, budget),
+            Some(QueueRole::Reporting) => self.serve_reports(index, budget),
             None => {}
+        }
+    }
+
+    /// Inflate or deflate: the PFN arrays go to the page engine; inflated pages left waiting
+    /// for a merge arm the flush timer.
+    fn serve_pfns(&mut self, index: usize, inflate: bool, budget: usize) {
+        let must_tell_host = self.has_feature(f::VIRTIO_BALLOON_F_MUST_TELL_HOST);
+        let guard = self.mem.memory();
+        let (Some(queue), Some(evt)) = (self.queues.get_mut(index), self.queue_evts.get(index))
+        else {
+            return;
+        };
+        let pending = inflate::serve_pfns(
+            queue,
+            &*guard,
+            index,
+            budget,
+            &self.irq,
+            evt,
+            &mut self.pages,
+            inflate,
+            must_tell_host,
+        );
+        drop(guard);
+        if pending && !self.flush_timer.armed() {
+            if let Err(e) = self.flush_timer.arm(DISCARD_FLUSH_DELAY, None) {
+                warn_limited!(
+                    FLUSH_TIMER_FAILED,
+                    "balloon: cannot arm the flush timer: {}",
+                    e
+                );
+                self.flush_discards();
+            }
+        }
+    }
+
+    /// Statistics: the newest buffer is kept and announced with
+    /// [`BalloonEvents::STATS_UPDATED`].
+    fn serve_stats(&mut self, index: usize, budget: usize) {
+        let guard = self.mem.memory();
+        let (Some(queue), Some(evt)) = (self.queues.get_mut(index), self.queue_evts.get(index))
+        else {
+            return;
+        };
+        let served = stats::serve_stats(
+            queue,
+            &*guard,
+            index,
+            budget,
+            &self.irq,
+            evt,
+            &mut self.stats,
+        );
+        drop(guard);
+        self.metrics.stats_updates += served.updates;
+        self.metrics.stats_malformed += served.malformed;
+        if served.updates > 0 {
+            self.add_event(BalloonEvents::STATS_UPDATED);
+        }
+    }
+
+    /// Free page reporting: reported pages are discarded unless page poison is in use or
+    /// discards are inhibited. The first element latches `poison_val`.
+    fn serve_reports(&mut self, index: usize, budget: usize) {
+        let skip_reports = self.poison_val() != 0 || self.pages.inhibited();
+        let guard = self.mem.memory();
+        let (Some(queue), Some(evt)) = (self.queues.get_mut(index), self.queue_evts.get(index))
+        else {
+            return;
+        };
+        let arrived = reporting::serve_reports(
+            queue,
+            &*guard,
+            index,
+            budget,
+            &self.irq,
+            evt,
+            &mut self.pages,
+            skip_reports,
+        );
+        if arrived {
+            self.poison_latched = true;
         }
     }
 

@@ -4,7 +4,7 @@
 //! Inflate, deflate and free page reporting: from guest elements to host ranges.
 //!
 //! * Inflate and deflate elements carry arrays of 32-bit little-endian PFNs (4 KiB units).
-//!   They are read in chunks of [`PFN_CHUNK`] into a stack buffer, sorted, and merged into
+//!   They are read in chunks of `PFN_CHUNK` into a stack buffer, sorted, and merged into
 //!   runs of adjacent pages; nothing is allocated per element.
 //! * Inflated runs are merged further across elements in a small sorted set of *pending*
 //!   ranges (at most [`PENDING_RANGES`], allocated once). A run that touches or overlaps a
@@ -21,7 +21,7 @@
 //!   small fixed table until every piece was inflated; a deflated piece is taken out of it
 //!   again.
 //! * What backs a region is found once, the first time the device discards or populates in
-//!   it ([`RegionBacking::of_region`]), and remembered for up to [`BACKING_CACHE`] regions.
+//!   it ([`RegionBacking::of_region`]), and remembered for up to `BACKING_CACHE` regions.
 //!   It travels to the backend with every range ([`HostRange::backing`]). A region whose
 //!   backing cannot be determined is counted ([`PageMetrics::unknown_backing_regions`],
 //!   [`PageMetrics::unknown_backing_bytes`]); the default backend discards nothing there.
@@ -77,7 +77,6 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::regions::BackingCache;
-pub use super::regions::BACKING_CACHE;
 use crate::backend::{HostRange, MemoryBackend, RegionBacking};
 use crate::defs::{PAGE_SHIFT, PAGE_SIZE};
 use crate::ratelimit::{warn_limited, RateLimit};
@@ -86,7 +85,7 @@ static BACKEND_FAILED: RateLimit = RateLimit::new();
 static BAD_PFN_READ: RateLimit = RateLimit::new();
 
 /// PFNs read and merged at a time (Linux sends at most 256 per element).
-pub const PFN_CHUNK: usize = 256;
+pub(crate) const PFN_CHUNK: usize = 256;
 
 /// The most PFNs taken from one inflate or deflate element (16 times what Linux sends); the
 /// rest of a longer element is ignored, which bounds the work a guest can cause per element.
@@ -102,12 +101,12 @@ pub const PENDING_CAP: u64 = 256 << 20;
 pub const PENDING_RANGES: usize = 64;
 
 /// Host pages tracked at once while only some of their 4 KiB pieces were inflated.
-pub const PARTIAL_SLOTS: usize = 16;
+pub(crate) const PARTIAL_SLOTS: usize = 16;
 
 /// The largest host page whose pieces are collected across runs and elements (1 GiB: a slot
 /// of the partial table then takes 32 KiB). A larger page is discarded only when one pending
 /// range covers all of it.
-pub const MAX_PARTIAL_PAGE: u64 = 1 << 30;
+pub(crate) const MAX_PARTIAL_PAGE: u64 = 1 << 30;
 
 /// Counters of the memory side of the balloon.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,7 +116,7 @@ pub struct PageMetrics {
     pub inflate_elements: u64,
     /// Deflate elements handled.
     pub deflate_elements: u64,
-    /// 4 KiB pages inflated inside guest RAM. PFNs are merged per chunk of [`PFN_CHUNK`]: a
+    /// 4 KiB pages inflated inside guest RAM. PFNs are merged per chunk of 256 PFNs: a
     /// PFN repeated within a chunk counts once, a repeat in a later chunk counts again.
     pub inflated_pages: u64,
     /// 4 KiB pages deflated inside guest RAM.
@@ -148,7 +147,7 @@ pub struct PageMetrics {
     pub reported_bytes: u64,
     /// Guest memory regions whose backing could not be determined
     /// ([`RegionBacking::Unknown`]), counted when the device first looked at them (again if
-    /// more than [`BACKING_CACHE`] regions are in use and it had to forget one).
+    /// more than 256 regions are in use and it had to forget one).
     #[serde(default)]
     pub unknown_backing_regions: u64,
     /// Bytes of inflated or reported pages in such regions handed to the backend; the
@@ -168,7 +167,7 @@ pub(super) enum PfnStop {
 
 /// Reads the PFN array in the device-readable descriptors of `chain` (a byte stream: a PFN
 /// may straddle two descriptors; 1-3 trailing bytes are ignored) and calls `f` with chunks
-/// of at most [`PFN_CHUNK`] PFNs. Returns the number of PFNs read and why it stopped early.
+/// of at most `PFN_CHUNK` PFNs. Returns the number of PFNs read and why it stopped early.
 pub(super) fn for_each_pfn_chunk<M>(
     chain: &DescriptorChain<M>,
     mut f: impl FnMut(&mut [u32]),
@@ -293,8 +292,8 @@ fn host_range<R: GuestMemoryRegion>(
 /// Host pages of which only some 4 KiB pieces were inflated. A fixed number of slots, each
 /// for one page of its region's page size with one bit per piece; the oldest slot is dropped
 /// when a new page needs one (its pieces are then simply never discarded, which is always
-/// safe). A slot's bits grow to the largest page it held (at most [`MAX_PARTIAL_PAGE`]) and
-/// are reused after that, so the table never allocates more than [`PARTIAL_SLOTS`] times
+/// safe). A slot's bits grow to the largest page it held (at most `MAX_PARTIAL_PAGE`) and
+/// are reused after that, so the table never allocates more than `PARTIAL_SLOTS` times
 /// `MAX_PARTIAL_PAGE / 4 KiB` bits, whatever the guest does.
 #[derive(Debug)]
 struct PartialPages {

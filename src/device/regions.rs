@@ -13,7 +13,7 @@ use crate::backend::RegionBacking;
 /// The most regions whose backing the device remembers. With more regions in use, the one
 /// used least recently is forgotten and looked at again when next needed (which costs a read
 /// of `/proc/self/maps`, but never more memory).
-pub const BACKING_CACHE: usize = 256;
+pub(crate) const BACKING_CACHE: usize = 256;
 
 /// Calls `f(region, start, end)` for each part `[start, end)` of `[start, end)` that lies in
 /// one region of `mem`, in ascending order, and returns the bytes that lie in no region.
@@ -88,7 +88,7 @@ struct Entry {
 }
 
 /// What backs each guest memory region, found once per region
-/// ([`RegionBacking::of_region`]) and kept for at most [`BACKING_CACHE`] regions. The layout
+/// ([`RegionBacking::of_region`]) and kept for at most `BACKING_CACHE` regions. The layout
 /// of guest memory is the VMM's, so the work and memory here are bounded by it, not by the
 /// guest.
 #[derive(Debug, Default)]

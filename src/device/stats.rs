@@ -8,17 +8,19 @@
 //! buffer is an array of packed 10-byte entries (`le16` tag, `le64` value). Unknown tags and a
 //! trailing fragment are ignored; at most [`MAX_STATS_ENTRIES`] entries are parsed per buffer.
 
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::descriptor::check_chain;
 use super::queue::serve;
-use super::{Balloon, BalloonEvents};
+use super::timer::Timer;
 use crate::defs::stats_tag::{self as tag, ENTRY_SIZE};
 use crate::ratelimit::{warn_limited, RateLimit};
+use crate::transport::Interrupt;
 
 static BAD_CHAIN: RateLimit = RateLimit::new();
 
@@ -125,57 +127,69 @@ where
     Some((stats, entries, unknown))
 }
 
-impl<M> Balloon<M>
-where
-    M: GuestAddressSpace + Send + 'static,
-    M::M: GuestMemoryBackend,
-{
-    /// Serves up to `budget` elements of the statistics queue `index`. Each buffer is
-    /// parsed and then held until the device wants fresh numbers
-    /// ([`request_stats`](Balloon::request_stats)); a second one while one is held (the
-    /// driver must not send it) gives the older one back.
-    pub(super) fn process_stats(&mut self, index: usize, budget: usize) {
-        let guard = self.mem.memory();
-        let mem: &M::M = &guard;
-        let (Some(queue), Some(evt)) = (self.queues.get_mut(index), self.queue_evts.get(index))
-        else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let size = queue.size();
-        let stats = &mut self.stats;
-        let metrics = &mut self.metrics;
-        let mut stats_arrived = false;
-        serve(queue, mem, index, budget, &self.irq, evt, |chain, _| {
-            let head = chain.head_index();
-            if let Err(e) = check_chain(chain, size) {
-                warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
-                metrics.stats_malformed += 1;
-                return Some(head);
-            }
-            match parse(chain) {
-                Some((values, entries, unknown_tags)) => {
-                    metrics.stats_updates += 1;
-                    stats.last = Some(StatsReport {
-                        stats: values,
-                        received: Instant::now(),
-                        received_at: SystemTime::now(),
-                        entries,
-                        unknown_tags,
-                    });
-                    stats_arrived = true;
-                }
-                None => metrics.stats_malformed += 1,
-            }
-            stats.held.replace(head)
-        });
-        drop(guard);
-        if stats_arrived {
-            self.add_event(BalloonEvents::STATS_UPDATED);
-        }
+/// The statistics side of the device.
+#[derive(Debug)]
+pub(super) struct StatsState {
+    /// The head of the buffer the device holds, if any.
+    pub(super) held: Option<u16>,
+    /// The latest buffer's values.
+    pub(super) last: Option<StatsReport>,
+    /// How often the device asks for fresh numbers (0: only when asked).
+    pub(super) interval: Duration,
+    /// The timer that asks at that interval.
+    pub(super) timer: Timer,
+}
+
+/// What one pass over the statistics queue found.
+#[derive(Debug, Default)]
+pub(super) struct StatsServed {
+    /// Buffers parsed.
+    pub(super) updates: u64,
+    /// Buffers that could not be read (held anyway).
+    pub(super) malformed: u64,
+}
+
+/// Serves up to `budget` elements of the statistics queue `index`. Each buffer is parsed
+/// and then held until the device wants fresh numbers
+/// ([`request_stats`](super::Balloon::request_stats)); a second one while one is held (the
+/// driver must not send it) gives the older one back.
+pub(super) fn serve_stats<B: GuestMemoryBackend>(
+    queue: &mut Queue,
+    mem: &B,
+    index: usize,
+    budget: usize,
+    irq: &Interrupt,
+    evt: &EventFd,
+    stats: &mut StatsState,
+) -> StatsServed {
+    let mut served = StatsServed::default();
+    if !queue.ready() {
+        return served;
     }
+    let size = queue.size();
+    serve(queue, mem, index, budget, irq, evt, |chain, _| {
+        let head = chain.head_index();
+        if let Err(e) = check_chain(chain, size) {
+            warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
+            served.malformed += 1;
+            return Some(head);
+        }
+        match parse(chain) {
+            Some((values, entries, unknown_tags)) => {
+                served.updates += 1;
+                stats.last = Some(StatsReport {
+                    stats: values,
+                    received: Instant::now(),
+                    received_at: SystemTime::now(),
+                    entries,
+                    unknown_tags,
+                });
+            }
+            None => served.malformed += 1,
+        }
+        stats.held.replace(head)
+    });
+    served
 }
 
 #[cfg(test)]

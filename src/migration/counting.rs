@@ -494,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn offset_cases_from_the_protocol_notes() {
+    fn offset_cases_of_the_counting_bits_section() {
         let map = [0xDEAD_BEEF_0123_4567u64, 0x8000_0000_0000_0001, u64::MAX, 0];
         let cases = [
             (0, 64),   // offset % 64 == 0, one whole word
