@@ -5,7 +5,7 @@
 //! entries and indirect tables) and how a chain is walked (virtio-queue's rules).
 
 use arbitrary::Arbitrary;
-use guest_model::ring::GuestMem;
+use guest_model::ring::{desc_bytes, GuestMem};
 
 use crate::layout::{guest_write, len_of, Addr, Layout, Len, TABLE_ENTRIES};
 
@@ -29,16 +29,6 @@ pub enum Table {
     Ring,
     /// An indirect table at this guest address.
     At(u64),
-}
-
-/// The descriptor as it lies in guest memory.
-pub fn desc_bytes(d: &Desc) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-    b[8..12].copy_from_slice(&d.len.to_le_bytes());
-    b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-    b[14..16].copy_from_slice(&d.next.to_le_bytes());
-    b
 }
 
 /// The descriptor `b` holds.

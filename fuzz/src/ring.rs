@@ -12,24 +12,19 @@
 //!   not taken from a free list: the device under test may return anything in its used
 //!   ring, and the targets post raw heads and raw tables;
 //! * an available index can be published raw ([`DriverRing::set_avail_idx`]), anywhere
-//!   relative to the device's position. `SplitRing` has no such call, so from then on (until
-//!   the next bring-up) the adapter writes the available ring entries and index itself, with
-//!   the same stores `SplitRing::publish_head` makes;
-//! * indirect tables are written anywhere in guest memory ([`write_table_desc`]).
+//!   relative to the device's position, and heads go on from there (`SplitRing::set_avail_idx`);
+//! * indirect tables are written anywhere in guest memory ([`write_table_desc`], over
+//!   `guest_model::ring::write_desc_at`).
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 
-use guest_model::ring::{Desc, GuestMem, RingLayout, SplitRing, DESC_SIZE};
-use vm_memory::{Bytes, GuestAddress};
+use guest_model::ring::{write_desc_at, Desc, GuestMem, RingLayout, SplitRing, DESC_SIZE};
+use vm_memory::GuestAddress;
 
 /// The driver's side of one queue.
 #[derive(Debug)]
 pub struct DriverRing {
     ring: SplitRing,
-    /// The available index the driver last published (equal to the `SplitRing`'s own until
-    /// a raw index is published).
-    avail: Wrapping<u16>,
     /// The table entry the next direct chain starts at.
     next_desc: u16,
 }
@@ -44,11 +39,7 @@ impl DriverRing {
         // No EVENT_IDX bookkeeping and a callback: the driver never reclaims through
         // `get_buf`, and the available ring's flags stay 0.
         let ring = SplitRing::new(mem, index, layout, false, true, None).ok()?;
-        Some(DriverRing {
-            ring,
-            avail: Wrapping(0),
-            next_desc: 0,
-        })
+        Some(DriverRing { ring, next_desc: 0 })
     }
 
     /// Where the rings are.
@@ -63,7 +54,7 @@ impl DriverRing {
 
     /// The available index the driver last published.
     pub fn avail_idx(&self) -> Wrapping<u16> {
-        self.avail
+        Wrapping(self.ring.avail_idx())
     }
 
     /// The device's used index, `None` if guest memory cannot be read there.
@@ -86,36 +77,15 @@ impl DriverRing {
         self.ring.write_desc_raw(mem, i % self.size(), d).is_ok()
     }
 
-    /// Puts `head` in the next available ring entry and publishes the index one past it.
+    /// Puts `head` in the next available ring entry and publishes the index one past it
+    /// (guest memory that holds neither is left alone).
     pub fn publish(&mut self, mem: &GuestMem, head: u16) {
-        if self.avail.0 != self.ring.avail_idx() || self.ring.publish_head(mem, head).is_err() {
-            // After a raw index (or an entry straddling two regions, which the ring's atomic
-            // stores refuse): the same two writes, byte-wise if need be.
-            let layout = self.layout();
-            let slot = u64::from(self.avail.0 % layout.size);
-            let at = layout.avail.0.wrapping_add(4 + 2 * slot);
-            let _ = mem.write_obj(head.to_le(), GuestAddress(at));
-            self.avail += 1;
-            self.store_avail_idx(mem);
-            return;
-        }
-        self.avail += 1;
+        let _ = self.ring.publish_head(mem, head);
     }
 
     /// Publishes `idx` as the available index, wherever it is relative to the device.
     pub fn set_avail_idx(&mut self, mem: &GuestMem, idx: u16) {
-        self.avail = Wrapping(idx);
-        self.store_avail_idx(mem);
-    }
-
-    fn store_avail_idx(&self, mem: &GuestMem) {
-        let at = GuestAddress(self.layout().avail.0.wrapping_add(2));
-        if mem
-            .store(self.avail.0.to_le(), at, Ordering::Release)
-            .is_err()
-        {
-            let _ = mem.write_obj(self.avail.0.to_le(), at);
-        }
+        let _ = self.ring.set_avail_idx(mem, idx);
     }
 }
 
@@ -123,6 +93,5 @@ impl DriverRing {
 /// when guest memory does not hold it.
 pub fn write_table_desc(mem: &GuestMem, table: u64, i: u16, d: Desc) -> bool {
     let at = table.wrapping_add(u64::from(i) * DESC_SIZE);
-    mem.write_slice(&crate::desc::desc_bytes(&d), GuestAddress(at))
-        .is_ok()
+    write_desc_at(mem, GuestAddress(at), d).is_ok()
 }

@@ -547,19 +547,24 @@ impl SplitRing {
     pub fn publish_head(&mut self, mem: &GuestMem, head: u16) -> Result<(), RingError> {
         let slot = self.avail_idx_shadow % self.layout.size;
         let at = GuestAddress(self.layout.avail.0 + 4 + 2 * u64::from(slot));
-        mem.store(head.to_le(), at, Ordering::Relaxed)
-            .map_err(mem_err)?;
+        store_u16(mem, at, head, Ordering::Relaxed)?;
         self.avail_idx_shadow = self.avail_idx_shadow.wrapping_add(1);
         self.num_added = self.num_added.wrapping_add(1);
         // virtio_wmb: descriptors and ring entry before the index.
         fence(Ordering::Release);
-        mem.store(
-            self.avail_idx_shadow.to_le(),
-            GuestAddress(self.layout.avail.0 + 2),
-            Ordering::Release,
-        )
-        .map_err(mem_err)?;
-        Ok(())
+        self.store_avail_idx(mem)
+    }
+
+    /// Publishes `idx` as the available index, wherever it stands relative to the device's
+    /// position (what a hostile driver may do); heads published later go on from it.
+    pub fn set_avail_idx(&mut self, mem: &GuestMem, idx: u16) -> Result<(), RingError> {
+        self.avail_idx_shadow = idx;
+        self.store_avail_idx(mem)
+    }
+
+    fn store_avail_idx(&self, mem: &GuestMem) -> Result<(), RingError> {
+        let at = GuestAddress(self.layout.avail.0 + 2);
+        store_u16(mem, at, self.avail_idx_shadow, Ordering::Release)
     }
 
     /// Linux `virtqueue_kick_prepare_split`: does the device want a notification for what was
@@ -719,10 +724,25 @@ pub fn write_table(mem: &GuestMem, table: GuestAddress, descs: &[Desc]) -> Resul
 
 /// Writes one raw descriptor at guest address `at`, whatever it holds.
 pub fn write_desc_at(mem: &GuestMem, at: GuestAddress, d: Desc) -> Result<(), RingError> {
+    mem.write_slice(&desc_bytes(&d), at).map_err(mem_err)
+}
+
+/// The 16 bytes of a descriptor table entry, as `struct vring_desc` lays them out
+/// (little-endian `addr`, `len`, `flags`, `next`).
+pub fn desc_bytes(d: &Desc) -> [u8; 16] {
     let mut raw = [0u8; 16];
     raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
     raw[8..12].copy_from_slice(&d.len.to_le_bytes());
     raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
     raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-    mem.write_slice(&raw, at).map_err(mem_err)
+    raw
+}
+
+/// Stores a little-endian `u16` with `order`; a location the atomic store refuses (two bytes
+/// straddling two memory regions, which hostile layouts make) is written byte by byte.
+fn store_u16(mem: &GuestMem, at: GuestAddress, v: u16, order: Ordering) -> Result<(), RingError> {
+    if mem.store(v.to_le(), at, order).is_ok() {
+        return Ok(());
+    }
+    mem.write_slice(&v.to_le_bytes(), at).map_err(mem_err)
 }
