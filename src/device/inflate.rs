@@ -11,17 +11,13 @@
 //! timer (`DISCARD_FLUSH_DELAY`, armed by the device when this returns true) discards what is
 //! left.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::descriptor::check_chain;
 use super::pages::{for_each_pfn_chunk, for_each_run, log_pfn_stop, PageEngine, PfnStop};
-use super::queue::serve;
-use crate::ratelimit::{warn_limited, RateLimit};
+use super::queue::serve_checked;
 use crate::transport::Interrupt;
-
-static BAD_CHAIN: RateLimit = RateLimit::new();
 
 /// Serves up to `budget` elements of the inflate (`inflate`) or deflate queue `index`.
 /// Returns whether inflated pages wait for the flush timer.
@@ -37,17 +33,7 @@ pub(super) fn serve_pfns<B: GuestMemoryBackend>(
     inflate: bool,
     must_tell_host: bool,
 ) -> bool {
-    if !queue.ready() {
-        return false;
-    }
-    let size = queue.size();
-    serve(queue, mem, index, budget, irq, evt, |chain, _| {
-        let head = chain.head_index();
-        if let Err(e) = check_chain(chain, size) {
-            warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
-            pages.metrics.malformed_elements += 1;
-            return Some(head);
-        }
+    let bad = serve_checked(queue, mem, index, budget, irq, evt, |chain| {
         if inflate {
             pages.metrics.inflate_elements += 1;
         } else {
@@ -76,7 +62,8 @@ pub(super) fn serve_pfns<B: GuestMemoryBackend>(
             }
             log_pfn_stop(if inflate { "inflate" } else { "deflate" }, stop);
         }
-        Some(head)
+        Some(chain.head_index())
     });
+    pages.metrics.malformed_elements += bad;
     inflate && pages.has_pending()
 }

@@ -9,10 +9,45 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::descriptor::check_chain;
 use crate::ratelimit::{warn_limited, RateLimit};
 use crate::transport::Interrupt;
 
 static RING_ERROR: RateLimit = RateLimit::new();
+static BAD_CHAIN: RateLimit = RateLimit::new();
+
+/// [`serve`] for the queues whose elements are checked as a whole before anything is read
+/// (inflate, deflate, statistics, reporting). Nothing is served while the queue is not
+/// ready. A chain that fails [`check_chain`] is logged (rate-limited) and given back at once;
+/// the others go to `handle`, which returns the head to put on the used ring, if any.
+/// Returns how many chains were bad.
+pub(super) fn serve_checked<'m, Mem>(
+    queue: &mut Queue,
+    mem: &'m Mem,
+    index: usize,
+    budget: usize,
+    irq: &Interrupt,
+    evt: &EventFd,
+    mut handle: impl FnMut(&DescriptorChain<&'m Mem>) -> Option<u16>,
+) -> u64
+where
+    Mem: GuestMemoryBackend,
+{
+    if !queue.ready() {
+        return 0;
+    }
+    let size = queue.size();
+    let mut bad = 0u64;
+    serve(queue, mem, index, budget, irq, evt, |chain, _| {
+        if let Err(e) = check_chain(chain, size) {
+            warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
+            bad += 1;
+            return Some(chain.head_index());
+        }
+        handle(chain)
+    });
+    bad
+}
 
 /// Serves up to `budget` chains of queue `index` with virtio-queue's pattern: disable
 /// notifications, pop and handle chains, enable notifications and check again.

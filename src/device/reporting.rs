@@ -10,17 +10,13 @@
 //! a whole: a discarded page would read as zeros, not as the poison pattern. The first
 //! element latches `poison_val`.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::descriptor::check_chain;
 use super::pages::PageEngine;
-use super::queue::serve;
-use crate::ratelimit::{warn_limited, RateLimit};
+use super::queue::serve_checked;
 use crate::transport::Interrupt;
-
-static BAD_CHAIN: RateLimit = RateLimit::new();
 
 /// Serves up to `budget` elements of the free page reporting queue `index`; with
 /// `skip_reports` (page poison in use, or discards inhibited) the reported pages are kept.
@@ -36,18 +32,8 @@ pub(super) fn serve_reports<B: GuestMemoryBackend>(
     pages: &mut PageEngine,
     skip_reports: bool,
 ) -> bool {
-    if !queue.ready() {
-        return false;
-    }
-    let size = queue.size();
     let mut arrived = false;
-    serve(queue, mem, index, budget, irq, evt, |chain, _| {
-        let head = chain.head_index();
-        if let Err(e) = check_chain(chain, size) {
-            warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
-            pages.metrics.malformed_elements += 1;
-            return Some(head);
-        }
+    let bad = serve_checked(queue, mem, index, budget, irq, evt, |chain| {
         arrived = true;
         pages.metrics.reporting_elements += 1;
         if skip_reports {
@@ -57,7 +43,8 @@ pub(super) fn serve_reports<B: GuestMemoryBackend>(
                 pages.report(mem, desc.addr().0, u64::from(desc.len()));
             }
         }
-        Some(head)
+        Some(chain.head_index())
     });
+    pages.metrics.malformed_elements += bad;
     arrived
 }

@@ -11,18 +11,14 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::descriptor::check_chain;
-use super::queue::serve;
+use super::queue::serve_checked;
 use super::timer::Timer;
 use crate::defs::stats_tag::{self as tag, ENTRY_SIZE};
-use crate::ratelimit::{warn_limited, RateLimit};
 use crate::transport::Interrupt;
-
-static BAD_CHAIN: RateLimit = RateLimit::new();
 
 /// The most entries parsed from one buffer (Linux sends 16); the rest is ignored.
 pub const MAX_STATS_ENTRIES: usize = 256;
@@ -163,17 +159,7 @@ pub(super) fn serve_stats<B: GuestMemoryBackend>(
     stats: &mut StatsState,
 ) -> StatsServed {
     let mut served = StatsServed::default();
-    if !queue.ready() {
-        return served;
-    }
-    let size = queue.size();
-    serve(queue, mem, index, budget, irq, evt, |chain, _| {
-        let head = chain.head_index();
-        if let Err(e) = check_chain(chain, size) {
-            warn_limited!(BAD_CHAIN, "balloon: queue {}: bad element: {:?}", index, e);
-            served.malformed += 1;
-            return Some(head);
-        }
+    let bad = serve_checked(queue, mem, index, budget, irq, evt, |chain| {
         match parse(chain) {
             Some((values, entries, unknown_tags)) => {
                 served.updates += 1;
@@ -187,8 +173,9 @@ pub(super) fn serve_stats<B: GuestMemoryBackend>(
             }
             None => served.malformed += 1,
         }
-        stats.held.replace(head)
+        stats.held.replace(chain.head_index())
     });
+    served.malformed += bad;
     served
 }
 
