@@ -5,7 +5,7 @@
 //!
 //! The source guest is real `vm-memory` guest memory with vm-memory's dirty bitmap, the
 //! balloon device behind virtio-mmio with its split rings, eventfds and `event-manager`
-//! thread, and a model of the Linux driver (`tests/common/`) running on its own threads with
+//! thread, and a model of the Linux driver (the `guest-model` crate) running on its own threads with
 //! a page allocator and an optional writer workload. The reference precopy loop
 //! (`virtio_balloon_precopy::Precopy`) sends its memory over a loopback TCP socket to a
 //! destination that applies it with `Receiver`. After each migration every page the guest
@@ -27,14 +27,12 @@
 //! cargo run --release --example precopy -- --help       # the flags
 //! ```
 
-use guest_model as common;
-
 use std::io::BufWriter;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Destination, Guest, GuestSpec, WriterSpec, MIB};
+use guest_model::{Destination, Guest, GuestSpec, WriterSpec, MIB};
 use kvm_source::KvmSource;
 use virtio_balloon::migration::{DirtyLog, GuestMemoryDirtyLog, PrecopyNotifierChain};
 use virtio_balloon_precopy::{
@@ -721,11 +719,11 @@ mod kvm_source {
     use vm_memory::bitmap::AtomicBitmap;
     use vm_memory::GuestMemoryMmap;
 
-    use super::common::kvm::{
+    use super::VcpuReport;
+    use guest_model::kvm::{
         kvm_unusable, Firmware, KvmVm, PageVcpu, VcpuPageWriter, VcpuWriterStats, FIRMWARE_PAGES,
     };
-    use super::common::{Guest, PageWriter};
-    use super::VcpuReport;
+    use guest_model::{Guest, PageWriter};
 
     pub struct KvmSource {
         log: Arc<KvmDirtyLog>,
@@ -808,8 +806,8 @@ mod kvm_source {
     use vm_memory::bitmap::AtomicBitmap;
     use vm_memory::GuestMemoryMmap;
 
-    use super::common::{Guest, PageWriter};
     use super::VcpuReport;
+    use guest_model::{Guest, PageWriter};
 
     pub enum KvmSource {}
 

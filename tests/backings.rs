@@ -29,7 +29,6 @@
 //!
 //! `cargo test --test backings -- --nocapture --test-threads 1` prints the figures.
 
-use guest_model as common;
 use guest_model::backend::{BackendOp, RecordingBackend};
 
 use std::collections::BTreeSet;
@@ -37,10 +36,10 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
-use common::host::{
+use guest_model::host::{
     aligned_anonymous, allocated, mapped, memfd, meminfo, smaps, HugePages, Smaps, HUGETLB,
 };
-use common::*;
+use guest_model::*;
 use virtio_balloon::backend::{DiscardPolicy, MadviseBackend, RegionBacking};
 use virtio_balloon::sink::RecordingSink;
 use vm_memory::bitmap::AtomicBitmap;
@@ -51,7 +50,7 @@ use vm_memory::{
 /// A PFN's frame.
 const PAGE: u64 = BALLOON_PFN_BYTES;
 /// The huge page size the hugetlbfs tests use.
-const HUGE: u64 = common::host::HUGE_PAGE;
+const HUGE: u64 = guest_model::host::HUGE_PAGE;
 /// Where the region under test starts in the guest.
 const REGION: u64 = 4 * MIB;
 /// Salts of what the guest writes before inflating and after deflating.

@@ -14,11 +14,9 @@
 //! each feature set, writes past the end, by byte, to read-only fields and before DRIVER,
 //! `poison_val`, the generation and the configuration interrupt, and the hint id it shows.
 
-use guest_model as common;
-
 use std::sync::Arc;
 
-use common::*;
+use guest_model::*;
 use virtio_balloon::defs::features as f;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::VirtioDevice;

@@ -4,12 +4,10 @@
 //! Tests of the guest model for precopy migration (`guest_model::guest`): layout, page
 //! contents, the writer and its shrinker path, and stopping the VM.
 
-use guest_model as common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use guest_model::*;
 use virtio_balloon::migration::{GuestMemoryDirtyLog, MigrationBitmap};
 use virtio_balloon_precopy::VmControl;
 use vm_memory::{Bytes, GuestAddress};

@@ -5,14 +5,13 @@
 
 #![cfg(feature = "kvm")]
 
-use guest_model as common;
 use guest_model::require_kvm;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::kvm::{KvmVm, PageVcpu};
+use guest_model::kvm::{KvmVm, PageVcpu};
 use proptest::prelude::*;
 use virtio_balloon::migration::{
     DirtyLog, DirtyLogClear, DirtyLogError, Error as BitmapError, HarvestedLog, KvmDirtyLog,
@@ -31,14 +30,14 @@ const FIRMWARE: GuestAddress = GuestAddress(0x1000_0000);
 /// A VM with one 64 MiB region, its dirty log and a page-writing vCPU.
 struct Setup {
     vm: KvmVm,
-    mem: common::Mem,
+    mem: guest_model::Mem,
     log: Arc<KvmDirtyLog>,
     bitmap: Arc<MigrationBitmap>,
     vcpu: PageVcpu,
 }
 
 fn setup(protection: KvmProtection, clear_step: bool) -> Setup {
-    let mem = common::guest_memory(&[(GuestAddress(0), MEM)]);
+    let mem = guest_model::guest_memory(&[(GuestAddress(0), MEM)]);
     let mut vm = KvmVm::new().expect("open /dev/kvm");
     let slots = vm.register(&mem).expect("register guest memory");
     let fw = vm.add_firmware_slot(FIRMWARE).expect("firmware slot");
@@ -205,7 +204,7 @@ enum Last {
 }
 
 /// Sends every dirty page of `s` from `src` to `dst`, clearing the log first.
-fn send_pass(bitmap: &MigrationBitmap, src: &common::Mem, dst: &GuestMemoryMmap<()>) {
+fn send_pass(bitmap: &MigrationBitmap, src: &guest_model::Mem, dst: &GuestMemoryMmap<()>) {
     let mut buf = vec![0u8; PAGE as usize];
     let dirty: Vec<GuestAddress> = bitmap.iter_dirty().collect();
     for addr in dirty {

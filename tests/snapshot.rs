@@ -11,14 +11,13 @@
 //! the current device's queues when it is pumped, and relays the current device's interrupt
 //! eventfd to the guest's, so both survive the swap.
 
-use guest_model as common;
 use guest_model::backend::RecordingBackend;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use common::driver::{PAGE_POISON_VAL, TOKEN_STATS};
-use common::*;
+use guest_model::driver::{PAGE_POISON_VAL, TOKEN_STATS};
+use guest_model::*;
 use serde::{Deserialize, Serialize};
 use virtio_balloon::backend::MemoryBackend;
 use virtio_balloon::defs::features as f;

@@ -10,12 +10,10 @@
 //! `check_stall` (what its stall timer does in a VMM); one test lets the real timer and
 //! clock do it through the event loop, and only waits for the event to come.
 
-use guest_model as common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use guest_model::*;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::ManualClock;
 use virtio_balloon::{Balloon, BalloonEvents};

@@ -26,14 +26,12 @@
 //! time is spent sleeping in rate limits and device lag). A seed's scenario depends only on
 //! the seed, whatever thread runs it; the interleavings do not, which is the point.
 
-use guest_model as common;
-
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use guest_model::*;
 use virtio_balloon::HintState;
 use virtio_balloon_precopy::{
     CancelToken, MigrationReport, PrecopyConfig, PrecopyError, ReceiveStats, VmControl,

@@ -7,11 +7,9 @@
 //! and configuration changes through an `InterruptDelivery`, and the event sources a VMM
 //! registers.
 
-use guest_model as common;
-
 use std::sync::{Arc, Mutex};
 
-use common::ring::{GuestMem, Part, RingLayout, SplitRing};
+use guest_model::ring::{GuestMem, Part, RingLayout, SplitRing};
 use virtio_balloon::defs::features as f;
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::{

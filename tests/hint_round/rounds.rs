@@ -5,14 +5,12 @@
 //! virtio-mmio registers, split rings in guest memory, ioeventfd kicks and the irqfd, while
 //! the test plays the migration thread through `FreePageHinting`.
 
-use guest_model as common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use guest_model::*;
 use virtio_balloon::migration::MigrationBitmap;
 use virtio_balloon::sink::{FreePageSink, RecordedHint, RecordingSink};
 use virtio_balloon::transport::VirtioDevice;

@@ -19,15 +19,13 @@
 //! captures in code: a Linux-like driver posting through a small ring (heads reused last in,
 //! first out), `reused` lines, a `# cmd_id` header.
 
-use guest_model as common;
-
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::trace::{Capture, Entry, Line, Plan, FIRST_ROUND_ID};
-use common::*;
+use guest_model::trace::{Capture, Entry, Line, Plan, FIRST_ROUND_ID};
+use guest_model::*;
 use virtio_balloon::defs::PAGE_SIZE;
 use virtio_balloon::sink::{RecordedHint, RecordingSink};
 use virtio_balloon::{HintMetrics, HintState};

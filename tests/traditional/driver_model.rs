@@ -7,13 +7,11 @@
 //! elements come back with used length 0, and the statistics buffer is held until another
 //! one arrives.
 
-use guest_model as common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use common::*;
+use guest_model::ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use guest_model::*;
 use virtio_balloon::sink::RecordingSink;
 use vm_memory::{Bytes, GuestAddress};
 

@@ -16,14 +16,12 @@
 //! MUST_TELL_HOST) is derived from the elapsed time itself, so a slow machine raises the bound
 //! instead of failing the test.
 
-use guest_model as common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::driver::PAGE_POISON_VAL;
-use common::*;
+use guest_model::driver::PAGE_POISON_VAL;
+use guest_model::*;
 use virtio_balloon::backend::{MadviseBackend, MemoryBackend, NoopBackend};
 use virtio_balloon::sink::RecordingSink;
 use virtio_balloon::transport::VirtioDevice;
@@ -43,7 +41,7 @@ const SALT_AFTER: u64 = 0xc3c3_0000_0000_0001;
 // ---------------------------------------------------------------------------------------------
 // The recording backend (`guest_model::backend`).
 
-use common::backend::{BackendCall, BackendOp, RecordingBackend};
+use guest_model::backend::{BackendCall, BackendOp, RecordingBackend};
 
 /// A harness whose device uses a recorder over `inner`.
 fn rig(cfg: HarnessConfig, inner: Arc<dyn MemoryBackend>) -> (Harness, Arc<RecordingBackend>) {
