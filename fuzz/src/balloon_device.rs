@@ -80,6 +80,7 @@ use crate::layout::{
     RING_REGION_PAGES, TABLE_ENTRIES,
 };
 use crate::ring::{write_table_desc, DriverRing};
+use guest_model::mmio::reg;
 use guest_model::ring::{GuestMem, RingLayout};
 use std::num::NonZeroUsize;
 use virtio_balloon::backend::{HostRange, MemoryBackend};
@@ -161,29 +162,29 @@ const CONFIG_LEN: u64 = 16;
 
 /// The registers below the configuration space.
 const REGS: [u64; 23] = [
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_VERSION as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_ID as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_VENDOR_ID as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_HIGH as u64,
-    virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION as u64,
+    reg::MAGIC,
+    reg::VERSION,
+    reg::DEVICE_ID,
+    reg::VENDOR_ID,
+    reg::DEVICE_FEATURES,
+    reg::DEVICE_FEATURES_SEL,
+    reg::DRIVER_FEATURES,
+    reg::DRIVER_FEATURES_SEL,
+    reg::QUEUE_SEL,
+    reg::QUEUE_NUM_MAX,
+    reg::QUEUE_NUM,
+    reg::QUEUE_READY,
+    reg::QUEUE_NOTIFY,
+    reg::INTERRUPT_STATUS,
+    reg::INTERRUPT_ACK,
+    reg::STATUS,
+    reg::QUEUE_DESC_LOW,
+    reg::QUEUE_DESC_HIGH,
+    reg::QUEUE_AVAIL_LOW,
+    reg::QUEUE_AVAIL_HIGH,
+    reg::QUEUE_USED_LOW,
+    reg::QUEUE_USED_HIGH,
+    reg::CONFIG_GENERATION,
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -624,10 +625,7 @@ impl Harness {
                 self.model.poison = u32::from_le_bytes(img[12..16].try_into().unwrap());
             }
         }
-        self.t.write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + off,
-            data,
-        );
+        self.t.write(reg::CONFIG + off, data);
         if actual_changed {
             self.model.events |= BalloonEvents::ACTUAL_CHANGED;
             if self.dev().is_activated() && self.model.actual == self.model.num_pages {
@@ -638,18 +636,14 @@ impl Harness {
 
     /// An MMIO write at any offset and width.
     fn mmio_write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 {
-            self.config_write(
-                offset - virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64,
-                data,
-            );
+        if offset >= reg::CONFIG {
+            self.config_write(offset - reg::CONFIG, data);
             return;
         }
         let before = self.t.status();
         self.t.write(offset, data);
         let after = self.t.status();
-        if offset == virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64 && data == [0, 0, 0, 0]
-        {
+        if offset == reg::STATUS && data == [0, 0, 0, 0] {
             assert_eq!(after, 0, "status after a reset");
             assert!(!self.dev().is_activated(), "active after a reset");
             self.model_reset();
@@ -677,10 +671,10 @@ impl Harness {
         let mut b = [0u8; 8];
         let data = &mut b[..width];
         self.t.read(offset, data);
-        if offset >= virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 {
+        if offset >= reg::CONFIG {
             let img = self.expected_config();
             for (i, &got) in data.iter().enumerate() {
-                let o = (offset - virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64)
+                let o = (offset - reg::CONFIG)
                     .checked_add(i as u64)
                     .filter(|&o| o < CONFIG_LEN);
                 let want = o.map_or(0xff, |o| img[o as usize]);
@@ -703,35 +697,23 @@ impl Harness {
         let dev = self.dev();
         let queue = dev.queue(sel.queue_select as usize);
         let want = match offset {
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE as u64 => {
-                virtio_balloon::transport::MMIO_MAGIC_VALUE
-            }
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_VERSION as u64 => 2,
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_ID as u64 => 5,
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_VENDOR_ID as u64 => 0,
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64 => {
-                match sel.device_features_select {
-                    0 => OFFERED as u32,
-                    1 => (OFFERED >> 32) as u32,
-                    _ => 0,
-                }
-            }
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64 => self
+            r if r == reg::MAGIC => virtio_balloon::transport::MMIO_MAGIC_VALUE,
+            r if r == reg::VERSION => 2,
+            r if r == reg::DEVICE_ID => 5,
+            r if r == reg::VENDOR_ID => 0,
+            r if r == reg::DEVICE_FEATURES => match sel.device_features_select {
+                0 => OFFERED as u32,
+                1 => (OFFERED >> 32) as u32,
+                _ => 0,
+            },
+            r if r == reg::QUEUE_NUM_MAX => self
                 .max_sizes
                 .get(sel.queue_select as usize)
                 .map_or(0, |&m| u32::from(m)),
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64 => {
-                queue.map_or(0, |q| u32::from(q.ready()))
-            }
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64 => {
-                u32::from(dev.interrupt().status())
-            }
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64 => {
-                u32::from(self.t.status())
-            }
-            r if r == virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION as u64 => {
-                dev.interrupt().config_generation()
-            }
+            r if r == reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            r if r == reg::INTERRUPT_STATUS => u32::from(dev.interrupt().status()),
+            r if r == reg::STATUS => u32::from(self.t.status()),
+            r if r == reg::CONFIG_GENERATION => dev.interrupt().config_generation(),
             _ => 0,
         };
         assert_eq!(got, want, "register {offset:#x}");
@@ -764,26 +746,20 @@ impl Harness {
         }
 
         self.write_reg(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            reg::STATUS,
             u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8),
         );
         self.write_reg(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            reg::STATUS,
             u32::from(
                 virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8
                     | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8,
             ),
         );
-        self.write_reg(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
-            0,
-        );
-        let lo = self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
-        self.write_reg(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
-            1,
-        );
-        let hi = self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
+        self.write_reg(reg::DEVICE_FEATURES_SEL, 0);
+        let lo = self.read_reg(reg::DEVICE_FEATURES);
+        self.write_reg(reg::DEVICE_FEATURES_SEL, 1);
+        let hi = self.read_reg(reg::DEVICE_FEATURES);
         assert_eq!(u64::from(lo) | (u64::from(hi) << 32), OFFERED, "offer");
         let mut features =
             (spec.features & OFFERED) | f::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1);
@@ -795,14 +771,8 @@ impl Harness {
             features |= f::bit(f::VIRTIO_BALLOON_F_STATS_VQ);
         }
         for page in 0..2u32 {
-            self.write_reg(
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
-                page,
-            );
-            self.write_reg(
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
-                (features >> (32 * page)) as u32,
-            );
+            self.write_reg(reg::DRIVER_FEATURES_SEL, page);
+            self.write_reg(reg::DRIVER_FEATURES, (features >> (32 * page)) as u32);
         }
         if let Some(p) = spec.poison {
             // Before FEATURES_OK: taken while PAGE_POISON is accepted.
@@ -813,13 +783,9 @@ impl Harness {
                 | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8
                 | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
         );
-        self.write_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, s);
+        self.write_reg(reg::STATUS, s);
         if fresh {
-            assert_eq!(
-                self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
-                s,
-                "FEATURES_OK refused"
-            );
+            assert_eq!(self.read_reg(reg::STATUS), s, "FEATURES_OK refused");
             assert_eq!(self.dev().driver_features(), features, "accepted features");
         }
 
@@ -849,46 +815,24 @@ impl Harness {
                 zero(&self.mem, at, len);
                 rings_in_ram &= self.lay.in_ram(at, len);
             }
-            self.write_reg(
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
-                q as u32,
-            );
+            self.write_reg(reg::QUEUE_SEL, q as u32);
             assert_eq!(
-                self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64),
+                self.read_reg(reg::QUEUE_NUM_MAX),
                 u32::from(self.max_sizes[q]),
                 "queue {q} maximum size"
             );
-            self.write_reg(
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
-                u32::from(size),
-            );
+            self.write_reg(reg::QUEUE_NUM, u32::from(size));
             for (lo, addr) in [
-                (
-                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
-                    desc,
-                ),
-                (
-                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
-                    avail,
-                ),
-                (
-                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
-                    used,
-                ),
+                (reg::QUEUE_DESC_LOW, desc),
+                (reg::QUEUE_AVAIL_LOW, avail),
+                (reg::QUEUE_USED_LOW, used),
             ] {
                 self.write_reg(lo, addr as u32);
                 self.write_reg(lo + 4, (addr >> 32) as u32);
             }
-            self.write_reg(
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
-                1,
-            );
+            self.write_reg(reg::QUEUE_READY, 1);
             if fresh {
-                assert_eq!(
-                    self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64),
-                    1,
-                    "queue {q} ready"
-                );
+                assert_eq!(self.read_reg(reg::QUEUE_READY), 1, "queue {q} ready");
             }
             let layout = RingLayout {
                 size,
@@ -906,12 +850,12 @@ impl Harness {
             self.config_write(4, &a.to_le_bytes());
         }
         self.write_reg(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            reg::STATUS,
             s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
         );
         if fresh && rings_in_ram {
             assert_eq!(
-                self.read_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
+                self.read_reg(reg::STATUS),
                 s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
                 "activation failed"
             );
@@ -920,7 +864,7 @@ impl Harness {
     }
 
     fn reset(&mut self) {
-        self.write_reg(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, 0);
+        self.write_reg(reg::STATUS, 0);
     }
 
     fn used_idx(&self, q: usize) -> u16 {
@@ -1479,10 +1423,7 @@ impl Harness {
         assert_eq!(dev.discards_inhibited(), self.model.inhibited, "inhibited");
         assert_eq!(dev.host_page_size(), self.backend.page, "host page size");
         let mut b = [0u8; CONFIG_LEN as usize + 8];
-        self.t.read(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64,
-            &mut b,
-        );
+        self.t.read(reg::CONFIG, &mut b);
         assert_eq!(
             b[..CONFIG_LEN as usize],
             self.expected_config(),
@@ -1522,10 +1463,7 @@ impl Harness {
             }
             Op::ConfigRead { offset, raw, len } => {
                 let off = raw.map_or(u64::from(*offset), config_raw);
-                self.mmio_read(
-                    virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + off,
-                    1 + usize::from(*len) % 8,
-                )
+                self.mmio_read(reg::CONFIG + off, 1 + usize::from(*len) % 8)
             }
             Op::Post { queue, element } => self.post(usize::from(*queue) % QUEUES, element),
             Op::Process(q) => {
@@ -1747,15 +1685,13 @@ fn reg_offset(r: Reg) -> u64 {
     match r {
         Reg::Known(i) => REGS[usize::from(i) % REGS.len()],
         Reg::Raw(x) => u64::from(x),
-        Reg::Config(x) => {
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + u64::from(x) % 24
-        }
+        Reg::Config(x) => reg::CONFIG + u64::from(x) % 24,
     }
 }
 
 /// A raw configuration offset, kept where the MMIO offset does not overflow.
 fn config_raw(x: u64) -> u64 {
-    x.min(u64::MAX - virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64)
+    x.min(u64::MAX - reg::CONFIG)
 }
 
 fn width_of(w: u8) -> usize {

@@ -50,6 +50,7 @@ use crate::layout::{
     align_down, align_up, guest_write, len_of, Layout, Scratch, PAGE, RING_REGION_PAGES,
 };
 use crate::ring::{write_table_desc, DriverRing};
+use guest_model::mmio::reg;
 use guest_model::ring::{GuestMem, RingLayout};
 use virtio_balloon::defs::features as f;
 use virtio_balloon::transport::MmioTransport;
@@ -325,11 +326,8 @@ impl Harness {
     }
 
     fn reset(&mut self) {
-        self.mmio_write(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, 0);
-        assert_eq!(
-            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
-            0
-        );
+        self.mmio_write(reg::STATUS, 0);
+        assert_eq!(self.mmio_read(reg::STATUS), 0);
         let m = &mut self.model;
         m.state = HintState::Stop;
         m.fence = None;
@@ -354,26 +352,20 @@ impl Harness {
         self.model.used_expected.clear();
 
         self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            reg::STATUS,
             u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8),
         );
         self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            reg::STATUS,
             u32::from(
                 virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8
                     | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8,
             ),
         );
-        self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
-            0,
-        );
-        let lo = self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
-        self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64,
-            1,
-        );
-        let hi = self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64);
+        self.mmio_write(reg::DEVICE_FEATURES_SEL, 0);
+        let lo = self.mmio_read(reg::DEVICE_FEATURES);
+        self.mmio_write(reg::DEVICE_FEATURES_SEL, 1);
+        let hi = self.mmio_read(reg::DEVICE_FEATURES);
         let offered = u64::from(lo) | (u64::from(hi) << 32);
         assert_eq!(
             self.driver_features & !offered,
@@ -382,12 +374,9 @@ impl Harness {
             self.driver_features
         );
         for page in 0..2u32 {
+            self.mmio_write(reg::DRIVER_FEATURES_SEL, page);
             self.mmio_write(
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
-                page,
-            );
-            self.mmio_write(
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
+                reg::DRIVER_FEATURES,
                 (self.driver_features >> (32 * page)) as u32,
             );
         }
@@ -396,51 +385,23 @@ impl Harness {
                 | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8
                 | virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
         );
-        self.mmio_write(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64, s);
-        assert_eq!(
-            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
-            s,
-            "FEATURES_OK refused"
-        );
+        self.mmio_write(reg::STATUS, s);
+        assert_eq!(self.mmio_read(reg::STATUS), s, "FEATURES_OK refused");
 
-        self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
-            self.fpq as u32,
-        );
-        assert_eq!(
-            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64),
-            u32::from(self.max_size)
-        );
-        self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
-            u32::from(self.model.size),
-        );
+        self.mmio_write(reg::QUEUE_SEL, self.fpq as u32);
+        assert_eq!(self.mmio_read(reg::QUEUE_NUM_MAX), u32::from(self.max_size));
+        self.mmio_write(reg::QUEUE_NUM, u32::from(self.model.size));
         let ring = self.lay.ring;
         for (lo, addr) in [
-            (
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
-                ring + DESC_OFF,
-            ),
-            (
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
-                ring + AVAIL_OFF,
-            ),
-            (
-                virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
-                ring + USED_OFF,
-            ),
+            (reg::QUEUE_DESC_LOW, ring + DESC_OFF),
+            (reg::QUEUE_AVAIL_LOW, ring + AVAIL_OFF),
+            (reg::QUEUE_USED_LOW, ring + USED_OFF),
         ] {
             self.mmio_write(lo, addr as u32);
             self.mmio_write(lo + 4, (addr >> 32) as u32);
         }
-        self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
-            1,
-        );
-        assert_eq!(
-            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64),
-            1
-        );
+        self.mmio_write(reg::QUEUE_READY, 1);
+        assert_eq!(self.mmio_read(reg::QUEUE_READY), 1);
 
         // Buffers posted before DRIVER_OK (the device looks at them once activated).
         for chain in prepost.iter().take(MAX_PREPOST) {
@@ -448,11 +409,11 @@ impl Harness {
         }
 
         self.mmio_write(
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
+            reg::STATUS,
             s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
         );
         assert_eq!(
-            self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64),
+            self.mmio_read(reg::STATUS),
             s | u32::from(virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8),
             "activation failed"
         );
@@ -750,7 +711,7 @@ impl Harness {
             "round_complete"
         );
         assert_eq!(st.negotiated, m.active, "negotiated");
-        let cfg = self.mmio_read(virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64 + 8);
+        let cfg = self.mmio_read(reg::CONFIG + 8);
         assert_eq!(cfg, m.config_value(), "config free_page_hint_cmd_id");
         if !m.active {
             return;

@@ -121,11 +121,7 @@ pub fn set_up_queue<D: VirtioDevice>(
 /// Adds `bits` to the status register, as a driver does.
 pub fn add_status<D: VirtioDevice>(t: &mut MmioTransport<D>, bits: u8) {
     let now = t.status();
-    reg_write(
-        t,
-        virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS as u64,
-        u32::from(now | bits),
-    );
+    reg_write(t, reg::STATUS, u32::from(now | bits));
 }
 
 /// Sets queue `index` up with `size` entries and its three ring addresses.
@@ -135,38 +131,17 @@ pub fn program_queue<D: VirtioDevice>(
     size: u16,
     [desc, avail, used]: [u64; 3],
 ) {
-    reg_write(
-        t,
-        virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64,
-        index as u32,
-    );
-    reg_write(
-        t,
-        virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64,
-        u32::from(size),
-    );
+    reg_write(t, reg::QUEUE_SEL, index as u32);
+    reg_write(t, reg::QUEUE_NUM, u32::from(size));
     for (low, addr) in [
-        (
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64,
-            desc,
-        ),
-        (
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64,
-            avail,
-        ),
-        (
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64,
-            used,
-        ),
+        (reg::QUEUE_DESC_LOW, desc),
+        (reg::QUEUE_AVAIL_LOW, avail),
+        (reg::QUEUE_USED_LOW, used),
     ] {
         reg_write(t, low, addr as u32);
         reg_write(t, low + 4, (addr >> 32) as u32);
     }
-    reg_write(
-        t,
-        virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64,
-        1,
-    );
+    reg_write(t, reg::QUEUE_READY, 1);
 }
 
 /// Brings the device up with only `VERSION_1` and `FREE_PAGE_HINT` accepted (the device must
@@ -176,44 +151,20 @@ pub fn bring_up_hinting<D: VirtioDevice>(
     t: &mut MmioTransport<D>,
     queues: &[(usize, u16, [u64; 3])],
 ) {
-    add_status(
-        t,
-        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8,
-    );
-    add_status(
-        t,
-        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER as u8,
-    );
+    add_status(t, st::ACKNOWLEDGE as u8);
+    add_status(t, st::DRIVER as u8);
     let acked = features::bit(virtio_bindings::virtio_config::VIRTIO_F_VERSION_1)
         | features::bit(features::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
     for page in 0..2u32 {
-        reg_write(
-            t,
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64,
-            page,
-        );
-        reg_write(
-            t,
-            virtio_bindings::virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64,
-            (acked >> (32 * page)) as u32,
-        );
+        reg_write(t, reg::DRIVER_FEATURES_SEL, page);
+        reg_write(t, reg::DRIVER_FEATURES, (acked >> (32 * page)) as u32);
     }
-    add_status(
-        t,
-        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
-    );
-    assert_ne!(
-        t.status() & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8,
-        0,
-        "FEATURES_OK refused"
-    );
+    add_status(t, st::FEATURES_OK as u8);
+    assert_ne!(t.status() & st::FEATURES_OK as u8, 0, "FEATURES_OK refused");
     for &(index, size, rings) in queues {
         program_queue(t, index, size, rings);
     }
-    add_status(
-        t,
-        virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8,
-    );
+    add_status(t, st::DRIVER_OK as u8);
     assert!(t.device().is_activated(), "DRIVER_OK refused");
 }
 
