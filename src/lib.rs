@@ -29,7 +29,8 @@
 //!   over validated free ranges.
 //! * [`migration`]: [`MigrationBitmap`](migration::MigrationBitmap), the "to send" bitmap of
 //!   a precopy migration per guest memory region with its dirty page counter, fed by a
-//!   [`DirtyLog`](migration::DirtyLog) (KVM's or vm-memory's) and trimmed by hints; the
+//!   [`DirtyLog`](migration::DirtyLog) (KVM's, vm-memory's, or page hashes for memory
+//!   nothing else tracks) and trimmed by hints; the
 //!   [`PrecopyNotifierChain`](migration::PrecopyNotifierChain) that tells the device when
 //!   hint rounds start and stop; [`count_one`](migration::count_one),
 //!   [`count_one_with_offset`](migration::count_one_with_offset) and

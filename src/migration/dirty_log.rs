@@ -4,7 +4,7 @@
 //! Sources of dirty pages: what the guest wrote since the previous bitmap sync.
 //!
 //! [`MigrationBitmap::sync`](super::MigrationBitmap::sync) asks a [`DirtyLog`] for each guest
-//! memory region in turn. Two sources are covered:
+//! memory region in turn. Three sources are covered:
 //!
 //! * **KVM** (`KVM_GET_DIRTY_LOG`): `KvmDirtyLog` (feature `kvm`), with or without manual
 //!   protection. Without it, any closure
@@ -15,8 +15,14 @@
 //! * **vm-memory's write tracking** (`GuestMemoryMmap<AtomicBitmap>`, feature
 //!   `backend-bitmap`): [`GuestMemoryDirtyLog`] harvests the bitmap that every write through
 //!   vm-memory marks, which is what a VMM's own device emulation writes with.
+//! * **Page contents**, for memory whose writes nothing traps (the shared memory of a
+//!   User-Mode Linux guest or of a vhost-user frontend):
+//!   [`ContentDirtyLog`](super::ContentDirtyLog) hashes every page at each sync and reports
+//!   those whose bytes changed. It reads all of memory at every sync and cannot see a write
+//!   that puts back the bytes it last saw, which matters for pages free page hints skipped:
+//!   see its documentation for when that is safe.
 //!
-//! A VMM with both sources syncs from both: a page is dirty when either says so
+//! A VMM with more than one source syncs from all of them: a page is dirty when any says so
 //! ([`JoinedLog`]).
 
 use std::error::Error as StdError;
@@ -67,6 +73,17 @@ pub trait DirtyLog {
     ///
     /// Whatever the source fails with; the sync stops and reports the region.
     fn take_dirty_log(&mut self, region: &RegionInfo) -> Result<HarvestedLog, DirtyLogError>;
+
+    /// Tells the log which bytes a copy just sent for the 4 KiB page at `addr`: `data` is
+    /// what the destination now holds for it.
+    ///
+    /// Logs that trap writes (KVM's, vm-memory's) ignore it, which is the default. A log
+    /// that finds changes by content (`ContentDirtyLog`) compares
+    /// the page with these bytes at the next harvest, so a write that lands after the read
+    /// is always seen, even one that puts back the bytes the log saw before.
+    fn page_sent(&mut self, addr: GuestAddress, data: &[u8]) {
+        let _ = (addr, data);
+    }
 }
 
 impl<F> DirtyLog for F
@@ -152,6 +169,11 @@ impl<A: DirtyLog, B: DirtyLog> DirtyLog for JoinedLog<A, B> {
             page_size: PAGE_SIZE,
             words: joined.to_words(),
         })
+    }
+
+    fn page_sent(&mut self, addr: GuestAddress, data: &[u8]) {
+        self.0.page_sent(addr, data);
+        self.1.page_sent(addr, data);
     }
 }
 

@@ -24,6 +24,7 @@
 //! puts it back into the migration bitmap: it is sent, with its new contents.
 
 mod bitmap;
+mod content;
 mod counting;
 mod dirty_log;
 mod error;
@@ -32,6 +33,7 @@ mod kvm;
 mod notifier;
 
 pub use bitmap::{MigrationBitmap, CLEAR_CHUNK_PAGES};
+pub use content::ContentDirtyLog;
 pub use counting::{
     checked_count_one_with_offset, count_one, count_one_with_offset, DirtyBitmap, BITS_PER_WORD,
 };
