@@ -15,9 +15,11 @@
 #![deny(missing_docs)]
 #![deny(missing_debug_implementations)]
 
+mod destination;
 mod precopy;
 pub mod wire;
 
+pub use destination::PageDestination;
 pub use precopy::{
     CancelToken, IterationStats, MigrationReport, Precopy, PrecopyConfig, PrecopyError, VmControl,
     VmControlError,

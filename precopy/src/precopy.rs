@@ -17,8 +17,14 @@
 //!    measured bandwidth. Then it syncs (stop round, sync, start round) and starts the next
 //!    pass, unless what is dirty now fits in the downtime limit (or the iteration limit is
 //!    reached).
-//! 4. Switchover: [`VmControl::stop_vm`], `Complete`, the final sync (the VM is stopped, so
-//!    `AfterBitmapSync` moves the balloon to DONE), every dirty page sent, the end frame.
+//! 4. Switchover: [`VmControl::stop_vm`], `Complete`, the final sync's `BeforeBitmapSync`
+//!    (the balloon's STOP) and sync, every dirty page sent, the end frame, and only then the
+//!    final `AfterBitmapSync` (the VM is stopped, so it moves the balloon to DONE: the guest
+//!    keeps its hinted pages isolated until the destination holds everything else).
+//!
+//! [`Precopy::stopped`] skips step 3 (a stopped snapshot), and [`Precopy::run_to`] writes to
+//! any [`PageDestination`] instead of the wire format. Every page sent is reported to the
+//! dirty log ([`DirtyLog::page_sent`]), which a log that compares contents needs.
 //! 5. `Cleanup`, also when the migration fails or is cancelled (and then a stopped guest is
 //!    resumed).
 //!
@@ -34,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::destination::PageDestination;
 use crate::wire::{FrameWriter, WIRE_PAGE_SIZE};
 use virtio_balloon::defs::PAGE_SIZE;
 use virtio_balloon::migration::{
@@ -294,28 +301,30 @@ impl Throughput {
 }
 
 /// Where the loop stands while sending.
-struct Sender<'a, M, W: Write> {
+struct Sender<'a, M, D: ?Sized> {
     mem: &'a M,
     bitmap: &'a MigrationBitmap,
-    out: FrameWriter<W>,
+    out: &'a mut D,
     buf: Box<[u8; WIRE_PAGE_SIZE]>,
     cancel: Option<&'a CancelToken>,
 }
 
-impl<M: GuestMemoryBackend, W: Write> Sender<'_, M, W> {
+impl<M: GuestMemoryBackend, D: PageDestination + ?Sized> Sender<'_, M, D> {
     fn cancelled(&self) -> bool {
         self.cancel.is_some_and(CancelToken::is_cancelled)
     }
 
-    /// Reads and writes one page.
-    fn send_page(
+    /// Reads and writes one page, and tells the log which bytes were sent.
+    fn send_page<L: DirtyLog + ?Sized>(
         &mut self,
+        log: &mut L,
         addr: GuestAddress,
         it: &mut IterationStats,
     ) -> Result<(), PrecopyError> {
         self.mem
             .read_slice(&mut self.buf[..], addr)
             .map_err(|_| PrecopyError::Memory { addr })?;
+        log.page_sent(addr, &self.buf[..]);
         if is_zero(&self.buf) {
             self.out.zero_page(addr)?;
             it.zero_pages += 1;
@@ -329,8 +338,9 @@ impl<M: GuestMemoryBackend, W: Write> Sender<'_, M, W> {
     /// Sends dirty pages from `cursor` on. With a deadline, returns `Ok(false)` once it has
     /// passed; returns `Ok(true)` when no dirty page is left after the cursor (the pass
     /// ended).
-    fn send(
+    fn send<L: DirtyLog + ?Sized>(
         &mut self,
+        log: &mut L,
         cursor: &mut GuestAddress,
         deadline: Option<Instant>,
         it: &mut IterationStats,
@@ -345,7 +355,7 @@ impl<M: GuestMemoryBackend, W: Write> Sender<'_, M, W> {
                 None => *cursor = GuestAddress(u64::MAX),
             }
             if bitmap.take_page(addr).map_err(PrecopyError::Sync)? {
-                self.send_page(addr, it)?;
+                self.send_page(log, addr, it)?;
             }
             n += 1;
             if n % CHECK_EVERY == 0 {
@@ -425,6 +435,8 @@ pub struct Precopy<'a, M> {
     wait_for_hints: Option<(FreePageHinting, Duration)>,
     cancel: Option<CancelToken>,
     progress: Option<ProgressFn<'a>>,
+    /// Whether pages are sent while the guest runs (false: [`Precopy::stopped`]).
+    running_passes: bool,
 }
 
 impl<M> fmt::Debug for Precopy<'_, M> {
@@ -433,6 +445,7 @@ impl<M> fmt::Debug for Precopy<'_, M> {
             .field("config", &self.config)
             .field("wait_for_hints", &self.wait_for_hints.as_ref().map(|w| w.1))
             .field("cancel", &self.cancel)
+            .field("running_passes", &self.running_passes)
             .finish()
     }
 }
@@ -449,6 +462,7 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
             wait_for_hints: None,
             cancel: None,
             progress: None,
+            running_passes: true,
         }
     }
 
@@ -462,6 +476,16 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
     /// that the first sync started ([`FreePageHinting::wait_round_complete`]).
     pub fn wait_for_hint_round(mut self, hints: FreePageHinting, deadline: Duration) -> Self {
         self.wait_for_hints = Some((hints, deadline));
+        self
+    }
+
+    /// Sends nothing while the guest runs: dirty logging starts (and with it a hint round,
+    /// which [`wait_for_hint_round`](Self::wait_for_hint_round) waits for), then the guest is
+    /// stopped and every page still dirty is written in one final stage. This is the copy of
+    /// a stopped snapshot: the guest's downtime is the whole copy, and the hints of the one
+    /// round decide what it leaves out.
+    pub fn stopped(mut self) -> Self {
+        self.running_passes = false;
         self
     }
 
@@ -486,7 +510,7 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
     /// [`PrecopyError`]: the stream, a sync, the `Setup` notification, reading guest memory,
     /// stopping the guest, or cancellation.
     pub fn run<L, V, W>(
-        mut self,
+        self,
         log: &mut L,
         vm: &mut V,
         out: W,
@@ -496,9 +520,29 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
         V: VmControl + ?Sized,
         W: Write,
     {
+        self.run_to(log, vm, &mut FrameWriter::new(out))
+    }
+
+    /// Like [`run`](Self::run), but writes the pages to any [`PageDestination`]: a
+    /// [`FrameWriter`] is what `run` uses.
+    ///
+    /// # Errors
+    ///
+    /// As for [`run`](Self::run).
+    pub fn run_to<L, V, D>(
+        mut self,
+        log: &mut L,
+        vm: &mut V,
+        dest: &mut D,
+    ) -> Result<MigrationReport, PrecopyError>
+    where
+        L: DirtyLog + ?Sized,
+        V: VmControl + ?Sized,
+        D: PageDestination + ?Sized,
+    {
         let mut stopped = false;
         let mut report = MigrationReport::default();
-        let result = self.migrate(log, vm, out, &mut stopped, &mut report);
+        let result = self.migrate(log, vm, dest, &mut stopped, &mut report);
         let state = MigrationState {
             vm_running: !stopped,
             postcopy: self.config.postcopy,
@@ -526,6 +570,18 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
         state: MigrationState,
         report: &mut MigrationReport,
     ) -> Result<u64, PrecopyError> {
+        let hinted = self.sync_open(log, state, report)?;
+        self.sync_close(state, report);
+        Ok(hinted)
+    }
+
+    /// BeforeBitmapSync and the sync; returns the hinted page count after it.
+    fn sync_open<L: DirtyLog + ?Sized>(
+        &self,
+        log: &mut L,
+        state: MigrationState,
+        report: &mut MigrationReport,
+    ) -> Result<u64, PrecopyError> {
         if self
             .chain
             .notify(PrecopyEvent::BeforeBitmapSync, state)
@@ -534,7 +590,11 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
             report.notifier_errors += 1;
         }
         self.bitmap.sync(log).map_err(PrecopyError::Sync)?;
-        let hinted = self.bitmap.hinted_pages();
+        Ok(self.bitmap.hinted_pages())
+    }
+
+    /// AfterBitmapSync.
+    fn sync_close(&self, state: MigrationState, report: &mut MigrationReport) {
         if self
             .chain
             .notify(PrecopyEvent::AfterBitmapSync, state)
@@ -542,7 +602,6 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
         {
             report.notifier_errors += 1;
         }
-        Ok(hinted)
     }
 
     fn emit(&mut self, it: IterationStats, report: &mut MigrationReport) {
@@ -555,18 +614,18 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
         report.iterations.push(it);
     }
 
-    fn migrate<L, V, W>(
+    fn migrate<L, V, D>(
         &mut self,
         log: &mut L,
         vm: &mut V,
-        out: W,
+        out: &mut D,
         stopped: &mut bool,
         report: &mut MigrationReport,
     ) -> Result<(), PrecopyError>
     where
         L: DirtyLog + ?Sized,
         V: VmControl + ?Sized,
-        W: Write,
+        D: PageDestination + ?Sized,
     {
         let start = Instant::now();
         let mut state = MigrationState {
@@ -578,7 +637,7 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
         let mut tx = Sender {
             mem: self.mem,
             bitmap: self.bitmap,
-            out: FrameWriter::new(out),
+            out,
             buf: Box::new([0u8; WIRE_PAGE_SIZE]),
             cancel: cancel.as_ref(),
         };
@@ -598,8 +657,9 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
         }
 
         let mut throughput = Throughput::new(self.config.max_bandwidth);
-        let mut iteration = 1u32;
-        loop {
+        let mut iteration = 0u32;
+        while self.running_passes {
+            iteration += 1;
             let it_start = Instant::now();
             let bytes_before = tx.out.bytes();
             let mut it = IterationStats {
@@ -616,6 +676,7 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
                 let slice_start = Instant::now();
                 let slice_bytes = tx.out.bytes();
                 let pass_ended = tx.send(
+                    log,
                     &mut cursor,
                     Some(slice_start + SLICE),
                     &mut it,
@@ -642,7 +703,6 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
             {
                 break;
             }
-            iteration += 1;
         }
         report.bandwidth = throughput.bandwidth();
 
@@ -655,16 +715,19 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
             report.notifier_errors += 1;
         }
         let bytes_before = tx.out.bytes();
-        let mark = self.sync(log, state, report)?;
+        let mark = self.sync_open(log, state, report)?;
         let mut it = IterationStats {
             iteration: iteration + 1,
             final_stage: true,
             ..IterationStats::default()
         };
         let mut cursor = GuestAddress(0);
-        tx.send(&mut cursor, None, &mut it, None)?;
+        tx.send(log, &mut cursor, None, &mut it, None)?;
         tx.out.end_iteration(iteration + 1)?;
         tx.out.end()?;
+        // Only now may the guest reuse the pages it hinted (DONE): every page the copy
+        // leaves out is free until the destination holds everything else.
+        self.sync_close(state, report);
         report.downtime = down_start.elapsed();
         // Hints that came after the last running sync's mark and before the final stop.
         it.hinted_pages = mark - hinted_mark;
