@@ -18,7 +18,9 @@ use crate::wire::{FrameWriter, WIRE_PAGE_SIZE};
 /// stage included) and [`end`](Self::end) once, after the final stage. A page may be sent
 /// again in a later iteration: the later call replaces what the earlier one wrote.
 ///
-/// The [`wire`](crate::wire) stream ([`FrameWriter`], to any `Write`) is one.
+/// Two destinations come with the crate: the [`wire`](crate::wire) stream
+/// ([`FrameWriter`], to any `Write`) and the sparse snapshot file
+/// ([`SnapshotWriter`](crate::snapshot::SnapshotWriter)).
 pub trait PageDestination {
     /// Called once before the first page.
     ///

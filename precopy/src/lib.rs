@@ -8,6 +8,8 @@
 //!   the balloon device starts and stops hint rounds) and writes the pages it sends to any
 //!   `Write` in the [`wire`] format.
 //! * [`Receiver`]: applies that stream to the destination's guest memory.
+//! * [`snapshot`]: the same loop with a sparse file as the destination: memory snapshots that
+//!   leave out the pages the guest hinted free, and their restore.
 //!
 //! A VMM with its own migration keeps only the hooks in `virtio_balloon::migration` and
 //! follows the order this loop documents.
@@ -17,6 +19,7 @@
 
 mod destination;
 mod precopy;
+pub mod snapshot;
 pub mod wire;
 
 pub use destination::PageDestination;

@@ -63,7 +63,8 @@ pub trait VmControl {
     fn stop_vm(&mut self) -> Result<(), VmControlError>;
 
     /// Restarts the guest after a migration that failed or was cancelled after
-    /// [`stop_vm`](Self::stop_vm) succeeded.
+    /// [`stop_vm`](Self::stop_vm) succeeded, and after a
+    /// [`Snapshot`](crate::snapshot::Snapshot) is complete.
     fn resume_vm(&mut self);
 }
 
@@ -524,7 +525,8 @@ impl<'a, M: GuestMemoryBackend> Precopy<'a, M> {
     }
 
     /// Like [`run`](Self::run), but writes the pages to any [`PageDestination`]: a
-    /// [`FrameWriter`] is what `run` uses.
+    /// [`FrameWriter`] is what `run` uses, a
+    /// [`SnapshotWriter`](crate::snapshot::SnapshotWriter) writes a sparse snapshot file.
     ///
     /// # Errors
     ///
