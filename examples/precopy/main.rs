@@ -21,13 +21,26 @@
 //! `--dirty-log tracking`, vm-memory's write tracking is the whole dirty log and the writer
 //! writes through vm-memory too.
 //!
+//! With `--snapshot PATH` the demo writes sparse memory snapshots instead
+//! (`virtio_balloon_precopy::snapshot`): one without and one with hints, each restored into
+//! fresh memory and mapped `MAP_PRIVATE`, and every page the guest holds compared; see
+//! [`snapshot`].
+//!
+//! The files: `main.rs` the flags and the migrations, `snapshot.rs` the snapshot mode,
+//! `kvm_source.rs` KVM's side of either.
+//!
 //! ```sh
 //! cargo run --release --example precopy                 # 4 GiB guest, 3.5 GiB freed, idle
 //! cargo run --release --features kvm --example precopy  # the same on KVM's dirty log
+//! cargo run --release --example precopy -- --snapshot /tmp/demo-snap  # snapshots instead
 //! cargo run --release --example precopy -- --help       # the flags
 //! ```
 
+mod kvm_source;
+mod snapshot;
+
 use std::io::BufWriter;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +48,7 @@ use std::time::{Duration, Instant};
 use guest_model::{Destination, Guest, GuestSpec, WriterSpec, MIB};
 use kvm_source::KvmSource;
 use virtio_balloon::migration::{DirtyLog, GuestMemoryDirtyLog, PrecopyNotifierChain};
+use virtio_balloon_precopy::snapshot::SnapshotMode;
 use virtio_balloon_precopy::{
     IterationStats, MigrationReport, Precopy, PrecopyConfig, ReceiveStats,
 };
@@ -44,7 +58,9 @@ const GIB: u64 = 1 << 30;
 
 const HELP: &str = "\
 Live-migrates a model guest from a source to a destination in this process, over loopback
-TCP, first without and then with free page hinting, and prints what each run cost.
+TCP, first without and then with free page hinting, and prints what each run cost. With
+--snapshot PATH it writes sparse memory snapshots of the guest instead, without and with
+hints, restores them and compares every page.
 
 USAGE: cargo run --release --example precopy -- [FLAGS]
 
@@ -77,6 +93,19 @@ USAGE: cargo run --release --example precopy -- [FLAGS]
                       the writer near 4 MiB/s; the demo prints the rate it got.
                       tracking: vm-memory's write tracking only, the writer writing through
                       vm-memory. Default: kvm when it is usable, else tracking
+  --snapshot PATH     instead of migrating: write a sparse memory snapshot of the guest
+                      without hints (PATH.plain) and one with hints (PATH.hints), each
+                      with its description (PATH.plain.layout, PATH.hints.layout); if PATH
+                      is a directory (or ends in /): PATH/plain and PATH/hints. Each is
+                      restored into fresh memory and mapped MAP_PRIVATE, and every page the
+                      guest holds is compared. The files stay for you to inspect (du -h).
+                      Takes the flags above except --sweep; --downtime and --bandwidth
+                      matter in live mode only
+  --snapshot-mode stopped|live  stopped: the guest runs its hint round (--wait), then is
+                      stopped and written in one stage. live: precopy iterations into the
+                      file while it runs, then a final stage stopped (default stopped)
+  --overwrite         replace existing snapshots at the --snapshot path (without it the
+                      demo refuses, before booting anything)
   --seed N            seed of the page contents and the writer (default 1)
   --quiet             no progress line per iteration
   --help              this text
@@ -84,8 +113,9 @@ USAGE: cargo run --release --example precopy -- [FLAGS]
 SIZE: a number of bytes with an optional K, M or G suffix (3.5G, 512M).
 DURATION: a number with ns, us, ms or s (1ms, 250us, 10s); a bare 0 is zero.
 
-Exit status 1 if any page the guest holds differs on the destination, 2 on bad flags or
-when --dirty-log kvm cannot be had.";
+Exit status 1 if any page the guest holds differs on the destination (or in a restored
+snapshot), 2 on bad flags, when --dirty-log kvm cannot be had, or when a snapshot exists
+and --overwrite was not given.";
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -107,6 +137,10 @@ struct Options {
     dirty_log: LogSource,
     seed: u64,
     quiet: bool,
+    /// `--snapshot`: where the snapshots go (`None`: migrate).
+    snapshot: Option<PathBuf>,
+    snapshot_mode: SnapshotMode,
+    overwrite: bool,
 }
 
 /// Where the migration's dirty log comes from.
@@ -150,6 +184,9 @@ impl Default for Options {
             dirty_log: LogSource::Tracking,
             seed: 1,
             quiet: false,
+            snapshot: None,
+            snapshot_mode: SnapshotMode::Stopped,
+            overwrite: false,
         }
     }
 }
@@ -191,6 +228,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_args() -> Result<Option<Options>, String> {
     let mut o = Options::default();
     let mut dirty_set = false;
+    let mut snapshot_mode_set = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
@@ -198,6 +236,10 @@ fn parse_args() -> Result<Option<Options>, String> {
         }
         if flag == "--quiet" {
             o.quiet = true;
+            continue;
+        }
+        if flag == "--overwrite" {
+            o.overwrite = true;
             continue;
         }
         let value = args
@@ -247,11 +289,35 @@ fn parse_args() -> Result<Option<Options>, String> {
                 })
             }
             "--seed" => o.seed = num(&value)?,
+            "--snapshot" => {
+                if value.is_empty() {
+                    return Err("--snapshot needs a path".into());
+                }
+                o.snapshot = Some(PathBuf::from(value));
+            }
+            "--snapshot-mode" => {
+                snapshot_mode_set = true;
+                o.snapshot_mode = match value.as_str() {
+                    "stopped" => SnapshotMode::Stopped,
+                    "live" => SnapshotMode::Live,
+                    _ => {
+                        return Err(format!(
+                            "--snapshot-mode takes stopped or live, not '{value}'"
+                        ))
+                    }
+                }
+            }
             _ => return Err(format!("unknown flag {flag} (see --help)")),
         }
     }
     if o.mem % (4 * MIB) != 0 || o.mem < 64 * MIB {
         return Err("--mem must be a multiple of 4M and at least 64M".into());
+    }
+    if o.snapshot.is_none() && (snapshot_mode_set || o.overwrite) {
+        return Err("--snapshot-mode and --overwrite go with --snapshot PATH".into());
+    }
+    if o.snapshot.is_some() && o.sweep.is_some() {
+        return Err("--sweep migrates; it does not go with --snapshot".into());
     }
     if !dirty_set && o.mem != Options::default().mem {
         o.dirty = o.mem / 8 * 7;
@@ -691,9 +757,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Refuse to overwrite before booting anything.
+    if let Err(e) = snapshot::check_paths(&o) {
+        eprintln!("{e}");
+        return ExitCode::from(2);
+    }
     let start = Instant::now();
-    describe(&o, &log_line);
+    if o.snapshot.is_some() {
+        snapshot::describe(&o, &log_line);
+    } else {
+        describe(&o, &log_line);
+    }
     let ok = match o.sweep {
+        None if o.snapshot.is_some() => snapshot::compare(&o),
         None => compare(&o),
         Some(Sweep::Sizes) => sweep_sizes(&o),
         Some(Sweep::Pace) => sweep_pace(&o),
@@ -703,140 +779,5 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
-}
-
-/// KVM's side of one migration: a VM whose memory slot is the source guest's memory, its
-/// dirty log with manual protection, and the vCPU that writes the writer's pages.
-#[cfg(feature = "kvm")]
-mod kvm_source {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use virtio_balloon::migration::{
-        DirtyLog, GuestMemoryDirtyLog, JoinedLog, KvmDirtyLog, KvmProtection,
-    };
-    use vm_memory::bitmap::AtomicBitmap;
-    use vm_memory::GuestMemoryMmap;
-
-    use super::VcpuReport;
-    use guest_model::kvm::{
-        kvm_unusable, Firmware, KvmVm, PageVcpu, VcpuPageWriter, VcpuWriterStats, FIRMWARE_PAGES,
-    };
-    use guest_model::{Guest, PageWriter};
-
-    pub struct KvmSource {
-        log: Arc<KvmDirtyLog>,
-        page_writer: Option<Box<dyn PageWriter>>,
-        vcpu_stats: Option<Arc<VcpuWriterStats>>,
-        // Last: the slot goes after everything that uses it.
-        _vm: KvmVm,
-    }
-
-    impl KvmSource {
-        /// Why KVM cannot be used here, if it cannot.
-        pub fn unusable() -> Option<String> {
-            kvm_unusable().map(|why| format!("no usable /dev/kvm: {why}"))
-        }
-
-        /// Registers the guest's memory with a new VM, starts its dirty log with manual
-        /// protection and installs it as the clear step of the guest's migration bitmap.
-        /// With `vcpu`, also creates the vCPU, its code and buffers in the top pages of low
-        /// memory, for [`take_page_writer`](Self::take_page_writer).
-        pub fn new(guest: &Guest, vcpu: bool) -> Result<Self, String> {
-            let mut vm = KvmVm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
-            let slots = vm
-                .register(guest.mem())
-                .map_err(|e| format!("registering guest memory: {e}"))?;
-            let log = Arc::new(
-                KvmDirtyLog::new(vm.vm.clone(), slots, KvmProtection::Manual)
-                    .map_err(|e| format!("starting the dirty log: {e}"))?,
-            );
-            if !guest.bitmap.set_log_clear(log.clone()) {
-                return Err("the migration bitmap already has a clear step".into());
-            }
-            let (page_writer, vcpu_stats) = if vcpu {
-                let fw = guest.reserve_low_pages(FIRMWARE_PAGES);
-                let vcpu = PageVcpu::new(&vm, Firmware::in_ram(guest.mem().clone(), fw))
-                    .map_err(|e| format!("creating the vCPU: {e}"))?;
-                let writer = VcpuPageWriter::new(vcpu, guest.mem().clone());
-                let stats = writer.stats();
-                (Some(Box::new(writer) as Box<dyn PageWriter>), Some(stats))
-            } else {
-                (None, None)
-            };
-            Ok(KvmSource {
-                log,
-                page_writer,
-                vcpu_stats,
-                _vm: vm,
-            })
-        }
-
-        /// The vCPU as the guest writer's page writer (once).
-        pub fn take_page_writer(&mut self) -> Option<Box<dyn PageWriter>> {
-            self.page_writer.take()
-        }
-
-        /// KVM's log joined with vm-memory's write tracking of `src`.
-        pub fn dirty_log<'a>(
-            &'a self,
-            src: &'a GuestMemoryMmap<AtomicBitmap>,
-        ) -> Box<dyn DirtyLog + 'a> {
-            Box::new(JoinedLog(&*self.log, GuestMemoryDirtyLog::new(src)))
-        }
-
-        /// Pages the vCPU wrote, its `KVM_RUN`s, pages written through vm-memory instead.
-        pub fn vcpu_stats(&self) -> Option<VcpuReport> {
-            use std::sync::atomic::Ordering::Relaxed;
-            self.vcpu_stats.as_ref().map(|s| VcpuReport {
-                pages: s.vcpu_pages.load(Relaxed),
-                runs: s.runs.load(Relaxed),
-                busy: Duration::from_nanos(s.nanos.load(Relaxed)),
-                host_pages: s.host_pages.load(Relaxed),
-            })
-        }
-    }
-}
-
-/// Without the `kvm` feature there is no KVM side: [`KvmSource`] has no values.
-#[cfg(not(feature = "kvm"))]
-mod kvm_source {
-    use virtio_balloon::migration::DirtyLog;
-    use vm_memory::bitmap::AtomicBitmap;
-    use vm_memory::GuestMemoryMmap;
-
-    use super::VcpuReport;
-    use guest_model::{Guest, PageWriter};
-
-    pub enum KvmSource {}
-
-    impl KvmSource {
-        pub fn unusable() -> Option<String> {
-            Some(
-                "this build lacks the `kvm` feature (cargo run --release --features kvm \
-                 --example precopy)"
-                    .into(),
-            )
-        }
-
-        pub fn new(_guest: &Guest, _vcpu: bool) -> Result<Self, String> {
-            Err(Self::unusable().unwrap_or_default())
-        }
-
-        pub fn take_page_writer(&mut self) -> Option<Box<dyn PageWriter>> {
-            match *self {}
-        }
-
-        pub fn dirty_log<'a>(
-            &'a self,
-            _src: &'a GuestMemoryMmap<AtomicBitmap>,
-        ) -> Box<dyn DirtyLog + 'a> {
-            match *self {}
-        }
-
-        pub fn vcpu_stats(&self) -> Option<VcpuReport> {
-            match *self {}
-        }
     }
 }
