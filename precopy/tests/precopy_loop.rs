@@ -4,7 +4,7 @@
 //! The reference precopy loop on its own: event order, the wire format applied on a
 //! destination, convergence with a concurrent writer, zero pages, hints, failures and
 //! cancellation. (The whole stack with the device and the guest driver model is in
-//! `precopy_stress.rs` and `examples/precopy.rs`.)
+//! `precopy_stress.rs` and `examples/precopy/`.)
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
