@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::SnapshotError;
+use super::error::SnapshotError;
 use virtio_balloon::defs::PAGE_SIZE;
 
 /// The version of the description this crate writes and reads.
@@ -251,7 +251,10 @@ impl SnapshotLayout {
         let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap_or([0; 8]));
         let version = u32_at(8);
         if version != DESCRIPTION_VERSION {
-            return Err(SnapshotError::Version { found: version });
+            return Err(SnapshotError::Version {
+                found: version,
+                supported: DESCRIPTION_VERSION,
+            });
         }
         let count = u32_at(12) as usize;
         if count > MAX_REGIONS {
@@ -371,7 +374,7 @@ mod tests {
         newer[8] = 2;
         assert!(matches!(
             SnapshotLayout::decode(&newer),
-            Err(SnapshotError::Version { found: 2 })
+            Err(SnapshotError::Version { found: 2, .. })
         ));
     }
 

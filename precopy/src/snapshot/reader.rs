@@ -14,11 +14,11 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
 };
 
+use super::error::SnapshotError;
 use super::layout::{description_path, SnapshotLayout};
-use super::SnapshotError;
 use crate::wire::WIRE_PAGE_SIZE;
 
-/// The largest description read (a description of [`MAX_REGIONS`](super::MAX_REGIONS)
+/// The largest description read (a description of [`MAX_REGIONS`](super::layout::MAX_REGIONS)
 /// regions is about 96 KiB).
 const MAX_DESCRIPTION: u64 = 1 << 20;
 /// Bytes read from the file at once while restoring.

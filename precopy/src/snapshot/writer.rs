@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::GuestAddress;
 
+use super::error::SnapshotError;
 use super::layout::{description_path, SnapshotLayout};
-use super::SnapshotError;
 use crate::destination::PageDestination;
 use crate::wire::WIRE_PAGE_SIZE;
 use virtio_balloon::defs::PAGE_SIZE;
@@ -133,7 +133,7 @@ impl SnapshotWriter {
     /// The region index and page index inside it of `gpa`.
     fn locate(&mut self, gpa: GuestAddress) -> io::Result<(usize, usize, u64)> {
         let regions = self.layout.regions();
-        let hit = |r: &super::SnapshotRegion| gpa >= r.gpa && gpa.0 - r.gpa.0 < r.len;
+        let hit = |r: &super::layout::SnapshotRegion| gpa >= r.gpa && gpa.0 - r.gpa.0 < r.len;
         let index = if regions.get(self.last_region).is_some_and(hit) {
             self.last_region
         } else {
