@@ -328,6 +328,8 @@ pub(super) struct HintShared {
     config_id: AtomicU32,
     negotiated: AtomicBool,
     paused: AtomicBool,
+    /// A round was requested since the last DONE: a driver may hold hinted pages.
+    owes_done: AtomicBool,
 }
 
 impl fmt::Debug for HintShared {
@@ -365,6 +367,7 @@ impl HintShared {
             config_id: AtomicU32::new(cmd_id::STOP),
             negotiated: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            owes_done: AtomicBool::new(false),
         }
     }
 
@@ -403,17 +406,21 @@ impl HintShared {
         self.paused.store(paused, Ordering::Release);
     }
 
-    /// Hands the activated free page queue over. If a round was requested before the driver
-    /// was ready, tells the driver about it now.
+    /// Hands the activated free page queue over. If a round was requested, or DONE given,
+    /// while no driver was active, tells the driver about it now: a VMM that stops the
+    /// vrings while the guest is paused (vhost-user's `GET_VRING_BASE`) resets the device,
+    /// and the DONE that ends a migration or snapshot in that pause must still reach the
+    /// driver that holds the hinted pages once the guest runs again.
     pub(super) fn activate(&self, queue: Box<dyn ActiveQueue>) {
         let mut g = self.lock();
         let requested = g.core.state == HintState::Requested;
         if requested {
             g.core.fence = queue.avail_idx();
         }
+        let announce = requested || g.core.state == HintState::Done;
         g.queue = Some(queue);
         drop(g);
-        if requested {
+        if announce {
             self.irq.signal_config_change();
         }
     }
@@ -479,6 +486,9 @@ impl HintShared {
     /// Moves to `state` under the lock and consumes everything already on the ring.
     fn device_transition(&self, state: HintState) -> bool {
         let mut g = self.lock();
+        if state == HintState::Done {
+            self.owes_done.store(false, Ordering::Release);
+        }
         let changed = g.core.state != state;
         g.core.state = state;
         let HintInner { core, queue } = &mut *g;
@@ -503,6 +513,7 @@ impl HintShared {
         let id = next_cmd_id(g.core.cmd_id);
         g.core.cmd_id = id;
         g.core.state = HintState::Requested;
+        self.owes_done.store(true, Ordering::Release);
         g.core.completed = None;
         // Read the fence before the id becomes visible: a start buffer the guest posts after
         // reading the id sits at or after it.
@@ -624,22 +635,31 @@ impl PrecopyNotifier for FreePageHinting {
     }
 
     fn notify(&self, event: PrecopyEvent, ctx: &PrecopyContext<'_>) -> Result<(), NotifierError> {
-        // Hinting is an optimisation: without the feature, or with postcopy possible (a page
-        // skipped here could never be fetched by the destination), do nothing.
-        if !self.negotiated() || ctx.postcopy_enabled() {
+        // Hinting is an optimisation: with postcopy possible (a page skipped here could
+        // never be fetched by the destination), do nothing.
+        if ctx.postcopy_enabled() {
             return Ok(());
         }
         match event {
-            PrecopyEvent::BeforeBitmapSync => self.stop_round(),
-            PrecopyEvent::AfterBitmapSync => {
-                if ctx.vm_running() {
-                    self.start_round();
-                } else {
-                    self.done();
-                }
+            // Rounds only for a driver that negotiated hinting.
+            PrecopyEvent::BeforeBitmapSync if self.negotiated() => self.stop_round(),
+            PrecopyEvent::AfterBitmapSync if ctx.vm_running() && self.negotiated() => {
+                self.start_round();
             }
-            PrecopyEvent::Cleanup => self.done(),
-            PrecopyEvent::Setup | PrecopyEvent::Complete => {}
+            PrecopyEvent::AfterBitmapSync if ctx.vm_running() => {}
+            // DONE also while no driver is active after a round: the device may be between
+            // a reset and its next activation (a VMM that stopped the vrings with the
+            // guest), and the driver that holds hinted pages learns of it when the device
+            // is activated again. An active driver that did not negotiate hinting, or a
+            // device that never asked for hints, is left alone.
+            PrecopyEvent::AfterBitmapSync | PrecopyEvent::Cleanup
+                if self.negotiated()
+                    || (!self.shared.irq.driver_ok()
+                        && self.shared.owes_done.load(Ordering::Acquire)) =>
+            {
+                self.done();
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -465,3 +465,55 @@ fn poison_val_stays_writable_after_a_handover_until_first_used() {
     assert_eq!(s.balloon.poison_val(), 0xaaaa_aaaa, "latched at first use");
     assert_eq!(s.balloon.metrics().late_poison_writes, 1);
 }
+
+#[test]
+fn a_done_given_while_the_vrings_were_stopped_reaches_the_driver_when_they_return() {
+    use virtio_balloon::migration::{MigrationState, PrecopyEvent, PrecopyNotifierChain};
+    let mut s = setup(256, 256);
+    s.balloon.ack_features(s.features()).unwrap();
+    s.balloon.activate_with(s.handovers()).unwrap();
+    let hint = s.balloon.hint_control();
+    let mut chain = PrecopyNotifierChain::new();
+    chain.add(Arc::new(hint.clone()));
+    let running = MigrationState {
+        vm_running: true,
+        postcopy: false,
+    };
+    let stopped = MigrationState {
+        vm_running: false,
+        postcopy: false,
+    };
+    chain
+        .notify(PrecopyEvent::AfterBitmapSync, running)
+        .unwrap();
+    assert_eq!(hint.status().state, HintState::Requested);
+    let before = *s.irq.config.lock().unwrap();
+    // The VMM pauses the guest and stops the vrings: the device is reset.
+    s.balloon.reset();
+    // The copy's final stage: STOP, then DONE once everything is written.
+    chain
+        .notify(PrecopyEvent::BeforeBitmapSync, stopped)
+        .unwrap();
+    chain
+        .notify(PrecopyEvent::AfterBitmapSync, stopped)
+        .unwrap();
+    chain.notify(PrecopyEvent::Cleanup, stopped).unwrap();
+    assert_eq!(hint.status().state, HintState::Done);
+    assert_eq!(
+        *s.irq.config.lock().unwrap(),
+        before,
+        "no driver to tell yet"
+    );
+    // The guest resumes: the frontend acknowledges the features again and hands the
+    // vrings back; the driver is told, and reads DONE.
+    s.balloon.ack_features(s.features()).unwrap();
+    s.balloon.activate_with(s.handovers()).unwrap();
+    assert_eq!(*s.irq.config.lock().unwrap(), before + 1);
+    let mut cmd_id = [0u8; 4];
+    s.balloon.read_config(8, &mut cmd_id);
+    assert_eq!(
+        u32::from_le_bytes(cmd_id),
+        1,
+        "free_page_hint_cmd_id reads DONE"
+    );
+}
