@@ -16,11 +16,14 @@ use virtio_balloon::migration::{
     PrecopyContext, PrecopyEvent, PrecopyNotifier, PrecopyNotifierChain, RegionInfo,
 };
 use virtio_balloon::sink::FreePageSink;
+use virtio_balloon::{Balloon, BalloonConfig};
 use virtio_balloon_precopy::snapshot::{
     description_path, Snapshot, SnapshotError, SnapshotFile, SnapshotLayout, SnapshotMode,
-    SnapshotRegion,
+    SnapshotRegion, SnapshotWriter,
 };
-use virtio_balloon_precopy::{PrecopyConfig, VmControl, VmControlError};
+use virtio_balloon_precopy::{
+    CancelToken, PageDestination, PrecopyConfig, VmControl, VmControlError,
+};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
@@ -660,4 +663,98 @@ fn waiting_for_a_round_that_never_started_does_not_hold_up_a_snapshot() {
     assert_eq!(report.copy.hint_round_completed, None);
     assert!(start.elapsed() < Duration::from_secs(60));
     assert!(Path::new(&path).exists());
+}
+
+#[test]
+fn a_cancelled_snapshot_is_no_snapshot() {
+    let dir = Dir::new("cancel");
+    let regions = [(0, MIB)];
+    let mem = filled(&regions, 1);
+    let bitmap = MigrationBitmap::new(&mem).unwrap();
+    let chain = PrecopyNotifierChain::new();
+    let token = CancelToken::new();
+    token.cancel();
+    let path = dir.path("mem");
+    let snapshot = Snapshot::new(&mem, &bitmap, &chain)
+        .mode(SnapshotMode::Live)
+        .cancel_token(token);
+    assert!(format!("{snapshot:?}").contains("Live"));
+    let err = snapshot
+        .write(
+            &mut GuestMemoryDirtyLog::new(&mem),
+            &mut Vm::default(),
+            &path,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert!(!path.exists());
+    assert!(!description_path(&path).exists());
+}
+
+#[test]
+fn a_balloon_without_hinting_does_not_hold_up_a_snapshot() {
+    // The driver never negotiated hinting: the wait returns at once, not completed.
+    let dir = Dir::new("nohint");
+    let regions = [(0, MIB)];
+    let mem = Arc::new(filled(&regions, 1));
+    let bitmap = Arc::new(MigrationBitmap::new(&*mem).unwrap());
+    let balloon = Balloon::new(BalloonConfig::default(), mem.clone(), bitmap.clone()).unwrap();
+    let mut chain = PrecopyNotifierChain::new();
+    chain.add(Arc::new(balloon.hint_control()));
+    let path = dir.path("mem");
+    let report = Snapshot::new(&*mem, &bitmap, &chain)
+        .wait_for_hint_round(balloon.hint_control(), Duration::from_secs(30))
+        .write(
+            &mut GuestMemoryDirtyLog::new(&mem),
+            &mut Vm::default(),
+            &path,
+        )
+        .unwrap();
+    assert_eq!(report.copy.hint_round_completed, Some(false));
+    assert!(report.copy.hint_wait < Duration::from_secs(30));
+    assert_eq!(report.file.data_pages, MIB / PAGE);
+}
+
+#[test]
+fn the_writer_refuses_pages_outside_its_layout() {
+    let dir = Dir::new("outside");
+    let layout = SnapshotLayout::new(vec![SnapshotRegion {
+        gpa: GuestAddress(0x10_0000),
+        len: 0x2000,
+        file_offset: 0,
+    }])
+    .unwrap();
+    let mut w = SnapshotWriter::create(&dir.path("mem"), layout.clone(), false).unwrap();
+    assert_eq!(w.layout(), &layout);
+    let page = [1u8; PAGE as usize];
+    for gpa in [0u64, 0x10_2000, u64::MAX - 0xfff] {
+        let err = w.page(GuestAddress(gpa), &page).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{gpa:#x}: {err}");
+        assert!(w.zero_page(GuestAddress(gpa)).is_err());
+    }
+    let err = w.page(GuestAddress(0x10_0800), &page).unwrap_err();
+    assert!(err.to_string().contains("whole page"), "{err}");
+    w.page(GuestAddress(0x10_1000), &page).unwrap();
+    w.end().unwrap();
+    assert_eq!(w.bytes(), PAGE);
+    let stats = w.finish().unwrap();
+    assert_eq!(stats.file_len, 0x2000);
+    let snap = SnapshotFile::open(&dir.path("mem")).unwrap();
+    let mut buf = [0u8; PAGE as usize];
+    assert!(snap.read_page(GuestAddress(0x10_1000), &mut buf).unwrap());
+    assert_eq!(buf, page);
+    assert!(!snap.read_page(GuestAddress(0x10_1800), &mut buf).unwrap());
+    assert!(!snap.read_page(GuestAddress(0), &mut buf).unwrap());
+    // A file cut short after it was opened: reading is an error, not a panic.
+    assert!(snap.file().metadata().unwrap().len() >= 0x2000);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path("mem"))
+        .unwrap()
+        .set_len(0x1000)
+        .unwrap();
+    let err = snap
+        .read_page(GuestAddress(0x10_1000), &mut buf)
+        .unwrap_err();
+    assert!(err.to_string().contains("reading"), "{err}");
 }

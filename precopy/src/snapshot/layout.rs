@@ -379,6 +379,20 @@ mod tests {
     }
 
     #[test]
+    fn a_description_whose_length_field_disagrees_is_refused() {
+        let layout = SnapshotLayout::new(vec![region(0, 0x1000, 0)]).unwrap();
+        let mut bytes = layout.encode();
+        // The file length field says 8 KiB; the checksum is recomputed so only the
+        // disagreement is left.
+        bytes[16..24].copy_from_slice(&0x2000u64.to_le_bytes());
+        let body = bytes.len() - CHECKSUM_LEN;
+        let sum = fnv1a(&bytes[..body]);
+        bytes[body..].copy_from_slice(&sum.to_le_bytes());
+        let err = SnapshotLayout::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("file length"), "{err}");
+    }
+
+    #[test]
     fn description_path_appends() {
         assert_eq!(
             description_path(Path::new("/a/mem.snap")),

@@ -112,11 +112,9 @@ impl SnapshotFile {
         gpa: GuestAddress,
         buf: &mut [u8; WIRE_PAGE_SIZE],
     ) -> Result<bool, SnapshotError> {
-        if !self.layout.covers(gpa, WIRE_PAGE_SIZE as u64) {
-            return Ok(false);
-        }
-        let Some(offset) = self.layout.file_offset_of(gpa) else {
-            return Ok(false);
+        let offset = match self.layout.file_offset_of(gpa) {
+            Some(offset) if self.layout.covers(gpa, WIRE_PAGE_SIZE as u64) => offset,
+            _ => return Ok(false),
         };
         self.file
             .read_exact_at(buf, offset)
