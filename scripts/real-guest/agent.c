@@ -31,8 +31,17 @@
 //                    reports requested_mib= got_mib= touch_ms= pid= ms=
 //                    held_mib=; error (with got_mib=) if the child died, e.g.
 //                    killed by the OOM killer
+//   fill <MiB> [hold]  writes MiB of non-zero data with write(2) into a file
+//                    on a tmpfs of its own (sized MiB), through the page cache:
+//                    no user page faults, so about ten times faster than dirty
+//                    under UML. Then deletes it (the pages go back to the
+//                    allocator with their data), or with hold keeps it until
+//                    release. Reports requested_mib= got_mib= ms= mib_per_s=
+//                    (and held_fill_mib= with hold). The pages cannot be
+//                    reclaimed (no swap): keep MiB below what the guest spares
 //   held             one "alloc pid= mib= state=" line each, and held_mib=
-//   release          kills the holding children: released= freed_mib= ms=
+//   release          kills the holding children and deletes held fills:
+//                    released= freed_mib= ms=
 //   sh <command>     /bin/sh -c <command>, stdout+stderr as body; error
 //                    unless it exits with 0 (killed after 300 s)
 //   echo <text>      <text> as the body
@@ -59,6 +68,7 @@
 #include <string.h>
 #include <sys/klog.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -489,10 +499,140 @@ static int run_memory(const char *arg, int hold) {
     return error("child %s after %" PRIu64 " of %" PRIu64 " MiB", desc, got, mib);
 }
 
+// ---------------------------------------------------------------------------
+// fill: page cache writes on a private tmpfs
+
+struct fill {
+    char dir[64];
+    uint64_t mib;
+};
+
+static struct fill fills[MAX_HELD];
+static size_t nfills;
+static uint64_t fill_counter;
+
+// Deletes a fill's file and its tmpfs. Returns 0 on success.
+static int fill_remove(const char *dir) {
+    char path[96];
+    snprintf(path, sizeof(path), "%s/data", dir);
+    int r = 0;
+    if (unlink(path) != 0 && errno != ENOENT)
+        r = -1;
+    if (umount(dir) != 0)
+        r = -1;
+    rmdir(dir);
+    return r;
+}
+
+static int cmd_fill(const char *arg) {
+    char buf[64];
+    uint64_t mib;
+    int hold = 0;
+    if (!arg || strlen(arg) >= sizeof(buf))
+        return error("usage: fill <MiB> [hold] (1..%" PRIu64 ")", MAX_MIB);
+    strcpy(buf, arg);
+    char *opt = strchr(buf, ' ');
+    if (opt) {
+        *opt++ = '\0';
+        while (*opt == ' ')
+            opt++;
+        if (strcmp(opt, "hold") != 0)
+            return error("usage: fill <MiB> [hold]");
+        hold = 1;
+    }
+    if (parse_u64(buf, &mib) != 0 || mib == 0 || mib > MAX_MIB)
+        return error("usage: fill <MiB> [hold] (1..%" PRIu64 ")", MAX_MIB);
+    if (hold && nfills >= MAX_HELD)
+        return error("too many held fills (%d); release first", MAX_HELD);
+    uint64_t t0 = now_ns();
+    char dir[64];
+    snprintf(dir, sizeof(dir), "/run/fill-%" PRIu64, ++fill_counter);
+    mkdir("/run", 0755);
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST)
+        return error("mkdir %s: %s", dir, strerror(errno));
+    char opts[64];
+    snprintf(opts, sizeof(opts), "size=%" PRIu64 "m,mode=0700", mib);
+    if (mount("fill", dir, "tmpfs", 0, opts) != 0) {
+        int e = errno;
+        rmdir(dir);
+        return error("mount tmpfs on %s: %s", dir, strerror(e));
+    }
+    char path[96];
+    snprintf(path, sizeof(path), "%s/data", dir);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        int e = errno;
+        fill_remove(dir);
+        return error("create %s: %s", path, strerror(e));
+    }
+    unsigned char *chunk = malloc(MIB);
+    if (!chunk) {
+        close(fd);
+        fill_remove(dir);
+        return error("out of memory for the write buffer");
+    }
+    long page_l = sysconf(_SC_PAGESIZE);
+    size_t page = page_l > 0 ? (size_t)page_l : 4096;
+    size_t pages_per_mib = (size_t)MIB / page;
+    uint64_t got = 0;
+    int werr = 0;
+    for (uint64_t m = 0; m < mib && !werr; m++) {
+        // Non-zero, page-dependent pattern, as dirty writes.
+        for (size_t i = 0; i < pages_per_mib; i++)
+            memset(chunk + i * page, (int)(((m * pages_per_mib + i) % 255) + 1), page);
+        size_t done = 0;
+        while (done < MIB) {
+            ssize_t n = write(fd, chunk + done, MIB - done);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                werr = n < 0 ? errno : ENOSPC;
+                break;
+            }
+            done += (size_t)n;
+        }
+        if (!werr)
+            got = m + 1;
+    }
+    free(chunk);
+    close(fd);
+    out("requested_mib=%" PRIu64, mib);
+    out("got_mib=%" PRIu64, got);
+    if (werr) {
+        fill_remove(dir);
+        out("ms=%" PRIu64, ms_since(t0));
+        return error("write after %" PRIu64 " of %" PRIu64 " MiB: %s", got, mib,
+                     strerror(werr));
+    }
+    if (hold) {
+        snprintf(fills[nfills].dir, sizeof(fills[nfills].dir), "%s", dir);
+        fills[nfills].mib = mib;
+        nfills++;
+        uint64_t total = 0;
+        for (size_t i = 0; i < nfills; i++)
+            total += fills[i].mib;
+        out("held_fill_mib=%" PRIu64, total);
+    } else if (fill_remove(dir) != 0) {
+        return error("cannot delete %s: %s", path, strerror(errno));
+    }
+    uint64_t total_ms = ms_since(t0);
+    out("ms=%" PRIu64, total_ms);
+    if (total_ms > 0)
+        out("mib_per_s=%" PRIu64, mib * 1000u / total_ms);
+    return ok();
+}
+
 static int cmd_release(void) {
     uint64_t freed = 0;
     size_t count = 0;
     uint64_t t0 = now_ns();
+    for (size_t i = 0; i < nfills; i++) {
+        if (fill_remove(fills[i].dir) == 0) {
+            freed += fills[i].mib;
+            count++;
+        }
+    }
+    nfills = 0;
     for (size_t i = 0; i < nheld; i++) {
         if (!held[i].alive)
             continue;
@@ -781,8 +921,10 @@ static int cmd_help(void) {
         "features           negotiated features of the virtio balloon device(s)",
         "dirty <MiB>        map, write every page, unmap; report timings",
         "alloc <MiB>        map and write every page, keep it (in a child)",
+        "fill <MiB> [hold]  write data into a tmpfs file with write(2); delete it",
+        "                   (or keep it until release, with hold)",
         "held               list held allocations",
-        "release            free every held allocation",
+        "release            free every held allocation and fill",
         "sh <command>       run a command with /bin/sh -c",
         "echo <text>        print text",
         "poweroff           sync and power the guest off",
@@ -816,6 +958,10 @@ static void dispatch(char *line) {
     }
     if (!strcmp(cmd, "alloc")) {
         run_memory(arg, 1);
+        return;
+    }
+    if (!strcmp(cmd, "fill")) {
+        cmd_fill(arg);
         return;
     }
     if (!no_arg) {

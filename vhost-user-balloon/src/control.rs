@@ -18,6 +18,10 @@
 //! | `{"cmd":"wait_round","timeout_ms":N}` | whether the guest completed the round |
 //! | `{"cmd":"save_capture"}` (optional `"description"`) | where the last round's capture was written |
 //! | `{"cmd":"shutdown"}` | nothing; the daemon stops |
+//! | `{"cmd":"snapshot","path":P,...}`, `{"cmd":"migrate","path":P,...}` | the copy started (see [`crate::copy`]) |
+//! | `{"cmd":"guest_stopped"}` | the copy waiting for the stop goes on |
+//! | `{"cmd":"copy_status"}`, `{"cmd":"copy_wait","timeout_ms":N}` | the copy's state and figures |
+//! | `{"cmd":"compare","snapshot":P}` or `"stream":P` | pages differing between the copy and memory |
 //!
 //! Every answer is one line: `{"ok":true, ...}` or `{"ok":false,"error":"..."}`. A bad
 //! request (malformed JSON, unknown command, wrong or missing field, a line longer than
@@ -113,6 +117,111 @@ pub enum Request {
     },
     /// Stops the daemon.
     Shutdown,
+    /// Starts a snapshot of guest memory into a sparse file (see [`crate::copy`]).
+    Snapshot {
+        /// The memory file (absolute); its description goes beside it.
+        path: PathBuf,
+        /// Whether the copy uses free page hints.
+        #[serde(default)]
+        hints: bool,
+        /// `stopped` (the default) or `live`.
+        #[serde(default)]
+        mode: Option<CopyMode>,
+        /// Replace an existing snapshot.
+        #[serde(default)]
+        overwrite: bool,
+        /// With hints: how long to wait for the guest's hint round (default 10 s).
+        #[serde(default)]
+        hint_wait_ms: Option<u64>,
+        /// With hints: the most hint rounds the copy starts (default: one per sync).
+        #[serde(default)]
+        hint_rounds: Option<u32>,
+        /// How long to wait for `guest_stopped` (default 60 s).
+        #[serde(default)]
+        stop_timeout_ms: Option<u64>,
+        /// A deliberate fault (`shift_hints`), to prove that `compare` finds it.
+        #[serde(default)]
+        fault: Option<Fault>,
+    },
+    /// Starts a precopy migration of guest memory into a stream file (see [`crate::copy`]).
+    Migrate {
+        /// The stream file (absolute); `/dev/null` is allowed.
+        path: PathBuf,
+        /// Whether the copy uses free page hints.
+        #[serde(default)]
+        hints: bool,
+        /// The most passes while the guest runs (default 30).
+        #[serde(default)]
+        max_iterations: Option<u32>,
+        /// Replace an existing regular file.
+        #[serde(default)]
+        overwrite: bool,
+        /// With hints: how long to wait for the guest's hint round (default 10 s).
+        #[serde(default)]
+        hint_wait_ms: Option<u64>,
+        /// With hints: the most hint rounds the copy starts (default: one per sync).
+        #[serde(default)]
+        hint_rounds: Option<u32>,
+        /// How long to wait for `guest_stopped` (default 60 s).
+        #[serde(default)]
+        stop_timeout_ms: Option<u64>,
+        /// A deliberate fault (`shift_hints`), to prove that `compare` finds it.
+        #[serde(default)]
+        fault: Option<Fault>,
+    },
+    /// The caller stopped the guest the copy waits for.
+    GuestStopped,
+    /// The copy's state and, once it ended, its figures.
+    CopyStatus,
+    /// Waits until the copy is done, failed or waiting for the guest to stop.
+    CopyWait {
+        /// The longest wait in milliseconds (at most [`MAX_WAIT_MS`]).
+        timeout_ms: u64,
+    },
+    /// Compares the last copy with guest memory, page by page (the guest must be stopped):
+    /// exactly one of `snapshot` or `stream`.
+    Compare {
+        /// A snapshot's memory file.
+        #[serde(default)]
+        snapshot: Option<PathBuf>,
+        /// A migration stream file.
+        #[serde(default)]
+        stream: Option<PathBuf>,
+    },
+}
+
+/// A deliberate fault in a copy, to prove that `compare` finds a wrong copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Each hinted range clears the copy's bitmap one page (4 KiB) higher than the guest
+    /// said: the copy leaves out the page after each range, which the guest may be using,
+    /// and sends the first page of each range, which it did not need to.
+    ShiftHints,
+    /// Pages the guest wrote after hinting them are dropped from every harvest of the
+    /// copy's dirty log, as if the hint outweighed the later write (the race of a design
+    /// that discards hinted pages): the copy leaves out data the guest holds.
+    ForgetLaterWrites,
+}
+
+/// How a snapshot is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMode {
+    /// The guest runs its hint round (with hints), then is stopped for the whole copy.
+    Stopped,
+    /// Precopy passes while the guest runs, then a final stage with the guest stopped.
+    Live,
+}
+
+impl Fault {
+    /// The fault's name in a request.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::ShiftHints => "shift_hints",
+            Fault::ForgetLaterWrites => "forget_later_writes",
+        }
+    }
 }
 
 /// Answers control requests.
@@ -617,6 +726,14 @@ impl Controller for BalloonController {
                 }
                 None => Err("shutdown is not enabled on this control socket".into()),
             },
+            Request::Snapshot { .. }
+            | Request::Migrate { .. }
+            | Request::GuestStopped
+            | Request::CopyStatus
+            | Request::CopyWait { .. }
+            | Request::Compare { .. } => {
+                Err("copies of guest memory are not served on this control socket".into())
+            }
         }
     }
 }

@@ -257,6 +257,7 @@ pub struct DaemonController {
     shim: Arc<ShimCounters>,
     discards: Option<Arc<crate::discard::TrackingBackend>>,
     mem: Mem,
+    copier: Option<crate::copy::Copier>,
 }
 
 impl std::fmt::Debug for DaemonController {
@@ -281,7 +282,15 @@ impl DaemonController {
             shim: daemon.shim.clone(),
             discards,
             mem: daemon.mem.clone(),
+            copier: None,
         }
+    }
+
+    /// Serves the copy requests (`snapshot`, `migrate`, `guest_stopped`, `copy_status`,
+    /// `copy_wait`, `compare`) with `copier`.
+    pub fn with_copier(mut self, copier: crate::copy::Copier) -> Self {
+        self.copier = Some(copier);
+        self
     }
 }
 
@@ -310,6 +319,12 @@ pub fn memory_regions(mem: &Mem) -> serde_json::Value {
 
 impl crate::control::Controller for DaemonController {
     fn handle(&self, req: crate::control::Request) -> Result<serde_json::Value, String> {
+        if crate::copy::Copier::handles(&req) {
+            return match &self.copier {
+                Some(c) => c.handle(req),
+                None => Err("copies of guest memory are not served on this control socket".into()),
+            };
+        }
         let status = matches!(req, crate::control::Request::Status);
         let mut value = self.inner.handle(req)?;
         if status {
@@ -329,6 +344,9 @@ impl crate::control::Controller for DaemonController {
                     obj.insert("discards".into(), to(serde_json::to_value(d.stats())));
                 }
                 obj.insert("memory".into(), memory_regions(&self.mem));
+                if let Some(c) = &self.copier {
+                    obj.insert("copy".into(), serde_json::json!(c.state_name()));
+                }
             }
         }
         Ok(value)

@@ -19,5 +19,6 @@ pub mod discard;
 
 pub mod capture;
 pub mod control;
+pub mod copy;
 pub mod options;
 pub mod shim;

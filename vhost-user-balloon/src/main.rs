@@ -20,6 +20,7 @@ use clap::Parser;
 use log::{error, info};
 use vhost_user_balloon::capture::{HintCounter, DEFAULT_MAX_ELEMENTS};
 use vhost_user_balloon::control::{self, BalloonController, CaptureTarget};
+use vhost_user_balloon::copy::{Copier, CopySink};
 use vhost_user_balloon::daemon::{bind, empty_memory, Daemon, DaemonController};
 use vhost_user_balloon::device::lock;
 use vhost_user_balloon::discard::TrackingBackend;
@@ -55,12 +56,14 @@ fn run(opts: Options) -> Result<(), String> {
         Some(_) => HintCounter::capturing(DEFAULT_MAX_ELEMENTS),
         None => HintCounter::new(),
     });
+    // Hints go to the counter and, while a copy of guest memory runs, to that copy.
+    let sink = Arc::new(CopySink::new(counter.clone()));
     let discards = Arc::new(TrackingBackend::new(opts.discard_mode().backend()));
     let mem = empty_memory();
     let mut daemon = Daemon::new(
         opts.balloon_config(),
         mem.clone(),
-        counter.clone(),
+        sink.clone(),
         discards.clone(),
     )
     .map_err(|e| e.to_string())?;
@@ -88,7 +91,8 @@ fn run(opts: Options) -> Result<(), String> {
                 mem.clone(),
             );
         }
-        let ctl = Arc::new(DaemonController::new(ctl, &daemon, Some(discards)));
+        let copier = Copier::new(mem.clone(), daemon.backend().hint_control(), sink);
+        let ctl = Arc::new(DaemonController::new(ctl, &daemon, Some(discards)).with_copier(copier));
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("control".into())

@@ -9,6 +9,7 @@
 mod guest;
 
 use guest::{buddy_free_pages, parse_kv, Uml, UmlConfig};
+use std::thread;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
@@ -105,6 +106,40 @@ fn agent_without_balloon_backend() {
     assert_eq!(released["freed_mib"], "32");
     let back = mem_free_kib(&mut uml);
     assert!(back + 8 * 1024 >= after, "release: {held} -> {back} kB");
+
+    // fill writes through the page cache and frees it; with hold, keeps it until release.
+    let report = uml.fill(64).unwrap();
+    assert_eq!(report["got_mib"], "64", "{report:?}");
+    let filled = mem_free_kib(&mut uml);
+    assert!(
+        filled + 8 * 1024 >= back,
+        "fill kept memory: {back} -> {filled} kB"
+    );
+    let reply = uml.cmd_reply("fill 32 hold", T).unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.kv_u64("held_fill_mib"), Some(32));
+    let held = mem_free_kib(&mut uml);
+    assert!(
+        held + 28 * 1024 <= filled,
+        "fill 32 hold: {filled} -> {held} kB"
+    );
+    assert_eq!(uml.release().unwrap()["freed_mib"], "32");
+    assert!(mem_free_kib(&mut uml) + 8 * 1024 >= filled);
+    for bad in ["fill", "fill 0", "fill 8 keep", "fill x hold"] {
+        assert!(!uml.cmd_reply(bad, T).unwrap().ok, "{bad}");
+    }
+
+    // stop and resume: every process of UML stops, and the guest goes on afterwards (a
+    // signal to UML's ptraced processes would kill them).
+    let seq = uml.send("sh sleep 1; echo slept").unwrap();
+    let took = uml.stop().unwrap();
+    eprintln!("UML stopped in {took:?}");
+    assert!(uml.stop().is_err(), "stopped twice");
+    thread::sleep(Duration::from_millis(1500));
+    uml.resume().unwrap();
+    let reply = uml.wait_reply(seq, "sh sleep 1; echo slept", T).unwrap();
+    assert_eq!(reply.body, "slept", "{reply:?}");
+    assert!(uml.resume().is_err(), "resumed twice");
 
     // More than the guest has: the allocating child is OOM-killed and the
     // agent (PID 1) reports how far it got.

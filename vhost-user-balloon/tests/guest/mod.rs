@@ -218,6 +218,10 @@ pub struct Uml {
     module_loaded: Option<bool>,
     exit_status: Option<ExitStatus>,
     setup: GuestSetup,
+    /// The command sent with [`Uml::send`] whose answer was not read yet.
+    outstanding: Option<u64>,
+    /// The processes [`Uml::stop`] stopped.
+    stopped: Vec<libc::pid_t>,
 }
 
 fn spawn_reader<R: Read + Send + 'static>(
@@ -331,6 +335,8 @@ impl Uml {
             module_loaded: None,
             exit_status: None,
             setup,
+            outstanding: None,
+            stopped: Vec::new(),
         };
         let mut module_loaded = None;
         let ready = uml.wait_for_line(
@@ -421,6 +427,19 @@ impl Uml {
 
     /// Sends one command and returns the agent's answer, `ok` or not.
     pub fn cmd_reply(&mut self, cmd: &str, timeout: Duration) -> Result<Reply, String> {
+        let seq = self.send(cmd)?;
+        self.wait_reply(seq, cmd, timeout)
+    }
+
+    /// Sends one command without waiting for its answer: read it with
+    /// [`wait_reply`](Self::wait_reply) before sending anything else (the
+    /// agent answers one command after the other).
+    pub fn send(&mut self, cmd: &str) -> Result<u64, String> {
+        if let Some(seq) = self.outstanding {
+            return Err(format!(
+                "command #{seq} is still unanswered: wait_reply first"
+            ));
+        }
         if cmd.trim().is_empty() || cmd.len() > 4000 || cmd.chars().any(|c| c.is_control()) {
             return Err(format!(
                 "invalid agent command {cmd:?} (must be one non-empty line)"
@@ -434,7 +453,25 @@ impl Uml {
             .map_err(|e| format!("cannot send {cmd:?} to UML: {e}"))?;
         // The agent counts every line it receives, answered or not.
         self.next_seq = seq.checked_add(1).ok_or("sequence number overflow")?;
+        self.outstanding = Some(seq);
+        Ok(seq)
+    }
 
+    /// Waits for the answer to command `seq` (sent as `cmd`) from
+    /// [`send`](Self::send).
+    pub fn wait_reply(&mut self, seq: u64, cmd: &str, timeout: Duration) -> Result<Reply, String> {
+        if self.outstanding != Some(seq) {
+            return Err(format!(
+                "command #{seq} is not the one waiting for its answer"
+            ));
+        }
+        let reply = self.read_reply(seq, cmd, timeout);
+        // On a timeout the command may still answer later: its lines are skipped then.
+        self.outstanding = None;
+        reply
+    }
+
+    fn read_reply(&mut self, seq: u64, cmd: &str, timeout: Duration) -> Result<Reply, String> {
         let body_tag = format!("@@{seq}");
         let end_tag = format!("@@END {seq} ");
         let mut body = Vec::new();
@@ -544,6 +581,66 @@ impl Uml {
         self.cmd_reply(&format!("alloc {mib}"), memory_timeout(mib))
     }
 
+    /// Writes `mib` MiB of non-zero data into a file on a tmpfs of its own
+    /// through the page cache and deletes it: the guest's pages were used and
+    /// freed as with [`dirty`](Self::dirty), about ten times faster under UML
+    /// (no user page faults). Returns the agent's `key=value` report.
+    pub fn fill(&mut self, mib: u64) -> Result<HashMap<String, String>, String> {
+        let body = self.cmd(&format!("fill {mib}"), memory_timeout(mib / 8))?;
+        Ok(parse_kv(&body))
+    }
+
+    /// Stops the guest: SIGSTOP to every process of UML's group but the
+    /// guest's own processes, which UML ptraces (a tracee stopped by a signal
+    /// makes UML kill it: "userspace - child stopped with signal 19"). A
+    /// tracee stops at its next trap into UML, within a timer tick: this
+    /// returns once every process of the group is stopped, so nothing of the
+    /// guest runs.
+    pub fn stop(&mut self) -> Result<Duration, String> {
+        if !self.stopped.is_empty() {
+            return Err("the guest is already stopped".into());
+        }
+        let start = Instant::now();
+        let procs = group_processes(self.pgid);
+        for p in procs.iter().filter(|p| p.tracer == 0) {
+            // SAFETY: plain syscall on a process of UML's group.
+            if unsafe { libc::kill(p.pid, libc::SIGSTOP) } == 0 {
+                self.stopped.push(p.pid);
+            }
+        }
+        if self.stopped.is_empty() {
+            return Err("no process of UML's group could be stopped".into());
+        }
+        let deadline = start + Duration::from_secs(10);
+        loop {
+            let running: Vec<GroupProcess> = group_processes(self.pgid)
+                .into_iter()
+                .filter(|p| !matches!(p.state, 'T' | 't' | 'Z' | 'X'))
+                .collect();
+            if running.is_empty() {
+                return Ok(start.elapsed());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("UML's processes did not stop: {running:?}"));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Resumes the guest [`stop`](Self::stop) stopped.
+    pub fn resume(&mut self) -> Result<(), String> {
+        if self.stopped.is_empty() {
+            return Err("the guest is not stopped".into());
+        }
+        for pid in self.stopped.drain(..) {
+            // SAFETY: plain syscall on a process this guest stopped.
+            unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            }
+        }
+        Ok(())
+    }
+
     /// Frees everything `alloc` holds.
     pub fn release(&mut self) -> Result<HashMap<String, String>, String> {
         Ok(parse_kv(&self.cmd("release", Duration::from_secs(60))?))
@@ -613,6 +710,57 @@ impl Uml {
     }
 }
 
+/// A host process of UML's process group.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupProcess {
+    /// Its pid.
+    pub pid: libc::pid_t,
+    /// Its state letter from /proc/<pid>/stat (`R`, `S`, `T`, `t`, ...).
+    pub state: char,
+    /// The pid of the process tracing it, 0 if none.
+    pub tracer: libc::pid_t,
+}
+
+/// Every process of the process group `pgid`, from /proc.
+pub fn group_processes(pgid: libc::pid_t) -> Vec<GroupProcess> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold anything but ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let pgrp = fields.nth(1).and_then(|s| s.parse::<libc::pid_t>().ok());
+        if pgrp != Some(pgid) {
+            continue;
+        }
+        let tracer = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("TracerPid:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0);
+        out.push(GroupProcess { pid, state, tracer });
+    }
+    out
+}
+
 fn kill_group(pgid: libc::pid_t) {
     if pgid > 1 {
         // SAFETY: plain syscall; a group that is already gone gives ESRCH.
@@ -625,6 +773,10 @@ fn kill_group(pgid: libc::pid_t) {
 impl Drop for Uml {
     fn drop(&mut self) {
         self.stdin = None;
+        if !self.stopped.is_empty() {
+            // Killing a stopped group works, but let the console drain first.
+            let _ = self.resume();
+        }
         if self.exit_status.is_none() {
             kill_group(self.pgid);
             let _ = self.child.kill();
