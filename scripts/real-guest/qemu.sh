@@ -5,7 +5,7 @@
 # Runs one free page hint round between a real Linux guest under QEMU and the
 # vhost-user-balloon daemon. Manual tool, not part of CI.
 #
-# Usage: scripts/real-guest/qemu.sh [build|guest|run|all]...   (default: all)
+# Usage: scripts/real-guest/qemu.sh [build|guest|run|compare|all]...   (default: all)
 #
 #   build  QEMU from Debian's source package (bookworm-backports, 10.0.x), with
 #          the generic vhost-user-device made user-creatable (upstream marks it
@@ -19,8 +19,9 @@
 #          1.7 from bookworm-backports (bookworm's 1.0 is too old for QEMU 10).
 #   guest  Debian's bookworm cloud kernel (vmlinuz) and an initramfs holding a
 #          static busybox, virtio_balloon.ko with its dependencies, and
-#          qemu-guest-init.sh as /init (dirties and frees some memory, then
-#          prints /proc/buddyinfo every second).
+#          qemu-guest-init.sh as /init (fills some memory with 0xff bytes and
+#          frees it, then prints /proc/buddyinfo and MemTotal/MemFree every
+#          second).
 #   run    Installs seabios and qemu-system-data (firmware and the
 #          linuxboot option ROM, passed with -L), starts
 #          target/release/vhost-user-balloon (build it first with
@@ -28,6 +29,22 @@
 #          `-device vhost-user-device-pci,virtio-id=5,...`, waits for the guest
 #          to be idle, runs one hint round over the control socket and prints
 #          its figures, finishes the round and shuts everything down.
+#   compare  QEMU's own migration side by side with the daemon's copy, each run
+#          on a fresh guest (the same kernel and init; the init fills dirty_mb
+#          MiB with 0xff bytes, not zeros, and frees it) and time-boxed:
+#          qemu:on/off   QEMU's virtio-balloon-pci (free-page-hint=on with an
+#                        iothread, or off), QMP `migrate` to file:, figures
+#                        from `query-migrate` and the file's size;
+#          daemon:on/off the daemon's `migrate` copy (`"hints":true/false`)
+#                        through vhost-user-device-pci, stopping and resuming
+#                        the guest over QMP when it asks (waiting_for_stop).
+#          Prints one markdown table row per run (also appended to
+#          results.md in the compare directory). Each run's directory keeps
+#          the command lines, serial.log, the QEMU/daemon logs, and
+#          progress.log (query-migrate about once a second) or timeline.log
+#          (the stop/resume steps, and whether the resumed guest got its
+#          hinted blocks back). Needs `build`, `guest` and the daemon, as
+#          `run` does.
 #
 # Every step skips what is already there; remove the cache (or a part of it) to
 # redo it. Needs root for apt-get (packages are installed from the system's
@@ -42,6 +59,26 @@
 #   DIRTY_MB        MiB the guest dirties and frees before the round (default 512)
 #   ROUND_TIMEOUT_S how long to wait for the guest to complete the round (default 120)
 #   BOOT_TIMEOUT_S  how long to wait for the guest to be idle (default 300)
+#   DAEMON          the daemon binary for run and compare (default
+#                   target/release/vhost-user-balloon)
+# For compare:
+#   COMPARE_RUNS    the runs, in order (default "qemu:on qemu:on qemu:on qemu:off
+#                   qemu:off daemon:on daemon:on daemon:on daemon:off daemon:off")
+#   COMPARE_MEM_MB  guest memory (default 2048)
+#   COMPARE_DIRTY_MB MiB the guest fills and frees (default 1600)
+#   COMPARE_FILL    what it fills them with: ones (0xff bytes, the default) or zero
+#   COMPARE_DIR     where the run logs, migration files and results.md go (default
+#                   a new directory vub-compare.XXXXXX under TMPDIR or /tmp); each
+#                   migration file is removed once measured unless KEEP_FILES=1
+#   QEMU_MAX_BW     QEMU's migration max-bandwidth in bytes/s (default: QEMU's own,
+#                   128 MiB/s); the daemon's copy has no rate limit
+#   DAEMON_ARGS     more daemon flags for compare (default --no-reporting: QEMU's
+#                   balloon does not report free pages either, and pages reported
+#                   to the daemon come back as holes, which read as zeros)
+#   DAEMON_MAX_ITER the daemon's max_iterations (default: the daemon's, 30)
+#   DAEMON_HINT_WAIT_MS the daemon's hint_wait_ms with hints (default: the daemon's, 10 s)
+#   RUN_TIMEOUT_S   time box of one run, boot included (default 600): QEMU and the
+#                   daemon run under timeout(1), and every run ends with both killed
 
 set -euo pipefail
 
@@ -54,6 +91,7 @@ guest_mem_mb=${GUEST_MEM_MB:-1024}
 dirty_mb=${DIRTY_MB:-512}
 round_timeout_s=${ROUND_TIMEOUT_S:-120}
 boot_timeout_s=${BOOT_TIMEOUT_S:-300}
+daemon=${DAEMON:-$repo/target/release/vhost-user-balloon}
 
 qemu_bin=$cache/qemu-build/qemu-system-x86_64
 kernel=$cache/guest/vmlinuz
@@ -348,7 +386,6 @@ order10() {
 }
 
 phase_run() {
-    local daemon=$repo/target/release/vhost-user-balloon
     [[ -x $daemon ]] || die "no $daemon: cargo build --release -p vhost-user-balloon"
     [[ -x $qemu_bin ]] || die "no $qemu_bin: run '$0 build' first"
     [[ -f $kernel && -f $initrd ]] || die "no guest: run '$0 guest' first"
@@ -475,6 +512,311 @@ phase_run() {
     say "logs kept in $run (serial.log, daemon.log, qemu.log)"
 }
 
+# --- compare ----------------------------------------------------------------
+
+# Sends one QMP command (name, optional JSON arguments) to the socket $qmp_sock and
+# prints its "return" as JSON; fails with QEMU's error.
+qmp() {
+    python3 - "$qmp_sock" "$1" "${2:-}" <<'EOF'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(60)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+def call(name, args=None):
+    msg = {"execute": name}
+    if args:
+        msg["arguments"] = args
+    f.write(json.dumps(msg) + "\n")
+    f.flush()
+    while True:
+        line = f.readline()
+        if not line:
+            sys.exit("QMP: connection closed")
+        ans = json.loads(line)
+        if "event" in ans:
+            continue
+        if "error" in ans:
+            sys.exit("QMP %s: %s" % (name, ans["error"].get("desc")))
+        return ans.get("return")
+f.readline()  # greeting
+call("qmp_capabilities")
+print(json.dumps(call(sys.argv[2], json.loads(sys.argv[3]) if sys.argv[3] else None)))
+EOF
+}
+
+# Prints "<MiB the guest holds (MemTotal - MemFree)>" from the last @@MEM line of $serial.
+guest_holds_mib() {
+    awk '{ sub(/\r$/, "") } /^@@MEM / { t = $2; f = $3 } END { if (t) printf "%d", (t - f) / 1024; else print "?" }' "$serial"
+}
+
+# Free order-10 blocks: "<last block before line $1> <fewest in a block from line $1 on>",
+# the driver holding what it hinted shows as the difference.
+order10_dip() {
+    awk -v from="$1" '
+        { sub(/\r$/, "") }
+        /@@BUDDY begin/ { sum = 0; inblk = 1; next }
+        /@@BUDDY end/ {
+            if (inblk) { if (NR < from) before = sum; else if (min == "" || sum < min) min = sum }
+            inblk = 0; next
+        }
+        inblk && /Node/ { sum += $NF }
+        END { if (min == "") min = before; printf "%d %d", before, min }' "$serial"
+}
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1048576 }'; }
+
+# Waits for @@IDLE on $serial (QEMU started at $1), then two more console prints.
+wait_idle() {
+    local t0=$1
+    while ! grep -aq '@@IDLE' "$serial" 2>/dev/null; do
+        kill -0 "$qemu_pid" 2>/dev/null || { cat "$run/qemu.log" >&2; return 1; }
+        grep -aq '@@FAIL' "$serial" 2>/dev/null && { cat "$serial" >&2; return 1; }
+        (($(date +%s) - ${t0%.*} < boot_timeout_s)) || { say "the guest was not idle within ${boot_timeout_s}s"; return 1; }
+        sleep 0.5
+    done
+    sleep 2.5
+}
+
+# Stops QEMU (QMP quit, then its pid) and the daemon.
+end_run() {
+    if [[ -n $qemu_pid ]] && kill -0 "$qemu_pid" 2>/dev/null; then
+        qmp quit >/dev/null 2>&1 || true
+        for _ in $(seq 50); do
+            kill -0 "$qemu_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    if [[ -n $daemon_pid ]] && kill -0 "$daemon_pid" 2>/dev/null; then
+        ctl '{"cmd":"shutdown"}' >/dev/null 2>&1 || true
+        for _ in $(seq 50); do
+            kill -0 "$daemon_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    cleanup
+}
+
+# Boots the compare guest; $1: "qemu" (QEMU's balloon, hints $2) or "daemon".
+start_guest() {
+    local runner=$1 hints=$2 dev
+    # shellcheck disable=SC2054 # the commas belong to QEMU's option syntax
+    if [[ $runner == qemu ]]; then
+        dev=(-object iothread,id=io0 -device "virtio-balloon-pci,free-page-hint=$hints,iothread=io0")
+    else
+        # Four queues without free page reporting (see `run`).
+        local vqs=5
+        [[ " ${daemon_args[*]} " == *" --no-reporting "* ]] && vqs=4
+        dev=(-chardev "socket,id=vub,path=$run/vub.sock"
+            -device "vhost-user-device-pci,chardev=vub,virtio-id=5,num_vqs=$vqs,vq_size=256,config_size=16")
+    fi
+    # shellcheck disable=SC2054
+    local qcmd=(timeout -k 10 "$run_timeout_s" "$qemu_bin" -L /usr/share/seabios -L /usr/share/qemu
+        -machine pc,accel=tcg,memory-backend=mem -cpu max -smp 1 -m "${cmp_mem_mb}M"
+        -object "memory-backend-memfd,id=mem,size=${cmp_mem_mb}M,share=on"
+        -nodefaults -display none -vga none
+        -chardev "file,id=con,path=$serial" -serial chardev:con
+        -qmp "unix:$qmp_sock,server=on,wait=off"
+        "${dev[@]}"
+        -kernel "$kernel" -initrd "$initrd"
+        -append "console=ttyS0 quiet dirty_mb=$cmp_dirty_mb fill=$cmp_fill")
+    echo "${qcmd[*]}" >"$run/qemu.cmd"
+    "${qcmd[@]}" >"$run/qemu.log" 2>&1 &
+    qemu_pid=$!
+}
+
+# One run of QEMU's own migration; prints its table row.
+compare_qemu() {
+    local n=$1 hints=$2 t0 holds dip mig ans st
+    t0=$(now)
+    start_guest qemu "$hints"
+    wait_idle "$t0" || return 1
+    holds=$(guest_holds_mib)
+    local from
+    from=$(wc -l <"$serial")
+    if [[ -n $qemu_max_bw ]]; then
+        qmp migrate-set-parameters "{\"max-bandwidth\":$qemu_max_bw}" >/dev/null
+    fi
+    mig=$cmp_dir/qemu-$n.mig
+    rm -f "$mig"
+    say "run $n: QEMU's migration, free-page-hint=$hints, guest holds $holds MiB: migrate file:$mig"
+    local t_mig
+    t_mig=$(now)
+    qmp migrate "{\"uri\":\"file:$mig\"}" >/dev/null
+    # progress.log: seconds since migrate, status, ram.transferred, normal, duplicate,
+    # remaining, dirty-sync-count, and the guest's free order-10 blocks (last print).
+    while :; do
+        ans=$(qmp query-migrate)
+        st=$(jget "$ans" status)
+        python3 -c '
+import json, sys
+a = json.loads(sys.argv[1]); r = a.get("ram", {})
+print(sys.argv[2], a.get("status"), *(r.get(k) for k in ("transferred", "normal", "duplicate", "remaining", "dirty-sync-count")), sys.argv[3])' \
+            "$ans" "$(elapsed "$t_mig" "$(now)")" "$(order10 0 | cut -d' ' -f1)" >>"$run/progress.log"
+        [[ $st == completed || $st == failed || $st == cancelled ]] && break
+        (($(date +%s) - ${t0%.*} < run_timeout_s)) || { say "run $n: migration not done in time"; st=timeout; break; }
+        sleep 0.2
+    done
+    echo "$ans" >"$run/query-migrate.json"
+    sleep 1.2
+    dip=$(order10_dip "$from")
+    local size=0
+    [[ -f $mig ]] && size=$(stat -c %s "$mig")
+    [[ ${KEEP_FILES:-0} == 1 ]] || rm -f "$mig"
+    end_run
+    [[ $st == completed ]] || { say "run $n: migration $st: $ans"; return 1; }
+    # runner | hints | guest | holds | transferred | file | pages sent (zero) | passes | hinted blocks | total | downtime
+    printf '| %s | QEMU virtio-balloon-pci | %s | %s | %s | %s | %s | %s (%s) | %s syncs | %s | %s | %s |\n' \
+        "$n" "$hints" "$cmp_mem_mb" "$holds" "$(mib "$(jget "$ans" ram.transferred)")" "$(mib "$size")" \
+        "$(jget "$ans" ram.normal)" "$(jget "$ans" ram.duplicate)" "$(jget "$ans" ram.dirty-sync-count)" \
+        "$((${dip%% *} - ${dip##* }))" "$(jget "$ans" total-time)" "$(jget "$ans" downtime)"
+}
+
+# One run of the daemon's migrate copy; prints its table row.
+compare_daemon() {
+    local n=$1 hints=$2 t0 holds dip mig ans st req t_stop="" paused=0
+    local hints_json=false
+    [[ $hints == on ]] && hints_json=true
+    local dcmd=(timeout -k 10 "$run_timeout_s" "$daemon" --socket "$run/vub.sock" --control "$control"
+        "${daemon_args[@]}")
+    echo "${dcmd[*]}" >"$run/daemon.cmd"
+    "${dcmd[@]}" >"$run/daemon.log" 2>&1 &
+    daemon_pid=$!
+    for _ in $(seq 100); do
+        [[ -S $run/vub.sock && -S $control ]] && break
+        kill -0 "$daemon_pid" 2>/dev/null || { cat "$run/daemon.log" >&2; return 1; }
+        sleep 0.1
+    done
+    t0=$(now)
+    start_guest daemon "$hints"
+    wait_idle "$t0" || return 1
+    holds=$(guest_holds_mib)
+    local from
+    from=$(wc -l <"$serial")
+    mig=$cmp_dir/daemon-$n.mig
+    rm -f "$mig"
+    req="{\"cmd\":\"migrate\",\"path\":\"$mig\",\"hints\":$hints_json,\"overwrite\":true"
+    [[ -n $daemon_max_iter ]] && req+=",\"max_iterations\":$daemon_max_iter"
+    [[ $hints == on && -n $daemon_hint_wait_ms ]] && req+=",\"hint_wait_ms\":$daemon_hint_wait_ms"
+    req+="}"
+    say "run $n: the daemon's migrate, hints $hints, guest holds $holds MiB: $req"
+    # timeline.log: seconds since the request of each step seen or taken here.
+    local t_req
+    t_req=$(now)
+    ans=$(ctl "$req")
+    [[ $(jget "$ans" ok) == True ]] || { say "run $n: $ans"; end_run; return 1; }
+    while :; do
+        ans=$(ctl '{"cmd":"copy_wait","timeout_ms":1000}')
+        st=$(jget "$ans" state)
+        case $st in
+        waiting_for_stop)
+            echo "$(elapsed "$t_req" "$(now)") waiting_for_stop seen" >>"$run/timeline.log"
+            t_stop=$(now)
+            qmp stop >/dev/null
+            echo "$(elapsed "$t_req" "$(now)") QMP stop answered" >>"$run/timeline.log"
+            ctl '{"cmd":"guest_stopped"}' >/dev/null
+            echo "$(elapsed "$t_req" "$(now)") guest_stopped answered" >>"$run/timeline.log"
+            ;;
+        done | failed | idle) break ;;
+        esac
+        (($(date +%s) - ${t0%.*} < run_timeout_s)) || { say "run $n: copy not done in time"; st=timeout; break; }
+    done
+    echo "$(elapsed "$t_req" "$(now)") $st seen" >>"$run/timeline.log"
+    if [[ -n $t_stop ]]; then
+        qmp cont >/dev/null || true
+        echo "$(elapsed "$t_req" "$(now)") QMP cont answered" >>"$run/timeline.log"
+        paused=$(awk -v a="$t_stop" -v b="$(now)" 'BEGIN { printf "%.0f", (b - a) * 1000 }')
+    fi
+    echo "$ans" >"$run/copy-status.json"
+    sleep 1.2
+    dip=$(order10_dip "$from")
+    # With hints, the copy ended the round with DONE: the resumed guest frees the blocks
+    # it held. Wait (up to 20 s) for its free order-10 count to be back.
+    if [[ $hints == on && -n $t_stop ]]; then
+        local back="" b
+        for _ in $(seq 20); do
+            b=$(order10 0 | cut -d' ' -f1)
+            ((b >= ${dip%% *})) && { back=$b; break; }
+            sleep 1
+        done
+        echo "$(elapsed "$t_req" "$(now)") free order-10 blocks ${back:-not back (last $b)}, before the copy ${dip%% *}" >>"$run/timeline.log"
+    fi
+    local size=0
+    [[ -f $mig ]] && size=$(stat -c %s "$mig")
+    [[ ${KEEP_FILES:-0} == 1 ]] || rm -f "$mig"
+    end_run
+    [[ $st == done ]] || { say "run $n: copy $st: $ans"; return 1; }
+    printf '| %s | daemon (vhost-user) | %s | %s | %s | %s | %s | %s (%s) | %s passes | %s (%s hints) | %.0f | %.0f (paused %s) |\n' \
+        "$n" "$hints" "$cmp_mem_mb" "$holds" "$(mib "$(jget "$ans" bytes)")" "$(mib "$size")" \
+        "$(jget "$ans" pages_sent)" "$(jget "$ans" zero_pages)" "$(jget "$ans" iterations)" \
+        "$((${dip%% *} - ${dip##* }))" "$(jget "$ans" hints_received)" \
+        "$(jget "$ans" total_ms)" "$(jget "$ans" downtime_ms)" "$paused"
+}
+
+phase_compare() {
+    [[ -x $qemu_bin ]] || die "no $qemu_bin: run '$0 build' first"
+    [[ -f $kernel && -f $initrd ]] || die "no guest: run '$0 guest' first"
+    need_packages seabios qemu-system-data
+    cmp_mem_mb=${COMPARE_MEM_MB:-2048}
+    cmp_dirty_mb=${COMPARE_DIRTY_MB:-1600}
+    cmp_fill=${COMPARE_FILL:-ones}
+    [[ $cmp_fill == ones || $cmp_fill == zero ]] || die "COMPARE_FILL is ones or zero"
+    qemu_max_bw=${QEMU_MAX_BW:-}
+    read -r -a daemon_args <<<"${DAEMON_ARGS---no-reporting}"
+    daemon_max_iter=${DAEMON_MAX_ITER:-}
+    daemon_hint_wait_ms=${DAEMON_HINT_WAIT_MS:-}
+    run_timeout_s=${RUN_TIMEOUT_S:-600}
+    local runs=${COMPARE_RUNS:-qemu:on qemu:on qemu:on qemu:off qemu:off daemon:on daemon:on daemon:on daemon:off daemon:off}
+    if [[ $runs == *daemon:* ]]; then
+        [[ -x $daemon ]] || die "no $daemon: cargo build --release -p vhost-user-balloon"
+    fi
+    cmp_dir=${COMPARE_DIR:-}
+    if [[ -z $cmp_dir ]]; then
+        cmp_dir=$(mktemp -d "${TMPDIR:-/tmp}/vub-compare.XXXXXX")
+    else
+        mkdir -p "$cmp_dir"
+    fi
+    local results=$cmp_dir/results.md spec n=0 rows=()
+    say "compare: ${cmp_mem_mb} MiB guests filling (fill=$cmp_fill) and freeing ${cmp_dirty_mb} MiB; runs: $runs"
+    say "compare: logs, files and results.md in $cmp_dir"
+    local head='| run | runner | hints | guest MiB | holds MiB | sent MiB | file MiB | pages sent (zero) | passes | order-10 dip | total ms | downtime ms |'
+    local sep='| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |'
+    for spec in $runs; do
+        n=$((n + 1))
+        local runner=${spec%%:*} hints=${spec#*:}
+        [[ $hints == on || $hints == off ]] || die "run '$spec': hints must be on or off"
+        run=$cmp_dir/run-$n-$runner-$hints
+        mkdir -p "$run"
+        serial=$run/serial.log
+        control=$run/control.sock
+        qmp_sock=$run/qmp.sock
+        [[ $runner == qemu || $runner == daemon ]] || die "run '$spec': the runner is qemu or daemon"
+        # A subshell per run (errexit on, not in an || list), which stops its QEMU and
+        # daemon however it ends.
+        local row="" rc=0
+        set +e
+        (
+            set -e
+            trap end_run EXIT
+            trap 'exit 130' INT TERM
+            "compare_$runner" "$n" "$hints"
+        ) >"$run/row"
+        rc=$?
+        set -e
+        ((rc != 130)) || die "interrupted"
+        row=$(cat "$run/row")
+        [[ -n $row ]] || row="| $n | $runner | $hints | $cmp_mem_mb | failed (exit $rc): see $run | | | | | | | |"
+        rows+=("$row")
+        ((${#rows[@]} > 1)) || { echo "$head" && echo "$sep"; } >>"$results"
+        echo "$row" >>"$results"
+        say "$row"
+    done
+    echo
+    echo "$head"
+    echo "$sep"
+    printf '%s\n' "${rows[@]}"
+}
+
 # --- main -------------------------------------------------------------------
 
 (($#)) || set -- all
@@ -483,8 +825,9 @@ for phase in "$@"; do
     build) phase_build ;;
     guest) phase_guest ;;
     run) phase_run ;;
+    compare) phase_compare ;;
     all) phase_build && phase_guest && phase_run ;;
     -h | --help) sed -n '5,/^$/s/^# \{0,1\}//p' "$0" && exit 0 ;;
-    *) die "unknown phase '$phase' (build, guest, run or all)" ;;
+    *) die "unknown phase '$phase' (build, guest, run, compare or all)" ;;
     esac
 done
