@@ -11,97 +11,20 @@
 
 mod guest;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use guest::{Uml, UmlConfig};
+use guest::daemon::{kib, one_guest_at_a_time, u, wait_until, Daemon, T};
 use serde_json::{json, Value};
 use vhost_user_balloon::control;
 
 const MIB: u64 = 1 << 20;
-const T: Duration = Duration::from_secs(30);
 /// Linux's hint block: one order-10 block of 4 KiB pages.
 const HINT_BLOCK: u64 = 4 * MIB;
 
-/// One guest at a time: UML's page faults are CPU-bound and the figures are clearer alone.
-fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
-    static GUESTS: Mutex<()> = Mutex::new(());
-    GUESTS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The daemon binary, with its sockets in a directory of its own.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-}
-
+/// What this file asks of the daemon beyond the shared harness.
 impl Daemon {
-    fn start(name: &str, flags: &[&str]) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("vub-real-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("balloon.sock");
-        let control = dir.join("control.sock");
-        let log = dir.join("daemon.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-balloon"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start vhost-user-balloon");
-        let d = Daemon {
-            child,
-            dir,
-            socket,
-            control,
-            log,
-        };
-        wait_until("the daemon's sockets", T, || {
-            d.socket.exists() && d.control.exists()
-        });
-        d
-    }
-
-    fn req(&self, request: Value) -> Value {
-        let answer = control::request(&self.control, &request, Duration::from_secs(120))
-            .unwrap_or_else(|e| panic!("control request {request}: {e}"));
-        assert_eq!(answer["ok"], json!(true), "{request} -> {answer}");
-        answer
-    }
-
-    fn status(&self) -> Value {
-        self.req(json!({"cmd": "status"}))
-    }
-
-    /// Boots a guest against the daemon and waits until the device is active.
-    fn boot(&self, mem_mib: u64, extra_args: &[&str]) -> Uml {
-        let uml = Uml::boot(&UmlConfig {
-            mem_mib,
-            socket: self.socket.clone(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(uml.balloon_module_loaded(), Some(true));
-        wait_until("the device to be active", T, || {
-            self.status()["activated"] == json!(true)
-        });
-        println!("guest of {mem_mib} MiB ready after {:?}", uml.boot_time());
-        uml
-    }
-
     /// Sets the target and waits until the driver's `actual` reaches it.
     fn reach_target(&self, bytes: u64, timeout: Duration) -> Duration {
         let start = Instant::now();
@@ -119,19 +42,6 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            if let Ok(text) = std::fs::read_to_string(&self.log) {
-                eprintln!("=== daemon log ===\n{text}=== end of daemon log ===");
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Bytes the host holds of the guest's memory file, from the daemon at `control`.
 fn allocated(control: &Path) -> u64 {
     let status = control::request(control, &json!({"cmd": "status"}), T)
@@ -142,28 +52,6 @@ fn allocated(control: &Path) -> u64 {
         .iter()
         .map(|r| r["allocated_bytes"].as_u64().expect("a file-backed region"))
         .sum()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn kib(meminfo: &HashMap<String, u64>, key: &str) -> u64 {
-    *meminfo
-        .get(key)
-        .unwrap_or_else(|| panic!("{key} missing from /proc/meminfo"))
-        * 1024
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 fn mib(bytes: u64) -> f64 {

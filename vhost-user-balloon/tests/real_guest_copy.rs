@@ -17,20 +17,15 @@
 
 mod guest;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use guest::{Uml, UmlConfig};
+use guest::daemon::{kib, one_guest_at_a_time, u, wait_until, Daemon, T};
+use guest::Uml;
 use serde_json::{json, Value};
-use vhost_user_balloon::control;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-const T: Duration = Duration::from_secs(30);
 /// The guest's size and what it dirties and frees first.
 const GUEST_MIB: u64 = 4096;
 const DIRTY_MIB: u64 = 3500;
@@ -39,100 +34,37 @@ const PRESSURE_MIB: u64 = 600;
 /// What the init_on_free guest holds written, unchanged, through a copy.
 const RESIDENT_MIB: u64 = 400;
 
-/// One guest at a time: UML's page faults are CPU-bound and the figures are clearer alone.
-fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
-    static GUESTS: Mutex<()> = Mutex::new(());
-    GUESTS.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// A directory for the copies, on tmpfs when there is one (as for the guest's memory: the
+/// copies are gigabytes), removed at the end.
+struct Copies(PathBuf);
 
-/// The daemon binary, with its sockets in a directory of its own, and a directory on
-/// tmpfs for the copies.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    copies: PathBuf,
-    socket: PathBuf,
-    control: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str, flags: &[&str]) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("vub-copy-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // The copies are gigabytes: tmpfs when there is one, as for the guest's memory.
+impl Copies {
+    fn new(name: &str) -> Copies {
         let shm = Path::new("/dev/shm");
         let base = if shm.is_dir() {
             shm.to_path_buf()
         } else {
-            dir.clone()
+            std::env::temp_dir()
         };
-        let copies = base.join(format!("vub-copies-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&copies);
-        std::fs::create_dir_all(&copies).unwrap();
-        let socket = dir.join("balloon.sock");
-        let control = dir.join("control.sock");
-        let log = dir.join("daemon.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-balloon"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start vhost-user-balloon");
-        let d = Daemon {
-            child,
-            dir,
-            copies,
-            socket,
-            control,
-            log,
-        };
-        wait_until("the daemon's sockets", T, || {
-            d.socket.exists() && d.control.exists()
-        });
-        d
+        let dir = base.join(format!("vub-copies-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Copies(dir)
     }
 
-    /// A request that must succeed.
-    fn req(&self, request: Value) -> Value {
-        let answer = self.ask(&request);
-        assert_eq!(answer["ok"], json!(true), "{request} -> {answer}");
-        answer
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
     }
+}
 
-    /// A request, whatever its answer.
-    fn ask(&self, request: &Value) -> Value {
-        control::request(&self.control, request, Duration::from_secs(300))
-            .unwrap_or_else(|e| panic!("control request {request}: {e}"))
+impl Drop for Copies {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
+}
 
-    fn status(&self) -> Value {
-        self.req(json!({"cmd": "status"}))
-    }
-
-    /// Boots a guest against the daemon and waits until the device is active.
-    fn boot(&self, mem_mib: u64, extra_args: &[&str]) -> Uml {
-        let uml = Uml::boot(&UmlConfig {
-            mem_mib,
-            socket: self.socket.clone(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(uml.balloon_module_loaded(), Some(true));
-        wait_until("the device to be active", T, || {
-            self.status()["activated"] == json!(true)
-        });
-        println!("guest of {mem_mib} MiB ready after {:?}", uml.boot_time());
-        uml
-    }
-
+/// The copy requests of the daemon.
+impl Daemon {
     /// Waits until the copy is done, failed or waiting for the guest to stop.
     fn copy_wait(&self) -> Value {
         self.req(json!({"cmd": "copy_wait", "timeout_ms": 240_000}))
@@ -185,42 +117,6 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            if let Ok(text) = std::fs::read_to_string(&self.log) {
-                eprintln!("=== daemon log ===\n{text}=== end of daemon log ===");
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        let _ = std::fs::remove_dir_all(&self.copies);
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn kib(meminfo: &HashMap<String, u64>, key: &str) -> u64 {
-    *meminfo
-        .get(key)
-        .unwrap_or_else(|| panic!("{key} missing from /proc/meminfo"))
-        * 1024
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / MIB as f64)
 }
@@ -271,6 +167,7 @@ fn copies_with_hints_carry_what_the_guest_holds() {
     let _one = one_guest_at_a_time();
     // No free page reporting: it would free (and zero) the freed memory itself.
     let d = Daemon::start("bytes", &["--no-reporting"]);
+    let copies = Copies::new("bytes");
     let mut g = d.boot(GUEST_MIB, &[]);
     let filled = g.fill(DIRTY_MIB).unwrap();
     println!(
@@ -297,7 +194,7 @@ fn copies_with_hints_carry_what_the_guest_holds() {
     sizes.push(("migration without hints", bytes, holds, reserved, false));
 
     // Migration with hints, to a file, compared with the stopped guest.
-    let stream = d.copies.join("hinted.stream");
+    let stream = copies.join("hinted.stream");
     let (holds, reserved) = held(&d, &mut g);
     d.req(json!({"cmd": "migrate", "path": stream, "hints": true}));
     let v = d.finish_copy(&mut g);
@@ -318,7 +215,7 @@ fn copies_with_hints_carry_what_the_guest_holds() {
     sizes.push(("migration with hints", bytes, holds, reserved, true));
 
     // Snapshot without hints (stopped mode).
-    let snap = d.copies.join("plain.snap");
+    let snap = copies.join("plain.snap");
     let (holds, reserved) = held(&d, &mut g);
     d.req(json!({"cmd": "snapshot", "path": snap, "mode": "stopped"}));
     let v = d.finish_copy(&mut g);
@@ -337,7 +234,7 @@ fn copies_with_hints_carry_what_the_guest_holds() {
     sizes.push(("snapshot without hints", bytes, holds, reserved, false));
 
     // Snapshot with hints (stopped mode), compared with the guest still stopped.
-    let snap = d.copies.join("hinted.snap");
+    let snap = copies.join("hinted.snap");
     let (holds, reserved) = held(&d, &mut g);
     d.req(json!({"cmd": "snapshot", "path": snap, "mode": "stopped", "hints": true}));
     let v = d.finish_copy(&mut g);
@@ -427,6 +324,7 @@ fn copy_under_pressure(
 fn hinted_copies_of_an_init_on_free_guest_are_exact() {
     let _one = one_guest_at_a_time();
     let d = Daemon::start("exact", &["--no-reporting"]);
+    let copies = Copies::new("exact");
     let mut g = d.boot(GUEST_MIB, &["init_on_free=1"]);
     let filled = g.fill(DIRTY_MIB).unwrap();
     println!(
@@ -435,7 +333,7 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
     );
 
     // Stopped-mode hinted snapshot into a new file.
-    let snap = d.copies.join("exact.snap");
+    let snap = copies.join("exact.snap");
     let (v, cmp, holds) = copy_under_pressure(
         &d,
         &mut g,
@@ -461,7 +359,7 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
 
     // Live migration: one pass, the hints of the round before it only (a later round could
     // skip a page sent earlier and freed since), the round waited for.
-    let stream = d.copies.join("exact.stream");
+    let stream = copies.join("exact.stream");
     let (v, cmp, holds) = copy_under_pressure(
         &d,
         &mut g,
@@ -490,7 +388,7 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
     // every sync): a later round may take a page off the bitmap that an earlier pass sent
     // and the guest freed since, so the destination keeps older data there. Allowed (the
     // guest called the page free), but not exact: the figure is reported, not asserted.
-    let stream = d.copies.join("default.stream");
+    let stream = copies.join("default.stream");
     let (v, cmp, holds) = copy_under_pressure(
         &d,
         &mut g,
@@ -515,7 +413,7 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
     assert_eq!(u(&cmp["differing_other"]), 0, "{cmp}");
 
     // The check bites: the same snapshot with the hints shifted by a page.
-    let snap = d.copies.join("broken.snap");
+    let snap = copies.join("broken.snap");
     let (v, cmp, holds) = copy_under_pressure(
         &d,
         &mut g,
@@ -537,7 +435,7 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
 
     // And with the writes after a hint forgotten (what discarding hinted pages risks): the
     // pages the guest took back under pressure are missing.
-    let snap = d.copies.join("forgetful.snap");
+    let snap = copies.join("forgetful.snap");
     let (v, cmp, holds) = copy_under_pressure(
         &d,
         &mut g,
