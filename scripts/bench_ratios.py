@@ -13,7 +13,8 @@ the floor's rate (floor time / time, both measured over the same elements), its 
 and whether it meets the target: for `hint_path`, the full device path must reach 0.7 of
 the rate of bare `pop_descriptor_chain` + `add_used` (a time ratio of at most 1/0.7); for
 `content_log`, a sync of the content-hash dirty log must reach 0.5 of the rate of a plain
-read pass over the same memory.
+read pass over the same memory; for `snapshot_writer`, a stopped snapshot must reach 0.8 of
+the rate of a sequential write of the same bytes to the same file system.
 """
 
 import json
@@ -25,6 +26,7 @@ import sys
 RATE_TARGETS = {
     "hint_path": ("device_process_queue", 0.7),
     "content_log": ("sync", 0.5),
+    "snapshot_writer": ("snapshot_stopped", 0.8),
 }
 
 
