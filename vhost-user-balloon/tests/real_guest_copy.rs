@@ -315,6 +315,34 @@ fn copy_under_pressure(
     (v, cmp, holds)
 }
 
+/// One copy of the exactness test: `start` (a `snapshot` or `migrate` request without its
+/// path) into `path` under memory pressure, compared with the stopped guest; prints its line,
+/// removes the copy, and returns the copy's status and the comparison.
+fn exact_run(d: &Daemon, g: &mut Uml, path: &Path, what: &str, mut start: Value) -> (Value, Value) {
+    start["path"] = json!(path);
+    let kind = if start["cmd"] == "snapshot" {
+        "snapshot"
+    } else {
+        "stream"
+    };
+    let (v, cmp, holds) = copy_under_pressure(d, g, start, (kind, path));
+    std::fs::remove_file(path).unwrap();
+    let bytes = if kind == "snapshot" {
+        &v["allocated_bytes"]
+    } else {
+        &v["bytes"]
+    };
+    report(
+        what,
+        None,
+        Some(u(bytes)),
+        holds,
+        Some(u(&v["hinted_later_written"])),
+        Some(u(&cmp["pages_differing"])),
+    );
+    (v, cmp)
+}
+
 /// A 4 GiB guest with init_on_free=1, dirtied and freed 3.5 GiB: its free pages read as
 /// zeros, as the copy's destination does, so a hinted copy is exact even though the guest
 /// takes hinted pages back and writes them during the round. The content dirty log sees
@@ -332,55 +360,37 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
         filled["ms"]
     );
 
+    let copy = |g: &mut Uml, what: &str, start: Value, file: &str| {
+        exact_run(&d, g, &copies.join(file), what, start)
+    };
+
     // Stopped-mode hinted snapshot into a new file.
-    let snap = copies.join("exact.snap");
-    let (v, cmp, holds) = copy_under_pressure(
-        &d,
+    let (v, cmp) = copy(
         &mut g,
-        json!({"cmd": "snapshot", "path": snap, "mode": "stopped", "hints": true}),
-        ("snapshot", &snap),
-    );
-    std::fs::remove_file(&snap).unwrap();
-    let later = u(&v["hinted_later_written"]);
-    report(
         "exactness, stopped snapshot under memory pressure",
-        None,
-        Some(u(&v["allocated_bytes"])),
-        holds,
-        Some(later),
-        Some(u(&cmp["pages_differing"])),
+        json!({"cmd": "snapshot", "mode": "stopped", "hints": true}),
+        "exact.snap",
     );
     assert_eq!(v["hint_round_completed"], json!(true), "{v}");
     assert_eq!(u(&cmp["pages_differing"]), 0, "{cmp}");
     assert!(
-        later > 0,
+        u(&v["hinted_later_written"]) > 0,
         "no hinted page was written: the run proved nothing"
     );
 
     // Live migration: one pass, the hints of the round before it only (a later round could
     // skip a page sent earlier and freed since), the round waited for.
-    let stream = copies.join("exact.stream");
-    let (v, cmp, holds) = copy_under_pressure(
-        &d,
+    let (v, cmp) = copy(
         &mut g,
-        json!({"cmd": "migrate", "path": stream, "hints": true, "max_iterations": 1,
-               "hint_rounds": 1, "hint_wait_ms": 30_000}),
-        ("stream", &stream),
-    );
-    std::fs::remove_file(&stream).unwrap();
-    let later = u(&v["hinted_later_written"]);
-    report(
         "exactness, live migration (max_iterations 1, hint_rounds 1) under memory pressure",
-        None,
-        Some(u(&v["bytes"])),
-        holds,
-        Some(later),
-        Some(u(&cmp["pages_differing"])),
+        json!({"cmd": "migrate", "hints": true, "max_iterations": 1, "hint_rounds": 1,
+               "hint_wait_ms": 30_000}),
+        "exact.stream",
     );
     assert_eq!(v["hint_round_completed"], json!(true), "{v}");
     assert_eq!(u(&cmp["pages_differing"]), 0, "{cmp}");
     assert!(
-        later > 0,
+        u(&v["hinted_later_written"]) > 0,
         "no hinted page was written: the run proved nothing"
     );
 
@@ -388,21 +398,11 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
     // every sync): a later round may take a page off the bitmap that an earlier pass sent
     // and the guest freed since, so the destination keeps older data there. Allowed (the
     // guest called the page free), but not exact: the figure is reported, not asserted.
-    let stream = copies.join("default.stream");
-    let (v, cmp, holds) = copy_under_pressure(
-        &d,
+    let (v, cmp) = copy(
         &mut g,
-        json!({"cmd": "migrate", "path": stream, "hints": true}),
-        ("stream", &stream),
-    );
-    std::fs::remove_file(&stream).unwrap();
-    report(
         "live migration with the loop's defaults (every round) under memory pressure",
-        None,
-        Some(u(&v["bytes"])),
-        holds,
-        Some(u(&v["hinted_later_written"])),
-        Some(u(&cmp["pages_differing"])),
+        json!({"cmd": "migrate", "hints": true}),
+        "default.stream",
     );
     println!(
         "  {} passes, {} hint rounds; differing pages all hinted and clean: {}",
@@ -413,44 +413,23 @@ fn hinted_copies_of_an_init_on_free_guest_are_exact() {
     assert_eq!(u(&cmp["differing_other"]), 0, "{cmp}");
 
     // The check bites: the same snapshot with the hints shifted by a page.
-    let snap = copies.join("broken.snap");
-    let (v, cmp, holds) = copy_under_pressure(
-        &d,
+    let (_, cmp) = copy(
         &mut g,
-        json!({"cmd": "snapshot", "path": snap, "mode": "stopped", "hints": true,
-               "fault": "shift_hints"}),
-        ("snapshot", &snap),
-    );
-    std::fs::remove_file(&snap).unwrap();
-    report(
         "broken on purpose: stopped snapshot with shift_hints",
-        None,
-        Some(u(&v["allocated_bytes"])),
-        holds,
-        Some(u(&v["hinted_later_written"])),
-        Some(u(&cmp["pages_differing"])),
+        json!({"cmd": "snapshot", "mode": "stopped", "hints": true, "fault": "shift_hints"}),
+        "broken.snap",
     );
     assert!(u(&cmp["pages_differing"]) > 0, "{cmp}");
     assert!(u(&cmp["differing_other"]) > 0, "{cmp}");
 
     // And with the writes after a hint forgotten (what discarding hinted pages risks): the
     // pages the guest took back under pressure are missing.
-    let snap = copies.join("forgetful.snap");
-    let (v, cmp, holds) = copy_under_pressure(
-        &d,
+    let (v, cmp) = copy(
         &mut g,
-        json!({"cmd": "snapshot", "path": snap, "mode": "stopped", "hints": true,
-               "fault": "forget_later_writes"}),
-        ("snapshot", &snap),
-    );
-    std::fs::remove_file(&snap).unwrap();
-    report(
         "broken on purpose: stopped snapshot with forget_later_writes",
-        None,
-        Some(u(&v["allocated_bytes"])),
-        holds,
-        Some(u(&v["hinted_later_written"])),
-        Some(u(&cmp["pages_differing"])),
+        json!({"cmd": "snapshot", "mode": "stopped", "hints": true,
+               "fault": "forget_later_writes"}),
+        "forgetful.snap",
     );
     assert!(u(&v["hinted_later_written"]) > 0, "{v}");
     assert!(u(&cmp["differing_other"]) > 0, "{cmp}");
