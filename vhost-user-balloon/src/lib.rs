@@ -13,9 +13,11 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 /// every `SET_MEM_TABLE`.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
+pub mod admit;
 pub mod daemon;
 pub mod device;
 pub mod discard;
+pub mod guard;
 
 pub mod capture;
 pub mod control;

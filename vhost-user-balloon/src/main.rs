@@ -52,6 +52,9 @@ impl log::Log for StderrLog {
 
 fn run(opts: Options) -> Result<(), String> {
     opts.validate()?;
+    // A frontend that shrinks its memory file must not kill the daemon.
+    vhost_user_balloon::guard::install()
+        .map_err(|e| format!("cannot install the SIGBUS guard: {e}"))?;
     let counter = Arc::new(match opts.capture_path() {
         Some(_) => HintCounter::capturing(DEFAULT_MAX_ELEMENTS),
         None => HintCounter::new(),

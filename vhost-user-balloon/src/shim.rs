@@ -84,6 +84,7 @@ pub struct ShimCounters {
     mem_tables_trimmed: AtomicU64,
     backend_channels: AtomicU64,
     fds_forwarded: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// A snapshot of [`ShimCounters`].
@@ -99,6 +100,8 @@ pub struct ShimStats {
     pub backend_channels: u64,
     /// File descriptors forwarded (both directions).
     pub fds_forwarded: u64,
+    /// Requests refused (see [`admit`](crate::admit)); each ended its connection.
+    pub refused: u64,
 }
 
 impl ShimCounters {
@@ -115,6 +118,7 @@ impl ShimCounters {
             mem_tables_trimmed: self.mem_tables_trimmed.load(Ordering::Relaxed),
             backend_channels: self.backend_channels.load(Ordering::Relaxed),
             fds_forwarded: self.fds_forwarded.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -551,23 +555,28 @@ struct Ctx<'a> {
     counters: &'a ShimCounters,
 }
 
-/// Looks at a frontend request before it is forwarded.
-fn inspect_request(msg: &mut Message, ctx: &Ctx<'_>) {
+/// Looks at a frontend request before it is forwarded; an error refuses it (and ends the
+/// connection).
+fn inspect_request(msg: &mut Message, ctx: &Ctx<'_>) -> io::Result<()> {
     if msg.flags() & FLAG_REPLY != 0 {
-        return;
+        return Ok(());
     }
-    match msg.request() {
-        SET_MEM_TABLE => {
-            let before = msg.payload().len();
-            if let Some(size) = trim_mem_table(msg) {
-                bump(&ctx.counters.mem_tables_trimmed, 1);
-                log::debug!(
-                    "vhost-user shim: SET_MEM_TABLE cut from {before} to {size} bytes \
-                     (the frontend sent the whole region array)"
-                );
-            }
+    if msg.request() == SET_MEM_TABLE {
+        let before = msg.payload().len();
+        if let Some(size) = trim_mem_table(msg) {
+            bump(&ctx.counters.mem_tables_trimmed, 1);
+            log::debug!(
+                "vhost-user shim: SET_MEM_TABLE cut from {before} to {size} bytes \
+                 (the frontend sent the whole region array)"
+            );
         }
-        SET_BACKEND_REQ_FD => match msg.fds.as_slice() {
+    }
+    crate::admit::check_request(msg.request(), msg.payload(), &msg.fds).map_err(|e| {
+        bump(&ctx.counters.refused, 1);
+        io::Error::new(io::ErrorKind::InvalidData, format!("request refused: {e}"))
+    })?;
+    if msg.request() == SET_BACKEND_REQ_FD {
+        match msg.fds.as_slice() {
             [fd] if is_unix_stream(fd.as_fd()) => match fd.try_clone() {
                 Ok(dup) => {
                     ctx.channel.set(ctx.owner, dup);
@@ -581,9 +590,9 @@ fn inspect_request(msg: &mut Message, ctx: &Ctx<'_>) {
                  Unix stream socket: not kept",
                 fds.len()
             ),
-        },
-        _ => {}
+        }
     }
+    Ok(())
 }
 
 /// Forwards messages from `src` to `dst` until `src` ends or something fails.
@@ -605,7 +614,7 @@ fn forward(src: &UnixStream, dst: &UnixStream, dir: Direction, ctx: &Ctx<'_>) ->
             }
         }
         if dir == Direction::ToBackend {
-            inspect_request(&mut msg, ctx);
+            inspect_request(&mut msg, ctx)?;
         }
         // Counted before the send, so a peer that has received a message sees it counted.
         bump(counter, 1);
