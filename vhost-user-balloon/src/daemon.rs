@@ -8,15 +8,18 @@
 //! Each frontend connection runs through the [`shim`](crate::shim): the daemon connects
 //! the shim to `vhost-user-backend` over a socket in a private directory (mode 0700) that
 //! exists only while the connection is set up. When the frontend goes away (or sends a
-//! message `vhost` refuses, which ends its connection) the device is reset and the daemon
-//! waits for the next frontend.
+//! message `vhost` or the [`admit`](crate::admit) checks refuse, which ends its connection)
+//! everything of that connection goes: its event loop and threads end, the device is reset,
+//! its guest memory is unmapped and its descriptors closed (`status` shows no memory until
+//! the next table), and the daemon waits for the next frontend. Nothing the daemon holds
+//! grows with the number of connections.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -26,6 +29,7 @@ use vhost_user_backend::VhostUserDaemon;
 use virtio_balloon::{Balloon, BalloonConfig, DeviceEvent};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{BalloonBackend, ExtraEvent};
 use crate::shim::{run_shim, ConfigChannel, ShimCounters};
@@ -60,21 +64,45 @@ impl From<io::Error> for DaemonError {
     }
 }
 
+/// Whether a frontend is connected, and how many were, for `status`.
+#[derive(Debug, Default)]
+pub struct FrontendState {
+    connected: AtomicBool,
+    connections: AtomicU64,
+}
+
+impl FrontendState {
+    /// The `status` figures: `{"connected": bool, "connections": n}`. `connected` turns
+    /// false once everything of the last connection is released.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connected": self.connected.load(Ordering::Acquire),
+            "connections": self.connections.load(Ordering::Acquire),
+        })
+    }
+}
+
 /// A running vhost-user balloon: the device and its connection handling.
+///
+/// A process serving untrusted frontends should also call
+/// [`guard::install`](crate::guard::install) (the binary does), so that a memory file the
+/// frontend shrinks ends its connection instead of killing the daemon.
 pub struct Daemon {
     backend: Arc<BalloonBackend>,
     mem: Mem,
     timers: Vec<(RawFd, ExtraEvent)>,
     channel: Arc<ConfigChannel>,
     shim: Arc<ShimCounters>,
-    connections: u64,
+    /// Ends each connection's event loop (one for the daemon's life).
+    stop: EventFd,
+    frontend: Arc<FrontendState>,
 }
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
             .field("backend", &self.backend)
-            .field("connections", &self.connections)
+            .field("frontend", &self.frontend)
             .finish_non_exhaustive()
     }
 }
@@ -131,15 +159,21 @@ impl Daemon {
             })
             .collect();
         let channel = Arc::new(ConfigChannel::new());
-        let backend = Arc::new(BalloonBackend::new(balloon, channel.clone()));
+        let backend = Arc::new(BalloonBackend::new(balloon, channel.clone())?);
         Ok(Daemon {
             backend,
             mem,
             timers,
             channel,
             shim: Arc::new(ShimCounters::new()),
-            connections: 0,
+            stop: EventFd::new(EFD_NONBLOCK)?,
+            frontend: Arc::new(FrontendState::default()),
         })
+    }
+
+    /// Whether a frontend is connected, and how many were.
+    pub fn frontend_state(&self) -> &Arc<FrontendState> {
+        &self.frontend
     }
 
     /// What the shim passed and trimmed, over every connection.
@@ -165,17 +199,42 @@ impl Daemon {
         let handler = handlers
             .first()
             .ok_or_else(|| io::Error::other("vhost-user-backend has no event loop"))?;
-        for &(fd, ev) in &self.timers {
+        let mut events = self.timers.clone();
+        events.push((self.stop.as_raw_fd(), ExtraEvent::Stop));
+        if let Some(fd) = crate::guard::fault_event() {
+            events.push((fd.as_raw_fd(), ExtraEvent::MemoryFault));
+        }
+        for (fd, ev) in events {
             handler.register_listener(fd, EventSet::IN, self.backend.extra_event_data(ev))?;
         }
         Ok(vu)
     }
 
-    /// Serves one frontend connection until it goes away, then resets the device.
+    /// Empties the daemon's own eventfds of what an earlier connection left in them.
+    fn drain_events(&self) {
+        let _ = self.stop.read();
+        if let Some(fd) = crate::guard::fault_event() {
+            let mut n = 0u64;
+            // SAFETY: reads 8 bytes into a local from the guard's non-blocking eventfd.
+            unsafe { libc::read(fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        }
+    }
+
+    /// Serves one frontend connection until it goes away, then resets the device and
+    /// releases everything of the connection.
     pub fn serve_connection(&mut self, frontend: UnixStream) -> Result<(), DaemonError> {
-        self.connections += 1;
-        let n = self.connections;
+        let n = self.frontend.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        self.frontend.connected.store(true, Ordering::Release);
         info!("vhost-user-balloon: frontend {n} connected");
+        let result = self.serve(n, frontend);
+        self.release();
+        self.frontend.connected.store(false, Ordering::Release);
+        result
+    }
+
+    fn serve(&mut self, n: u64, frontend: UnixStream) -> Result<(), DaemonError> {
+        self.drain_events();
+        self.backend.set_frontend(frontend.try_clone().ok());
         let mut vu = self.connection_daemon()?;
         let inner = {
             let dir = PrivateDir::new()?;
@@ -199,12 +258,25 @@ impl Daemon {
             Ok(Err(e)) => warn!("vhost-user-balloon: frontend {n}: shim: {e}"),
             Err(_) => warn!("vhost-user-balloon: frontend {n}: shim thread panicked"),
         }
-        // Dropping the connection's daemon ends its event loop (the backend's exit event),
-        // so nothing of this connection runs once the device is reset.
+        // The stop event ends the connection's event loop and dropping its daemon joins the
+        // loop's thread, so nothing of this connection runs once the device is reset.
+        let _ = self.stop.write(1);
         drop(vu);
+        Ok(())
+    }
+
+    /// Resets the device and lets go of the connection: its backend channel, its
+    /// descriptors and its guest memory.
+    fn release(&self) {
+        let _ = self.stop.write(1);
+        self.backend.set_frontend(None);
         self.channel.reset();
         self.backend.disconnect();
-        Ok(())
+        match self.mem.lock() {
+            Ok(guard) => guard.replace(GuestMemoryMmap::new()),
+            Err(e) => warn!("vhost-user-balloon: cannot release the guest memory: {e}"),
+        }
+        self.drain_events();
     }
 
     /// Accepts frontends on `listener` one after the other until `stop` is set (checked
@@ -257,6 +329,7 @@ pub struct DaemonController {
     shim: Arc<ShimCounters>,
     discards: Option<Arc<crate::discard::TrackingBackend>>,
     mem: Mem,
+    frontend: Arc<FrontendState>,
     copier: Option<crate::copy::Copier>,
 }
 
@@ -282,6 +355,7 @@ impl DaemonController {
             shim: daemon.shim.clone(),
             discards,
             mem: daemon.mem.clone(),
+            frontend: daemon.frontend.clone(),
             copier: None,
         }
     }
@@ -344,6 +418,15 @@ impl crate::control::Controller for DaemonController {
                     obj.insert("discards".into(), to(serde_json::to_value(d.stats())));
                 }
                 obj.insert("memory".into(), memory_regions(&self.mem));
+                obj.insert("frontend".into(), self.frontend.to_json());
+                obj.insert(
+                    "notifications".into(),
+                    to(serde_json::to_value(self.backend.notifier_stats())),
+                );
+                obj.insert(
+                    "pages_past_end_of_file".into(),
+                    serde_json::json!(crate::guard::pages_replaced()),
+                );
                 if let Some(c) = &self.copier {
                     obj.insert("copy".into(), serde_json::json!(c.state_name()));
                 }

@@ -8,28 +8,38 @@
 //! event and configuration access), their state and the frontend's kick eventfds are handed
 //! to [`Balloon::activate_with`]. From then on the device serves its queues on the kicks the
 //! vhost-user-backend event loop reads, re-arms those same kick eventfds after a partial
-//! batch, and sends its interrupts through [`VhostUserInterrupt`]: used buffers to the
-//! queue's call eventfd, configuration changes as `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on
-//! the backend channel the [`shim`](crate::shim) keeps.
+//! batch, and sends its interrupts through the [`Notifier`]: used buffers to the queue's
+//! call descriptor, configuration changes as `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the
+//! backend channel the [`shim`](crate::shim) keeps, written by a thread of their own with
+//! no lock held.
+//!
+//! The event loop of each connection ends on the daemon's stop event
+//! ([`ExtraEvent::Stop`]): `vhost-user-backend` 0.24 never closes the exit event it asks
+//! [`VhostUserBackend::exit_event`] for (it registers the consumer's raw descriptor and
+//! forgets it), so the backend offers none and ends the loop itself, by returning an error
+//! from `handle_event` on its own event, which `vhost-user-backend` takes as the end of the
+//! loop. A fault in guest memory the frontend shrank ([`ExtraEvent::MemoryFault`], from the
+//! [`guard`](crate::guard)) ends the frontend's connection.
 
 use std::fmt;
 use std::io;
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 
-use virtio_balloon::transport::{InterruptDelivery, QueueHandover, VirtioDevice};
+use virtio_balloon::transport::{QueueHandover, VirtioDevice};
 use virtio_balloon::{Balloon, DeviceEvent, FreePageHinting};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::notify::{Notifier, NotifierStats};
 use crate::shim::ConfigChannel;
 use crate::Mem;
 
@@ -47,42 +57,10 @@ pub enum ExtraEvent {
     StatsTimer = 1,
     /// The device's discard flush timer.
     FlushTimer = 2,
-}
-
-/// Interrupt delivery over vhost-user: a used buffer signals the queue's call eventfd, a
-/// configuration change becomes `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
-pub struct VhostUserInterrupt {
-    calls: Vec<Option<EventNotifier>>,
-    channel: Arc<ConfigChannel>,
-}
-
-impl fmt::Debug for VhostUserInterrupt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VhostUserInterrupt")
-            .field("calls", &self.calls.iter().filter(|c| c.is_some()).count())
-            .finish_non_exhaustive()
-    }
-}
-
-impl InterruptDelivery for VhostUserInterrupt {
-    fn used_buffer(&self, queue: usize) -> io::Result<()> {
-        match self.calls.get(queue) {
-            Some(Some(call)) => call.notify(),
-            // A frontend that polls (no call eventfd) needs no signal.
-            _ => Ok(()),
-        }
-    }
-
-    fn config_changed(&self) -> io::Result<()> {
-        if self.channel.send_config_change()? {
-            Ok(())
-        } else {
-            Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the frontend set up no backend channel for configuration changes",
-            ))
-        }
-    }
+    /// The daemon ends the connection's event loop.
+    Stop = 3,
+    /// The SIGBUS guard replaced a page of guest memory the frontend shrank.
+    MemoryFault = 4,
 }
 
 /// Duplicates a file descriptor the vring owns into one the device owns.
@@ -102,12 +80,6 @@ fn dup_eventfd(fd: &EventConsumer) -> io::Result<EventFd> {
     // SAFETY: `owned` is a fresh descriptor (from dup_fd) whose ownership moves into the
     // EventFd; it refers to the frontend's kick eventfd.
     Ok(unsafe { EventFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(owned)) })
-}
-
-fn dup_notifier(fd: &EventNotifier) -> io::Result<EventNotifier> {
-    let owned = dup_fd(fd)?;
-    // SAFETY: as in `dup_eventfd`: a fresh descriptor whose ownership moves into the notifier.
-    Ok(unsafe { EventNotifier::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(owned)) })
 }
 
 /// Counters of the backend's own work.
@@ -134,7 +106,9 @@ struct BackendState {
 pub struct BalloonBackend {
     balloon: Arc<Mutex<Balloon<Mem>>>,
     hint: FreePageHinting,
-    channel: Arc<ConfigChannel>,
+    notifier: Notifier,
+    /// The frontend's connection, to end it from the device's side.
+    frontend: Mutex<Option<UnixStream>>,
     num_queues: usize,
     max_queue_size: usize,
     state: Mutex<BackendState>,
@@ -157,24 +131,44 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl BalloonBackend {
     /// Serves `balloon`, configuration changes going through `channel`. The balloon's queue
-    /// sizes are the largest the frontend may choose.
-    pub fn new(balloon: Balloon<Mem>, channel: Arc<ConfigChannel>) -> Self {
+    /// sizes are the largest the frontend may choose. Starts the thread that writes the
+    /// device's interrupts.
+    pub fn new(balloon: Balloon<Mem>, channel: Arc<ConfigChannel>) -> io::Result<Self> {
         let cfg = *balloon.config();
         let max_queue_size = usize::from(
             cfg.queue_size
                 .max(cfg.free_page_queue_size)
                 .max(cfg.reporting_queue_size),
         );
-        BalloonBackend {
+        Ok(BalloonBackend {
             num_queues: balloon.queue_layout().len(),
             hint: balloon.hint_control(),
             balloon: Arc::new(Mutex::new(balloon)),
-            channel,
+            notifier: Notifier::new(channel)?,
+            frontend: Mutex::new(None),
             max_queue_size,
             state: Mutex::new(BackendState {
                 vrings: None,
                 counters: BackendCounters::default(),
             }),
+        })
+    }
+
+    /// What the interrupt thread did so far.
+    pub fn notifier_stats(&self) -> NotifierStats {
+        self.notifier.stats()
+    }
+
+    /// The frontend now served (a clone of its connection), so the device can end it.
+    pub fn set_frontend(&self, frontend: Option<UnixStream>) {
+        *lock(&self.frontend) = frontend;
+    }
+
+    /// Ends the frontend's connection (the daemon then resets the device and waits for the
+    /// next one).
+    pub fn end_connection(&self) {
+        if let Some(f) = lock(&self.frontend).as_ref() {
+            let _ = f.shutdown(Shutdown::Both);
         }
     }
 
@@ -238,7 +232,7 @@ impl BalloonBackend {
                 _ => None,
             };
             let call = match state.get_call() {
-                Some(c) => match dup_notifier(c) {
+                Some(c) => match dup_fd(c) {
                     Ok(n) => Some(n),
                     Err(e) => {
                         warn!("vhost-user-balloon: cannot take vring {index}'s call: {e}");
@@ -253,10 +247,7 @@ impl BalloonBackend {
                 kick,
             });
         }
-        balloon.set_interrupt_delivery(Arc::new(VhostUserInterrupt {
-            calls,
-            channel: self.channel.clone(),
-        }));
+        balloon.set_interrupt_delivery(Arc::new(self.notifier.attach(calls)));
         let result = balloon.activate_with(handovers);
         let mut st = lock(&self.state);
         match result {
@@ -303,7 +294,23 @@ impl BalloonBackend {
         balloon.reset();
         balloon.interrupt().reset_delivery();
         drop(balloon);
+        self.notifier.detach();
         lock(&self.state).counters.resets += 1;
+    }
+
+    /// The guard replaced guest memory the frontend shrank: ends its connection.
+    fn memory_fault(&self) {
+        if let Some(fd) = crate::guard::fault_event() {
+            let mut n = 0u64;
+            // SAFETY: reads 8 bytes into a local from the guard's non-blocking eventfd.
+            unsafe { libc::read(fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+        }
+        warn!(
+            "vhost-user-balloon: the frontend's guest memory was accessed past the end of its \
+             file ({} page(s) replaced by zeros since the daemon started): ending the connection",
+            crate::guard::pages_replaced()
+        );
+        self.end_connection();
     }
 
     /// Forgets the frontend's vrings (it disconnected) and resets the device.
@@ -388,15 +395,9 @@ impl VhostUserBackend for BalloonBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Each connection gets its own event loop; this lets vhost-user-backend end it when
-        // the connection's handler goes away.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!("vhost-user-balloon: no exit event for the vring event loop: {e}");
-                None
-            }
-        }
+        // vhost-user-backend 0.24 leaks the consumer of every exit event (one descriptor per
+        // connection); the loop ends on the daemon's stop event instead (see the module docs).
+        None
     }
 
     fn handle_event(
@@ -406,6 +407,16 @@ impl VhostUserBackend for BalloonBackend {
         vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
+        let index = usize::from(device_event);
+        if index == self.num_queues + ExtraEvent::Stop as usize {
+            // vhost-user-backend ends the event loop on an error: the one way to end it
+            // without an exit event.
+            return Err(io::Error::other("the connection is over"));
+        }
+        if index == self.num_queues + ExtraEvent::MemoryFault as usize {
+            self.memory_fault();
+            return Ok(());
+        }
         {
             let mut st = lock(&self.state);
             if st.vrings.as_ref().map(Vec::len) != Some(vrings.len()) {
@@ -414,7 +425,6 @@ impl VhostUserBackend for BalloonBackend {
         }
         let mut balloon = lock(&self.balloon);
         let active = self.try_activate(&mut balloon, vrings);
-        let index = usize::from(device_event);
         if index < self.num_queues {
             if active {
                 balloon.process_queue(index);

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod device;
 pub mod discard;
 pub mod guard;
+pub mod notify;
 
 pub mod capture;
 pub mod control;

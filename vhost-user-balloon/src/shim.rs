@@ -130,7 +130,7 @@ fn bump(c: &AtomicU64, by: u64) {
 #[derive(Debug, Default)]
 struct ChannelInner {
     /// The kept backend channel and the id of the shim that set it.
-    sock: Option<(u64, OwnedFd)>,
+    sock: Option<(u64, Arc<OwnedFd>)>,
     next_owner: u64,
     sent: u64,
 }
@@ -178,7 +178,7 @@ impl ConfigChannel {
     }
 
     fn set(&self, owner: u64, fd: OwnedFd) {
-        self.lock().sock = Some((owner, fd));
+        self.lock().sock = Some((owner, Arc::new(fd)));
     }
 
     /// Drops the channel if the shim `owner` set it (a later connection may own it now).
@@ -194,16 +194,21 @@ impl ConfigChannel {
     ///
     /// Waits at most one second for room on the channel. A channel that is broken, or on
     /// which only part of the header could be written (the stream would be out of step), is
-    /// dropped.
+    /// dropped. No lock is held while it waits. Call it from one thread at a time (the
+    /// daemon's [`Notifier`](crate::notify::Notifier)): two senders could interleave
+    /// partial headers.
     pub fn send_config_change(&self) -> io::Result<bool> {
-        let mut g = self.lock();
-        let Some((_, fd)) = g.sock.as_ref() else {
+        // The channel is taken out of the lock for the send: nobody waits on this lock
+        // while the frontend's socket is full.
+        let Some((owner, fd)) = self.lock().sock.clone() else {
             return Ok(false);
         };
         let mut hdr = [0u8; HEADER_SIZE];
         hdr[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
         hdr[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
-        match send_with_deadline(fd.as_raw_fd(), &hdr, Instant::now() + SEND_TIMEOUT) {
+        let result = send_with_deadline(fd.as_raw_fd(), &hdr, Instant::now() + SEND_TIMEOUT);
+        let mut g = self.lock();
+        match result {
             Ok(()) => {
                 g.sent = g.sent.wrapping_add(1);
                 Ok(true)
@@ -214,7 +219,7 @@ impl ConfigChannel {
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     );
-                if fatal {
+                if fatal && g.sock.as_ref().is_some_and(|(o, _)| *o == owner) {
                     log::warn!(
                         "vhost-user: backend channel dropped after a failed config change \
                          notification ({written} of {HEADER_SIZE} bytes written): {e}"
