@@ -35,6 +35,9 @@ use crate::device::{BalloonBackend, ExtraEvent};
 use crate::shim::{run_shim, ConfigChannel, ShimCounters};
 use crate::Mem;
 
+/// How long the daemon waits after a connection it could not accept or set up.
+const RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Why the daemon could not start or stopped.
 #[derive(Debug)]
 pub enum DaemonError {
@@ -280,7 +283,8 @@ impl Daemon {
     }
 
     /// Accepts frontends on `listener` one after the other until `stop` is set (checked
-    /// between connections) or, with `once`, after the first one.
+    /// between connections) or, with `once`, after the first one. A connection that fails
+    /// is logged and the next one accepted (with `once`, its error is returned).
     pub fn run(
         &mut self,
         listener: &UnixListener,
@@ -292,8 +296,19 @@ impl Daemon {
             listener.as_raw_fd()
         );
         while !stop.load(Ordering::Acquire) {
-            let (frontend, _) = listener.accept()?;
-            self.serve_connection(frontend)?;
+            // A connection that cannot be accepted or set up (out of descriptors, say) costs
+            // that connection, not the daemon: it goes on with the next one.
+            let result = match listener.accept() {
+                Ok((frontend, _)) => self.serve_connection(frontend),
+                Err(e) => Err(DaemonError::Io(e)),
+            };
+            if let Err(e) = result {
+                if once {
+                    return Err(e);
+                }
+                warn!("vhost-user-balloon: a connection failed: {e}");
+                thread::sleep(RETRY_DELAY);
+            }
             if once {
                 break;
             }
