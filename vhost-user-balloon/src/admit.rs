@@ -3,7 +3,7 @@
 
 //! What the daemon admits from a frontend: the descriptors attached to its requests.
 //!
-//! The [`shim`](crate::shim) calls [`check_request`] on every request before `vhost` sees
+//! The shim calls [`check_request`] on every request before `vhost` sees
 //! it. A request it refuses ends the connection, with a log line naming what was wrong:
 //!
 //! * `VHOST_USER_SET_MEM_TABLE`: each region must lie inside its file

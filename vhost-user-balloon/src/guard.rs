@@ -4,7 +4,7 @@
 //! Guest memory files that shrink under the daemon: a `SIGBUS` guard.
 //!
 //! The frontend's memory table is checked against each file's size when it arrives (the
-//! [`shim`](crate::shim) refuses a region that runs past the end of its file), but the
+//! shim refuses a region that runs past the end of its file), but the
 //! frontend keeps its files and may truncate one later. An access to a page of a mapping
 //! past the end of its file raises `SIGBUS`, which would kill the daemon.
 //!

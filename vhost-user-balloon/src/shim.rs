@@ -195,8 +195,7 @@ impl ConfigChannel {
     /// Waits at most one second for room on the channel. A channel that is broken, or on
     /// which only part of the header could be written (the stream would be out of step), is
     /// dropped. No lock is held while it waits. Call it from one thread at a time (the
-    /// daemon's [`Notifier`](crate::notify::Notifier)): two senders could interleave
-    /// partial headers.
+    /// daemon's notifier thread): two senders could interleave partial headers.
     pub fn send_config_change(&self) -> io::Result<bool> {
         // The channel is taken out of the lock for the send: nobody waits on this lock
         // while the frontend's socket is full.
