@@ -16,8 +16,9 @@
 //! the connection of the frontend that did it. Any other `SIGBUS` keeps its default action:
 //! the process dies as it would have without the guard.
 //!
-//! The handler finds the faulting mapping in `/proc/self/maps` with async-signal-safe calls
-//! only (`open`, `read`, `close`, `mmap`, `write`) and stack buffers, and identifies guest
+//! The handler finds the faulting mapping in `/proc/self/maps` (opened by [`install`], so a
+//! process out of descriptors is covered too) with async-signal-safe calls only (`pread`,
+//! `mmap`, `write`) and stack buffers, and identifies guest
 //! memory by the file's device and inode, which the shim registers before the memory table
 //! reaches the code that maps it, so no window exists in which a mapping is unguarded.
 
@@ -54,6 +55,9 @@ static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 static REPLACED: AtomicU64 = AtomicU64::new(0);
 /// The eventfd the handler signals after a replacement (-1 before [`install`]).
 static EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+/// `/proc/self/maps`, opened by [`install`] so the handler needs no new descriptor (the
+/// process may be out of them); read with `pread` from offset 0 each time.
+static MAPS_FD: AtomicI32 = AtomicI32::new(-1);
 static INSTALLED: OnceLock<io::Result<()>> = OnceLock::new();
 
 /// Pages of guest memory replaced by zeros since the process started (accesses past the end
@@ -80,6 +84,17 @@ pub fn install() -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
         EVENT_FD.store(fd, Ordering::Release);
+        // SAFETY: the path is a NUL-terminated literal; open returns a descriptor or -1.
+        let maps = unsafe {
+            libc::open(
+                c"/proc/self/maps".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if maps < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        MAPS_FD.store(maps, Ordering::Release);
         // SAFETY: an all-zero sigaction is a valid value of this plain C struct.
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
         act.sa_sigaction = on_sigbus
@@ -230,40 +245,33 @@ impl MapsParser {
     }
 }
 
-/// Finds the mapping holding `addr` in `/proc/self/maps`, with async-signal-safe calls only.
+/// Finds the mapping holding `addr` in `/proc/self/maps` (the descriptor [`install`]
+/// opened), with async-signal-safe calls only.
 fn find_mapping(addr: usize) -> Option<MapsLine> {
-    // SAFETY: the path is a NUL-terminated literal; open returns a descriptor or -1.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/maps".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
+    let fd = MAPS_FD.load(Ordering::Acquire);
     if fd < 0 {
         return None;
     }
     let mut buf = [0u8; 4096];
     let mut parser = MapsParser::default();
-    let mut found = None;
-    'read: loop {
-        // SAFETY: `buf` is valid for writes of its length; `fd` is open.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    let mut offset: libc::off_t = 0;
+    loop {
+        // SAFETY: `buf` is valid for writes of its length; `fd` is open for the process's
+        // life. pread keeps no shared file position, so concurrent faults do not interfere.
+        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), offset) };
         if n <= 0 {
-            break;
+            return None;
         }
-        // 0 < n <= buf.len().
+        // 0 < n <= buf.len() (4096), so neither conversion loses anything.
+        offset += n as libc::off_t;
         for &b in &buf[..n as usize] {
             if let Some(line) = parser.feed(b) {
                 if line.start <= addr && addr < line.end {
-                    found = Some(line);
-                    break 'read;
+                    return Some(line);
                 }
             }
         }
     }
-    // SAFETY: `fd` was opened above and is closed once.
-    unsafe { libc::close(fd) };
-    found
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
@@ -366,6 +374,7 @@ mod tests {
 
     #[test]
     fn the_mapping_of_an_address_is_found() {
+        install().unwrap();
         let f = memfd(8192);
         let p = map(&f, 8192);
         // SAFETY: an all-zero stat is valid; `f` is open.
