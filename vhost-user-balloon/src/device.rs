@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 
 use virtio_balloon::transport::{QueueHandover, VirtioDevice};
 use virtio_balloon::{Balloon, DeviceEvent, FreePageHinting};
@@ -46,8 +46,7 @@ use crate::Mem;
 /// The largest configuration access answered (the balloon's space is 16 bytes).
 const MAX_CONFIG_ACCESS: u32 = 256;
 
-/// The vring type the daemon uses.
-pub type Vring = VringRwLock<Mem>;
+pub use crate::vring::Vring;
 
 /// The events the backend registers besides the vrings' kicks, as offsets past the queue
 /// count (`vhost-user-backend` reserves the data values up to the queue count).

@@ -19,6 +19,7 @@ pub mod device;
 pub mod discard;
 pub mod guard;
 pub mod notify;
+pub mod vring;
 
 pub mod capture;
 pub mod control;
