@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_balloon::daemon::{bind, empty_memory, Daemon};
 use vhost_user_balloon::device::BalloonBackend;
 use virtio_balloon::backend::MadviseBackend;
@@ -29,6 +29,9 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+mod vhost_frontend;
+use vhost_frontend::{memfd, ring_config, send_with_fds};
 
 const MEM_SIZE: usize = 32 << 20;
 const QUEUE_SIZE: u16 = 256;
@@ -135,20 +138,9 @@ struct Guest {
     mem: GuestMemoryMmap<()>,
 }
 
-fn memfd(size: usize) -> File {
-    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new descriptor
-    // or -1 and touches no other memory.
-    let fd = unsafe { libc::memfd_create(c"vub-guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
-    file
-}
-
 impl Guest {
     fn new() -> Self {
-        let file = memfd(MEM_SIZE);
+        let file = memfd(c"vub-guest", MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
             MEM_SIZE,
@@ -192,19 +184,6 @@ impl Guest {
     }
 }
 
-/// The vring addresses a frontend sends, in its own address space.
-fn ring_config(desc: u64, avail: u64, used: u64) -> VringConfigData {
-    VringConfigData {
-        queue_max_size: QUEUE_SIZE,
-        queue_size: QUEUE_SIZE,
-        flags: 0,
-        desc_table_addr: desc,
-        used_ring_addr: used,
-        avail_ring_addr: avail,
-        log_addr: None,
-    }
-}
-
 /// Sets up vring `i` at its place in `guest` (the used ring at the frontend address `used`
 /// instead, if given), enabled, with fresh kick and call eventfds.
 fn set_up_vring<'g>(
@@ -219,6 +198,7 @@ fn set_up_vring<'g>(
     fe.set_vring_addr(
         i,
         &ring_config(
+            QUEUE_SIZE,
             base + q.desc_table_addr().0,
             base + q.avail_addr().0,
             used.unwrap_or(base + q.used_addr().0),
@@ -520,7 +500,7 @@ fn bad_memory_tables_are_refused_and_the_daemon_serves_again() {
         fe.set_mem_table(&[guest.region()]).unwrap();
         fe.set_vring_num(0, QUEUE_SIZE).unwrap();
         let outside = guest.host_base() + MEM_SIZE as u64 + 0x1000;
-        let _ = fe.set_vring_addr(0, &ring_config(outside, outside, outside));
+        let _ = fe.set_vring_addr(0, &ring_config(QUEUE_SIZE, outside, outside, outside));
         wait_for("the refusal", || fe.get_features().is_err());
     }
     assert_eq!(d.backend.counters().activations, 0);
@@ -606,44 +586,7 @@ fn send_raw(sock: &UnixStream, code: u32, payload: &[u8], fds: &[i32]) {
     msg.extend_from_slice(&1u32.to_le_bytes());
     msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     msg.extend_from_slice(payload);
-    let mut iov = libc::iovec {
-        iov_base: msg.as_mut_ptr().cast(),
-        iov_len: msg.len(),
-    };
-    let fd_bytes = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is a valid empty header; the fields are set below.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = control.as_mut_ptr().cast();
-    hdr.msg_controllen = space as _;
-    // SAFETY: `hdr` points at `control`, which is large enough for one header carrying
-    // `fds` (CMSG_SPACE above), so CMSG_FIRSTHDR returns a pointer inside it.
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&hdr) };
-    // SAFETY: `cmsg` points into `control` (checked non-null); the data area holds
-    // `fd_bytes` bytes by construction, and `fds` is a live slice of that many bytes.
-    unsafe {
-        assert!(!cmsg.is_null());
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-        std::ptr::copy_nonoverlapping(
-            fds.as_ptr().cast::<u8>(),
-            libc::CMSG_DATA(cmsg),
-            fd_bytes as usize,
-        );
-    }
-    // SAFETY: `hdr` describes the live buffers `msg` and `control` for the whole call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, 0) };
-    assert_eq!(
-        n,
-        msg.len() as isize,
-        "sendmsg: {}",
-        std::io::Error::last_os_error()
-    );
+    send_with_fds(sock, &msg, fds).unwrap();
 }
 
 #[test]
@@ -662,6 +605,7 @@ fn out_of_order_messages_are_refused_and_the_daemon_serves_again() {
         let _ = fe.set_vring_addr(
             0,
             &ring_config(
+                QUEUE_SIZE,
                 base + q.desc_table_addr().0,
                 base + q.avail_addr().0,
                 base + q.used_addr().0,

@@ -28,12 +28,15 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vhost_user_balloon::control;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+mod vhost_frontend;
+use vhost_frontend::{memfd, ring_config, send_with_fds};
 
 /// How long any one wait may take: a socket read, an answer, a change to show.
 const T: Duration = Duration::from_secs(5);
@@ -340,17 +343,6 @@ fn wait_idle(d: &mut Daemon, when: &str) -> Usage {
 // ---------------------------------------------------------------------------------------------
 // The frontend.
 
-fn memfd(name: &CStr, size: usize) -> File {
-    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new descriptor
-    // or -1 and touches no other memory.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just created and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
-    file
-}
-
 /// A pipe (close-on-exec): (read end, write end).
 fn pipe() -> (File, File) {
     let mut fds = [0 as RawFd; 2];
@@ -403,6 +395,22 @@ fn lend_as_eventfd(fd: RawFd) -> ManuallyDrop<EventFd> {
     ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd) })
 }
 
+/// Sends `fd` with `send` if given (lent: the caller keeps it), else a fresh eventfd, which
+/// is returned for the caller to keep.
+fn send_event_fd(
+    fd: Option<RawFd>,
+    send: impl FnOnce(&EventFd) -> Result<(), String>,
+) -> Result<Option<EventFd>, String> {
+    match fd {
+        Some(fd) => send(&lend_as_eventfd(fd)).map(|()| None),
+        None => {
+            let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            send(&evt)?;
+            Ok(Some(evt))
+        }
+    }
+}
+
 /// Guest memory in a named memfd, mapped by the test as the frontend's own memory.
 struct Guest {
     file: File,
@@ -447,18 +455,6 @@ impl Guest {
 
 fn ring_addr(index: usize) -> u64 {
     0x10_0000 + 0x1_0000 * index as u64
-}
-
-fn ring_config(desc: u64, avail: u64, used: u64) -> VringConfigData {
-    VringConfigData {
-        queue_max_size: QUEUE_SIZE,
-        queue_size: QUEUE_SIZE,
-        flags: 0,
-        desc_table_addr: desc,
-        used_ring_addr: used,
-        avail_ring_addr: avail,
-        log_addr: None,
-    }
 }
 
 /// Connects to `path` (retrying while the daemon is not listening yet), with read and
@@ -582,6 +578,7 @@ impl<'g> Session<'g> {
                 self.fe.set_vring_addr(
                     i,
                     &ring_config(
+                        QUEUE_SIZE,
                         base + q.desc_table_addr().0,
                         base + q.avail_addr().0,
                         base + q.used_addr().0,
@@ -590,35 +587,13 @@ impl<'g> Session<'g> {
             )?;
             step("SET_VRING_BASE", self.fe.set_vring_base(i, 0))?;
             self.queues.push(q);
-            let call = match call0.filter(|_| i == INFLATE) {
-                Some(fd) => {
-                    step(
-                        "SET_VRING_CALL",
-                        self.fe.set_vring_call(i, &lend_as_eventfd(fd)),
-                    )?;
-                    None
-                }
-                None => {
-                    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-                    step("SET_VRING_CALL", self.fe.set_vring_call(i, &call))?;
-                    Some(call)
-                }
-            };
+            let call = send_event_fd(call0.filter(|_| i == INFLATE), |e| {
+                step("SET_VRING_CALL", self.fe.set_vring_call(i, e))
+            })?;
             self._calls.push(call);
-            let kick = match kick0.filter(|_| i == INFLATE) {
-                Some(fd) => {
-                    step(
-                        "SET_VRING_KICK",
-                        self.fe.set_vring_kick(i, &lend_as_eventfd(fd)),
-                    )?;
-                    None
-                }
-                None => {
-                    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-                    step("SET_VRING_KICK", self.fe.set_vring_kick(i, &kick))?;
-                    Some(kick)
-                }
-            };
+            let kick = send_event_fd(kick0.filter(|_| i == INFLATE), |e| {
+                step("SET_VRING_KICK", self.fe.set_vring_kick(i, e))
+            })?;
             self.kicks.push(kick);
             step("SET_VRING_ENABLE", self.fe.set_vring_enable(i, true))?;
         }
@@ -758,7 +733,10 @@ fn memory_past_the_end_of_its_file_is_refused() {
         let r =
             s.fe.set_vring_num(i, QUEUE_SIZE)
                 .and_then(|_| {
-                    s.fe.set_vring_addr(i, &ring_config(ring, ring + 0x1000, ring + 0x2000))
+                    s.fe.set_vring_addr(
+                        i,
+                        &ring_config(QUEUE_SIZE, ring, ring + 0x1000, ring + 0x2000),
+                    )
                 })
                 .and_then(|_| s.fe.set_vring_base(i, 0))
                 .and_then(|_| s.fe.set_vring_call(i, &call))
@@ -1038,47 +1016,6 @@ fn a_departed_frontends_memory_is_released() {
         &mut d,
         "after the memory of a departed frontend was released",
     );
-}
-
-/// Sends `data` with `fds` attached in one sendmsg.
-fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    let fd_bytes = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
-    // SAFETY: a zeroed msghdr is a valid empty header; the fields are set below.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = control.as_mut_ptr().cast();
-    hdr.msg_controllen = space as _;
-    // SAFETY: `hdr` points at `control`, large enough for one header carrying `fds`
-    // (CMSG_SPACE above), so CMSG_FIRSTHDR returns a pointer inside it.
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&hdr) };
-    assert!(!cmsg.is_null());
-    // SAFETY: `cmsg` points into `control` (non-null); its data area holds `fd_bytes` bytes
-    // by construction, and `fds` is a live slice of that many bytes.
-    unsafe {
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-        std::ptr::copy_nonoverlapping(
-            fds.as_ptr().cast::<u8>(),
-            libc::CMSG_DATA(cmsg),
-            fd_bytes as usize,
-        );
-    }
-    // SAFETY: `hdr` describes the live buffers `data` and `control` for the whole call;
-    // sendmsg only reads them.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// One connect-and-leave cycle of the churn test, by its number.
