@@ -8,7 +8,9 @@
 //!
 //! * `VHOST_USER_SET_MEM_TABLE`: each region must lie inside its file
 //!   (`mmap_offset + memory_size` at most the file's size, checked arithmetic), so mapping it
-//!   cannot fault. Each file is then [`register`](crate::guard::register)ed with the SIGBUS
+//!   cannot fault, and the file must not be on a FUSE filesystem (its server, which the
+//!   frontend may run, could stall every page fault; the filesystem is read from `/proc`,
+//!   not asked). Each file is then [`register`](crate::guard::register)ed with the SIGBUS
 //!   guard, so a file the frontend shrinks *later* costs that frontend its connection, never
 //!   the daemon.
 //! * `VHOST_USER_SET_VRING_KICK` and `VHOST_USER_SET_VRING_ERR`: an eventfd. The daemon
@@ -137,6 +139,44 @@ fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(u64::try_from(st.st_size).unwrap_or(0))
 }
 
+/// The type of the filesystem `fd` is on, read from `/proc/self/fdinfo` and
+/// `/proc/self/mountinfo`, never from the filesystem itself (a FUSE server may leave a
+/// request unanswered for ever). `None` when its mount is not listed (a memfd's internal
+/// mount, say).
+pub fn mount_fs_type(fd: BorrowedFd<'_>) -> io::Result<Option<String>> {
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    let Some(id) = fdinfo_mnt_id(&fdinfo) else {
+        return Ok(None);
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mountinfo_fs_type(&mountinfo, id).map(str::to_owned))
+}
+
+/// Whether a filesystem of type `fs` (as `/proc/<pid>/mountinfo` names it) is served by a
+/// process: FUSE in all its forms (`fuse`, `fuseblk`, `fuse.<subtype>`).
+fn served_by_a_process(fs: &str) -> bool {
+    fs == "fuse" || fs == "fuseblk" || fs.starts_with("fuse.")
+}
+
+/// The `mnt_id:` of a `/proc/<pid>/fdinfo/<fd>` text.
+fn fdinfo_mnt_id(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The filesystem type of mount `id` in a `/proc/<pid>/mountinfo` text (the field after the
+/// ` - ` separator).
+fn mountinfo_fs_type(text: &str, id: u64) -> Option<&str> {
+    text.lines().find_map(|l| {
+        let first = l.split_ascii_whitespace().next()?;
+        if first.parse::<u64>().ok()? != id {
+            return None;
+        }
+        l.split_once(" - ")?.1.split_ascii_whitespace().next()
+    })
+}
+
 /// Checks a `SET_MEM_TABLE` payload against its files and registers them with the SIGBUS
 /// guard. A table `vhost` will refuse anyway (no regions, more than it takes, not one
 /// descriptor per region, a short payload) passes unchecked for `vhost` to judge.
@@ -166,6 +206,22 @@ fn check_mem_table(payload: &[u8], fds: &[OwnedFd]) -> Result<(), Refused> {
             region.memory_size,
             region.mmap_offset,
         );
+        // Before anything asks the file's filesystem: a FUSE server the frontend runs could
+        // leave the question, or a page fault of the mapping, unanswered for ever.
+        match mount_fs_type(fd.as_fd()) {
+            Ok(Some(fs)) if served_by_a_process(&fs) => {
+                return Err(Refused(format!(
+                    "memory region {i}: its file is on a {fs} filesystem, whose server could \
+                     stall every access"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Refused(format!(
+                    "memory region {i}: cannot tell its file's filesystem: {e}"
+                )))
+            }
+        }
         let file = file_size(fd.as_fd())
             .map_err(|e| Refused(format!("memory region {i}: cannot stat its file: {e}")))?;
         match offset.checked_add(len) {
@@ -304,6 +360,31 @@ mod tests {
         // offset + size overflows.
         let e = check_request(SET_MEM_TABLE, &table(&[(0, 4096, u64::MAX)]), &fds).unwrap_err();
         assert!(e.to_string().contains("past the end"), "{e}");
+    }
+
+    #[test]
+    fn the_filesystem_of_a_file_comes_from_proc() {
+        let fdinfo = "pos:\t0\nflags:\t02100002\nmnt_id:\t27\nino:\t12\n";
+        assert_eq!(fdinfo_mnt_id(fdinfo), Some(27));
+        assert_eq!(fdinfo_mnt_id("pos:\t0\n"), None);
+        let mountinfo = "22 1 0:21 / / rw,relatime - ext4 /dev/sda1 rw\n\
+                         27 22 0:45 / /mnt/fuse rw,nosuid shared:3 - fuse.sshfs host: rw\n\
+                         30 22 0:46 / /tmp rw - tmpfs tmpfs rw\n";
+        assert_eq!(mountinfo_fs_type(mountinfo, 27), Some("fuse.sshfs"));
+        assert_eq!(mountinfo_fs_type(mountinfo, 22), Some("ext4"));
+        assert_eq!(mountinfo_fs_type(mountinfo, 99), None);
+        for fs in ["fuse", "fuseblk", "fuse.sshfs"] {
+            assert!(served_by_a_process(fs), "{fs}");
+        }
+        for fs in ["tmpfs", "ext4", "hugetlbfs", "fusectl", "overlay"] {
+            assert!(!served_by_a_process(fs), "{fs}");
+        }
+        // A real file in the temporary directory is on a listed mount.
+        let path = std::env::temp_dir().join(format!("admit-fs-{}", std::process::id()));
+        let f = File::create(&path).unwrap();
+        let fs = mount_fs_type(f.as_fd()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(fs.is_some_and(|t| !t.is_empty()));
     }
 
     #[test]
