@@ -52,7 +52,8 @@ use virtio_balloon_precopy::snapshot::SnapshotMode;
 use virtio_balloon_precopy::{
     IterationStats, MigrationReport, Precopy, PrecopyConfig, ReceiveStats,
 };
-use vm_memory::GuestAddress;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const GIB: u64 = 1 << 30;
 
@@ -371,42 +372,76 @@ fn progress(label: &str, it: &IterationStats) {
     );
 }
 
+/// A source guest as every run starts it: booted; KVM's side if the run uses KVM's dirty log
+/// (the memory slot, the dirty log with manual protection as the bitmap's clear step, and
+/// the vCPU for the writer); its writer running; the run's notifier chain and loop settings.
+struct Source {
+    guest: Guest,
+    kvm: Option<KvmSource>,
+    chain: PrecopyNotifierChain,
+    config: PrecopyConfig,
+}
+
+impl Source {
+    fn start(o: &Options, hinting: bool) -> Result<Source, String> {
+        let spec = GuestSpec {
+            hinting,
+            block_pace: o.pace,
+            seed: o.seed,
+            ..GuestSpec::new(o.mem, o.used, o.dirty)
+        };
+        let guest = Guest::boot(&spec);
+        let mut kvm = (o.dirty_log == LogSource::Kvm)
+            .then(|| KvmSource::new(&guest, o.writer > 0))
+            .transpose()
+            .map_err(|e| format!("setting up KVM failed: {e}"))?;
+        if o.writer > 0 {
+            let writer = WriterSpec {
+                seed: o.seed,
+                ..WriterSpec::new(o.writer * MIB, o.working_set)
+            };
+            match kvm.as_mut().and_then(KvmSource::take_page_writer) {
+                Some(vcpu) => guest.start_writer_with(writer, vcpu),
+                None => guest.start_writer(writer),
+            }
+        }
+        let mut chain = PrecopyNotifierChain::new();
+        if hinting {
+            chain.add(Arc::new(guest.hints()));
+        }
+        let config = PrecopyConfig::default()
+            .with_downtime_limit(o.downtime)
+            .with_max_bandwidth((o.bandwidth > 0).then_some(o.bandwidth * MIB));
+        Ok(Source {
+            guest,
+            kvm,
+            chain,
+            config,
+        })
+    }
+
+    /// The run's dirty log over `src` (the guest's memory): KVM's or vm-memory's bitmaps.
+    fn dirty_log<'a>(&'a self, src: &'a GuestMemoryMmap<AtomicBitmap>) -> Box<dyn DirtyLog + 'a> {
+        match &self.kvm {
+            Some(k) => k.dirty_log(src),
+            None => Box::new(GuestMemoryDirtyLog::new(src)),
+        }
+    }
+}
+
 /// Boots a source guest, migrates it to a fresh destination over loopback TCP, and checks
 /// every allocated page.
 fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
-    let spec = GuestSpec {
-        hinting,
-        block_pace: o.pace,
-        seed: o.seed,
-        ..GuestSpec::new(o.mem, o.used, o.dirty)
-    };
-    let guest = Guest::boot(&spec);
-    let src = guest.mem().clone();
-    // KVM's side, before the migration starts: the memory slot, the dirty log with manual
-    // protection as the bitmap's clear step, and the vCPU for the writer.
-    let mut kvm = (o.dirty_log == LogSource::Kvm).then(|| {
-        KvmSource::new(&guest, o.writer > 0)
-            .unwrap_or_else(|e| panic!("[{label}] setting up KVM failed: {e}"))
-    });
     let (destination, stream) = Destination::spawn(o.mem, true, "destination".into(), 1 << 20);
-    if o.writer > 0 {
-        let writer = WriterSpec {
-            seed: o.seed,
-            ..WriterSpec::new(o.writer * MIB, o.working_set)
-        };
-        match kvm.as_mut().and_then(KvmSource::take_page_writer) {
-            Some(vcpu) => guest.start_writer_with(writer, vcpu),
-            None => guest.start_writer(writer),
-        }
-    }
-    let mut chain = PrecopyNotifierChain::new();
-    if hinting {
-        chain.add(Arc::new(guest.hints()));
-    }
-    let config = PrecopyConfig::default()
-        .with_downtime_limit(o.downtime)
-        .with_max_bandwidth((o.bandwidth > 0).then_some(o.bandwidth * MIB));
-    let mut precopy = Precopy::new(&*src, &guest.bitmap, &chain).config(config);
+    let source = Source::start(o, hinting).unwrap_or_else(|e| panic!("[{label}] {e}"));
+    let Source {
+        guest,
+        kvm,
+        chain,
+        config,
+    } = &source;
+    let src = guest.mem().clone();
+    let mut precopy = Precopy::new(&*src, &guest.bitmap, chain).config(*config);
     if hinting && o.wait {
         precopy = precopy.wait_for_hint_round(guest.hints(), o.wait_deadline);
     }
@@ -414,10 +449,7 @@ fn migrate(o: &Options, hinting: bool, label: &str) -> RunResult {
         precopy = precopy.on_iteration(|it| progress(label, it));
     }
     let mut vm = guest.vm_control();
-    let mut log: Box<dyn DirtyLog + '_> = match &kvm {
-        Some(k) => k.dirty_log(&src),
-        None => Box::new(GuestMemoryDirtyLog::new(&src)),
-    };
+    let mut log = source.dirty_log(&src);
     let report = precopy
         .run(
             &mut *log,

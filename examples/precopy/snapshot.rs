@@ -28,20 +28,18 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_model::{Guest, GuestSpec, GuestVm, WriterSpec, MIB};
-use virtio_balloon::migration::{DirtyLog, GuestMemoryDirtyLog, PrecopyNotifierChain};
+use guest_model::{Guest, GuestVm, MIB};
 use virtio_balloon_precopy::snapshot::{
     description_path, RestoreStats, Snapshot, SnapshotError, SnapshotFile, SnapshotMode,
     SnapshotReport,
 };
-use virtio_balloon_precopy::{PrecopyConfig, VmControl, VmControlError};
+use virtio_balloon_precopy::{VmControl, VmControlError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::kvm_source::KvmSource;
-use crate::{mib, progress, reduction, LogSource, Options, Runs, VcpuReport};
+use crate::{mib, progress, reduction, Options, Runs, Source, VcpuReport};
 
 /// The snapshots one demo run writes: `(label, memory file)`, the one without hints first.
 fn snapshot_paths(o: &Options) -> Vec<(&'static str, bool, PathBuf)> {
@@ -219,38 +217,17 @@ fn drop_page_cache(path: &Path) {
 /// Boots a guest, writes its snapshot to `path`, restores it both ways and checks every page
 /// the guest holds.
 fn take(o: &Options, hinting: bool, label: &str, path: &Path) -> Result<SnapResult, String> {
-    let spec = GuestSpec {
-        hinting,
-        block_pace: o.pace,
-        seed: o.seed,
-        ..GuestSpec::new(o.mem, o.used, o.dirty)
-    };
-    let guest = Guest::boot(&spec);
+    let source = Source::start(o, hinting)?;
+    let Source {
+        guest,
+        kvm,
+        chain,
+        config,
+    } = &source;
     let src = guest.mem().clone();
-    let mut kvm = (o.dirty_log == LogSource::Kvm)
-        .then(|| KvmSource::new(&guest, o.writer > 0))
-        .transpose()
-        .map_err(|e| format!("setting up KVM failed: {e}"))?;
-    if o.writer > 0 {
-        let writer = WriterSpec {
-            seed: o.seed,
-            ..WriterSpec::new(o.writer * MIB, o.working_set)
-        };
-        match kvm.as_mut().and_then(KvmSource::take_page_writer) {
-            Some(vcpu) => guest.start_writer_with(writer, vcpu),
-            None => guest.start_writer(writer),
-        }
-    }
-    let mut chain = PrecopyNotifierChain::new();
-    if hinting {
-        chain.add(Arc::new(guest.hints()));
-    }
-    let config = PrecopyConfig::default()
-        .with_downtime_limit(o.downtime)
-        .with_max_bandwidth((o.bandwidth > 0).then_some(o.bandwidth * MIB));
-    let mut snapshot = Snapshot::new(&*src, &guest.bitmap, &chain)
+    let mut snapshot = Snapshot::new(&*src, &guest.bitmap, chain)
         .mode(o.snapshot_mode)
-        .config(config)
+        .config(*config)
         .overwrite(o.overwrite);
     if hinting && o.wait {
         snapshot = snapshot.wait_for_hint_round(guest.hints(), o.wait_deadline);
@@ -261,10 +238,7 @@ fn take(o: &Options, hinting: bool, label: &str, path: &Path) -> Result<SnapResu
         stopped_at: None,
         resume_asked_at: None,
     };
-    let mut log: Box<dyn DirtyLog + '_> = match &kvm {
-        Some(k) => k.dirty_log(&src),
-        None => Box::new(GuestMemoryDirtyLog::new(&src)),
-    };
+    let mut log = source.dirty_log(&src);
     let start = Instant::now();
     let written = snapshot.write(&mut *log, &mut vm, path);
     let write_time = start.elapsed();
@@ -295,7 +269,7 @@ fn take(o: &Options, hinting: bool, label: &str, path: &Path) -> Result<SnapResu
         .restore_into(&fresh)
         .map_err(|e| format!("restoring the snapshot: {e}"))?;
     let restore_time = start.elapsed();
-    let restored_mismatches = differing(&guest, &fresh);
+    let restored_mismatches = differing(guest, &fresh);
     drop(fresh);
 
     // Map it MAP_PRIVATE, as a VMM restores: the check faults in the pages it reads.
@@ -305,7 +279,7 @@ fn take(o: &Options, hinting: bool, label: &str, path: &Path) -> Result<SnapResu
         .map_private()
         .map_err(|e| format!("mapping the snapshot: {e}"))?;
     let map_time = start.elapsed();
-    let mapped_mismatches = differing(&guest, &mapped);
+    let mapped_mismatches = differing(guest, &mapped);
     drop(mapped);
 
     let writer_pages = if o.writer > 0 {
