@@ -22,25 +22,12 @@ use virtio_balloon_precopy::{
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+mod common;
+use common::memory;
+
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
-
-fn memory(regions: &[(u64, u64)]) -> Mem {
-    let ranges: Vec<(GuestAddress, usize)> = regions
-        .iter()
-        .map(|&(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).unwrap()
-}
-
-fn dest_of(regions: &[(u64, u64)]) -> GuestMemoryMmap<()> {
-    let ranges: Vec<(GuestAddress, usize)> = regions
-        .iter()
-        .map(|&(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).unwrap()
-}
 
 fn page_pattern(gpa: u64, generation: u64) -> [u8; PAGE as usize] {
     let mut p = [0u8; PAGE as usize];
@@ -186,7 +173,7 @@ fn events_follow_qemus_order_and_the_destination_matches() {
     // Zero pages cost a header per run, not a page.
     assert!(report.bytes < (data_pages + 64) * (PAGE + 16));
 
-    let dst = dest_of(&regions);
+    let dst = memory::<()>(&regions);
     let got = Receiver::new(&dst).unwrap().receive(&stream[..]).unwrap();
     assert_eq!(got.pages, report.pages_sent);
     assert_eq!(got.zero_pages, report.zero_pages);
@@ -249,7 +236,7 @@ fn a_writer_racing_the_loop_loses_nothing() {
         .unwrap();
     writer.join().unwrap();
     assert!(report.iterations.len() >= 2);
-    let dst = dest_of(&regions);
+    let dst = memory::<()>(&regions);
     Receiver::new(&dst).unwrap().receive(&stream[..]).unwrap();
     assert_same(&src, &dst, &regions);
 }
@@ -311,7 +298,7 @@ fn hinted_pages_are_skipped_and_reused_pages_come_back() {
     // The first pass skips the 2048 hinted pages; the reused page is sent later.
     assert_eq!(report.iterations[0].hinted_pages, 2048);
     assert_eq!(report.pages_sent, 16 * MIB / PAGE - 2048 + 1);
-    let dst = dest_of(&regions);
+    let dst = memory::<()>(&regions);
     Receiver::new(&dst).unwrap().receive(&stream[..]).unwrap();
     assert_same(
         &src,
@@ -558,7 +545,7 @@ fn the_iteration_limit_forces_the_switchover() {
             })
         }
     }
-    let src = memory(&[(0, 64 * MIB)]);
+    let src: Mem = memory(&[(0, 64 * MIB)]);
     let bitmap = MigrationBitmap::new(&src).unwrap();
     let chain = PrecopyNotifierChain::new();
     let report = Precopy::new(&src, &bitmap, &chain)
@@ -652,7 +639,7 @@ fn a_bandwidth_limit_still_delivers_everything() {
         .unwrap();
     assert_eq!(report.pages_sent, 4 * MIB / PAGE);
     assert!(report.bandwidth > 0.0 && report.bandwidth <= (16 * MIB) as f64);
-    let dst = dest_of(&regions);
+    let dst = memory::<()>(&regions);
     Receiver::new(&dst).unwrap().receive(&stream[..]).unwrap();
     assert_same(&src, &dst, &regions);
 }

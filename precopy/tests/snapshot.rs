@@ -27,25 +27,12 @@ use virtio_balloon_precopy::{
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
+mod common;
+use common::memory;
+
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
-
-fn memory(regions: &[(u64, u64)]) -> Mem {
-    let ranges: Vec<(GuestAddress, usize)> = regions
-        .iter()
-        .map(|&(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).unwrap()
-}
-
-fn fresh(regions: &[(u64, u64)]) -> GuestMemoryMmap<()> {
-    let ranges: Vec<(GuestAddress, usize)> = regions
-        .iter()
-        .map(|&(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    GuestMemoryMmap::from_ranges(&ranges).unwrap()
-}
 
 fn pattern(gpa: u64, generation: u8) -> [u8; PAGE as usize] {
     let mut p = [0u8; PAGE as usize];
@@ -162,7 +149,7 @@ fn a_stopped_snapshot_restores_both_ways_and_is_sparse() {
     assert!(description_path(&path).exists());
 
     let snap = SnapshotFile::open(&path).unwrap();
-    let restored = fresh(&REGIONS);
+    let restored = memory::<()>(&REGIONS);
     let stats = snap.restore_into(&restored).unwrap();
     assert!(stats.bytes_read >= data_pages * PAGE);
     assert!(differing(&mem, &restored, &REGIONS).is_empty());
@@ -208,7 +195,7 @@ fn a_layout_of_the_vmms_choice_is_honoured() {
     assert_eq!(report.file.file_len, 7 * MIB);
     let snap = SnapshotFile::open(&path).unwrap();
     assert_eq!(snap.layout(), &layout);
-    let restored = fresh(&REGIONS);
+    let restored = memory::<()>(&REGIONS);
     snap.restore_into(&restored).unwrap();
     assert!(differing(&mem, &restored, &REGIONS).is_empty());
     assert!(differing(&mem, &snap.map_private().unwrap(), &REGIONS).is_empty());
@@ -224,7 +211,7 @@ fn a_layout_of_the_vmms_choice_is_honoured() {
             &path,
         )
         .unwrap();
-    let restored = fresh(&REGIONS);
+    let restored = memory::<()>(&REGIONS);
     SnapshotFile::open(&path)
         .unwrap()
         .restore_into(&restored)
@@ -327,7 +314,7 @@ fn hinted_pages_become_holes_and_pages_taken_back_are_written_before_done() {
             .unwrap();
         assert!(guest.done_checked.load(Ordering::Acquire), "{mode:?}");
         let snap = SnapshotFile::open(&path).unwrap();
-        let restored = fresh(&regions);
+        let restored = memory::<()>(&regions);
         snap.restore_into(&restored).unwrap();
         // Exactly the hinted pages not taken back differ (they read as zeros).
         let diff = differing(&*mem, &restored, &regions);
@@ -400,7 +387,7 @@ fn a_live_snapshot_rewrites_pages_and_punches_zeroed_ones() {
         .unwrap();
     assert_eq!(report.copy.iterations.len(), 2);
     assert_eq!(report.file.holes_punched, 32);
-    let restored = fresh(&regions);
+    let restored = memory::<()>(&regions);
     SnapshotFile::open(&path)
         .unwrap()
         .restore_into(&restored)
@@ -447,7 +434,7 @@ fn an_existing_snapshot_is_only_replaced_when_asked() {
         .overwrite(true)
         .write(&mut GuestMemoryDirtyLog::new(&mem), &mut vm, &path)
         .unwrap();
-    let restored = fresh(&REGIONS);
+    let restored = memory::<()>(&REGIONS);
     SnapshotFile::open(&path)
         .unwrap()
         .restore_into(&restored)
@@ -587,7 +574,7 @@ fn snapshot_of(dir: &Dir, regions: &[(u64, u64)]) -> (Mem, PathBuf) {
 }
 
 fn untouched(mem: &GuestMemoryMmap<()>, regions: &[(u64, u64)]) -> bool {
-    let zero = fresh(regions);
+    let zero = memory::<()>(regions);
     differing(mem, &zero, regions).is_empty()
 }
 
@@ -600,7 +587,7 @@ fn bad_snapshots_are_refused_and_nothing_is_written() {
     let good = fs::read(&desc).unwrap();
 
     // Regions that do not match the target memory.
-    let other = fresh(&[(0, MIB), (16 * MIB, 2 * MIB)]);
+    let other = memory::<()>(&[(0, MIB), (16 * MIB, 2 * MIB)]);
     let err = SnapshotFile::open(&path)
         .unwrap()
         .restore_into(&other)
