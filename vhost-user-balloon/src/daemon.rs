@@ -15,6 +15,7 @@
 //! grows with the number of connections.
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -110,6 +111,45 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
+/// One connection's `vhost-user-backend` daemon. Dropping it joins the thread of the
+/// connection's event loop, which only the daemon's stop event ends (the backend offers no
+/// exit event), so the drop writes the stop event first, on every way out of a connection,
+/// errors included.
+struct ConnectionDaemon<'a> {
+    vu: ManuallyDrop<VhostUserDaemon<Arc<BalloonBackend>>>,
+    stop: &'a EventFd,
+    /// Whether the stop event is on the event loop (else nothing could end it).
+    stoppable: bool,
+}
+
+impl std::ops::Deref for ConnectionDaemon<'_> {
+    type Target = VhostUserDaemon<Arc<BalloonBackend>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.vu
+    }
+}
+
+impl std::ops::DerefMut for ConnectionDaemon<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.vu
+    }
+}
+
+impl Drop for ConnectionDaemon<'_> {
+    fn drop(&mut self) {
+        if !self.stoppable {
+            // Joining a loop nothing can end would hang the daemon: leave it (one thread and
+            // an epoll descriptor, after a failure to register an event).
+            warn!("vhost-user-balloon: a connection's event loop cannot be stopped; left running");
+            return;
+        }
+        let _ = self.stop.write(1);
+        // SAFETY: `vu` is dropped here once, in the wrapper's own drop, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.vu) };
+    }
+}
+
 /// A directory only this process can enter, removed when dropped.
 struct PrivateDir(PathBuf);
 
@@ -190,27 +230,35 @@ impl Daemon {
     }
 
     /// A `vhost-user-backend` daemon for one connection (its handler remembers the owner
-    /// and the vrings of one frontend), with the device's timers on its event loop.
-    fn connection_daemon(&self) -> Result<VhostUserDaemon<Arc<BalloonBackend>>, DaemonError> {
+    /// and the vrings of one frontend), with the stop event, the device's timers and the
+    /// guard's event on its event loop.
+    fn connection_daemon(&self) -> Result<ConnectionDaemon<'_>, DaemonError> {
         let vu = VhostUserDaemon::new(
             "vhost-user-balloon".into(),
             self.backend.clone(),
             self.mem.clone(),
         )
         .map_err(DaemonError::Vhost)?;
-        let handlers = vu.get_epoll_handlers();
+        let mut conn = ConnectionDaemon {
+            vu: ManuallyDrop::new(vu),
+            stop: &self.stop,
+            stoppable: false,
+        };
+        let handlers = conn.vu.get_epoll_handlers();
         let handler = handlers
             .first()
             .ok_or_else(|| io::Error::other("vhost-user-backend has no event loop"))?;
-        let mut events = self.timers.clone();
-        events.push((self.stop.as_raw_fd(), ExtraEvent::Stop));
+        // The stop event first: once it is registered, dropping the connection cannot hang.
+        let mut events = vec![(self.stop.as_raw_fd(), ExtraEvent::Stop)];
+        events.extend(self.timers.iter().copied());
         if let Some(fd) = crate::guard::fault_event() {
             events.push((fd.as_raw_fd(), ExtraEvent::MemoryFault));
         }
         for (fd, ev) in events {
             handler.register_listener(fd, EventSet::IN, self.backend.extra_event_data(ev))?;
+            conn.stoppable = true;
         }
-        Ok(vu)
+        Ok(conn)
     }
 
     /// Empties the daemon's own eventfds of what an earlier connection left in them.
@@ -235,7 +283,7 @@ impl Daemon {
         result
     }
 
-    fn serve(&mut self, n: u64, frontend: UnixStream) -> Result<(), DaemonError> {
+    fn serve(&self, n: u64, frontend: UnixStream) -> Result<(), DaemonError> {
         self.drain_events();
         self.backend.set_frontend(frontend.try_clone().ok());
         let mut vu = self.connection_daemon()?;
@@ -261,9 +309,8 @@ impl Daemon {
             Ok(Err(e)) => warn!("vhost-user-balloon: frontend {n}: shim: {e}"),
             Err(_) => warn!("vhost-user-balloon: frontend {n}: shim thread panicked"),
         }
-        // The stop event ends the connection's event loop and dropping its daemon joins the
-        // loop's thread, so nothing of this connection runs once the device is reset.
-        let _ = self.stop.write(1);
+        // Dropping the connection's daemon ends its event loop and joins the loop's thread,
+        // so nothing of this connection runs once the device is reset.
         drop(vu);
         Ok(())
     }
@@ -271,7 +318,6 @@ impl Daemon {
     /// Resets the device and lets go of the connection: its backend channel, its
     /// descriptors and its guest memory.
     fn release(&self) {
-        let _ = self.stop.write(1);
         self.backend.set_frontend(None);
         self.channel.reset();
         self.backend.disconnect();

@@ -62,12 +62,12 @@ pub fn describe(st: ExitStatus) -> String {
 
 impl Daemon {
     pub fn start(name: &str) -> Daemon {
-        Self::start_with(name, None)
+        Self::start_with(name, None, &[])
     }
 
     /// Starts the daemon with default flags; with `nofile`, under that soft limit of open
-    /// files.
-    pub fn start_with(name: &str, nofile: Option<u64>) -> Daemon {
+    /// files; with `env` set in its environment.
+    pub fn start_with(name: &str, nofile: Option<u64>, env: &[(&str, &Path)]) -> Daemon {
         let dir = std::env::temp_dir().join(format!("vub-hostile-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -82,6 +82,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
         // SAFETY: the closure runs in the child between fork and exec; it only calls prctl,
         // getrlimit and setrlimit (async-signal-safe) and allocates nothing.
         unsafe {

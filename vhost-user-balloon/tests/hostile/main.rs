@@ -411,7 +411,7 @@ fn churn_cycle(n: usize, socket: &Path, guest: &Guest) -> Result<(), String> {
 fn churn_keeps_descriptors_threads_and_mappings_flat() {
     const WARM_UP: usize = 50;
     const CYCLES: usize = 2000;
-    let mut d = Daemon::start_with("churn", Some(1024));
+    let mut d = Daemon::start_with("churn", Some(1024), &[]);
     let pid = d.pid();
     let guest = Guest::new(c"vub-hostile-churn", 4 << 20);
     let t0 = Instant::now();
@@ -480,4 +480,28 @@ fn churn_keeps_descriptors_threads_and_mappings_flat() {
     let connected = d.log_text().matches(" connected").count();
     eprintln!("churn: {connected} connections logged");
     assert_served(&mut d, "after the churn");
+}
+
+/// A connection the daemon cannot set up (here: its temporary directory is a file, so the
+/// private directory of the connection cannot be made) is closed and logged, and the daemon
+/// goes on with the next one.
+#[test]
+fn a_connection_that_cannot_be_set_up_does_not_wedge_the_daemon() {
+    let not_a_dir = std::env::temp_dir().join(format!("vub-hostile-{}-file", std::process::id()));
+    File::create(&not_a_dir).unwrap();
+    let mut d = Daemon::start_with("no-tmpdir", None, &[("TMPDIR", &not_a_dir)]);
+    for i in 1..=2 {
+        let mut s = connect_stream(&d.socket).expect("connect");
+        let mut buf = [0u8; 64];
+        let r = s.read(&mut buf);
+        d.assert_alive(&format!("after connection {i} could not be set up"));
+        assert!(
+            matches!(r, Ok(0)),
+            "connection {i}, which the daemon cannot set up, was not closed within {T:?}: {r:?}"
+        );
+    }
+    d.assert_status("after two connections that could not be set up");
+    let failed = d.log_text().matches("a connection failed").count();
+    std::fs::remove_file(&not_a_dir).unwrap();
+    assert_eq!(failed, 2, "each failed connection is logged once");
 }
