@@ -214,8 +214,10 @@ impl Drop for Notifier {
 fn run(s: &Shared) {
     let mut last_log: Option<Instant> = None;
     let mut unlogged = 0u64;
+    // The descriptors to write this time, in a buffer kept across wake-ups.
+    let mut calls: Vec<Arc<OwnedFd>> = Vec::new();
     loop {
-        let (pending, config, calls) = {
+        let config = {
             let mut st = s.lock();
             while st.pending == 0 && !st.config && !st.stop {
                 st = s.wake.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -223,17 +225,18 @@ fn run(s: &Shared) {
             if st.stop {
                 return;
             }
-            let calls: Vec<_> = (0..st.calls.len())
-                .filter(|&q| st.pending & (1u64 << q) != 0)
-                .filter_map(|q| st.calls[q].clone())
-                .collect();
-            let r = (st.pending, st.config, calls);
-            st.pending = 0;
-            st.config = false;
-            r
+            let pending = std::mem::take(&mut st.pending);
+            calls.extend(
+                st.calls
+                    .iter()
+                    .take(64)
+                    .enumerate()
+                    .filter(|&(q, _)| pending & (1u64 << q) != 0)
+                    .filter_map(|(_, c)| c.clone()),
+            );
+            std::mem::take(&mut st.config)
         };
-        let _ = pending;
-        for call in calls {
+        for call in calls.drain(..) {
             s.in_write.store(true, Ordering::Release);
             let r = write_call(&call);
             s.in_write.store(false, Ordering::Release);
