@@ -81,7 +81,9 @@ impl FdKind {
         Ok(match st.st_mode & libc::S_IFMT {
             libc::S_IFIFO => FdKind::Pipe,
             libc::S_IFREG => FdKind::File,
-            libc::S_IFSOCK if socket_domain(fd) == Some(libc::AF_UNIX) => FdKind::UnixSocket,
+            libc::S_IFSOCK if sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX) => {
+                FdKind::UnixSocket
+            }
             libc::S_IFSOCK => FdKind::Other,
             _ => {
                 // An eventfd is an anonymous inode whose link names it.
@@ -96,7 +98,8 @@ impl FdKind {
     }
 }
 
-fn socket_domain(fd: BorrowedFd<'_>) -> Option<libc::c_int> {
+/// A `SOL_SOCKET` option of socket `fd` (`None` if it is not a socket).
+fn sockopt(fd: BorrowedFd<'_>, opt: libc::c_int) -> Option<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes and `len` holds the size of `val`;
@@ -105,12 +108,18 @@ fn socket_domain(fd: BorrowedFd<'_>) -> Option<libc::c_int> {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
+            opt,
             (&mut val as *mut libc::c_int).cast(),
             &mut len,
         )
     };
     (r == 0).then_some(val)
+}
+
+/// Whether `fd` is an `AF_UNIX` `SOCK_STREAM` socket (what a backend channel must be).
+pub fn is_unix_stream(fd: BorrowedFd<'_>) -> bool {
+    sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && sockopt(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }
 
 /// Sets `O_NONBLOCK` on `fd`'s open file description.

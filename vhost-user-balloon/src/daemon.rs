@@ -264,11 +264,7 @@ impl Daemon {
     /// Empties the daemon's own eventfds of what an earlier connection left in them.
     fn drain_events(&self) {
         let _ = self.stop.read();
-        if let Some(fd) = crate::guard::fault_event() {
-            let mut n = 0u64;
-            // SAFETY: reads 8 bytes into a local from the guard's non-blocking eventfd.
-            unsafe { libc::read(fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
-        }
+        crate::guard::consume_fault_event();
     }
 
     /// Serves one frontend connection until it goes away, then resets the device and

@@ -299,11 +299,7 @@ impl BalloonBackend {
 
     /// The guard replaced guest memory the frontend shrank: ends its connection.
     fn memory_fault(&self) {
-        if let Some(fd) = crate::guard::fault_event() {
-            let mut n = 0u64;
-            // SAFETY: reads 8 bytes into a local from the guard's non-blocking eventfd.
-            unsafe { libc::read(fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
-        }
+        crate::guard::consume_fault_event();
         warn!(
             "vhost-user-balloon: the frontend's guest memory was accessed past the end of its \
              file ({} page(s) replaced by zeros since the daemon started): ending the connection",

@@ -75,6 +75,15 @@ pub fn fault_event() -> Option<BorrowedFd<'static>> {
     (fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
+/// Empties [`fault_event`] (a no-op before [`install`]).
+pub fn consume_fault_event() {
+    if let Some(fd) = fault_event() {
+        let mut n = 0u64;
+        // SAFETY: reads at most 8 bytes into a local from the guard's non-blocking eventfd.
+        unsafe { libc::read(fd.as_raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
+}
+
 /// Installs the handler (once per process; later calls return the first result).
 pub fn install() -> io::Result<()> {
     let r = INSTALLED.get_or_init(|| {

@@ -28,7 +28,7 @@
 use std::io;
 use std::mem;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -276,27 +276,6 @@ fn send_with_deadline(fd: RawFd, data: &[u8], deadline: Instant) -> Result<(), (
         }
     }
     Ok(())
-}
-
-/// Whether `fd` is an `AF_UNIX` `SOCK_STREAM` socket (what a backend channel must be).
-fn is_unix_stream(fd: BorrowedFd<'_>) -> bool {
-    let get = |opt: libc::c_int| -> Option<libc::c_int> {
-        let mut val: libc::c_int = 0;
-        let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `val` and `len` are valid for writes and `len` holds the size of `val`;
-        // getsockopt writes at most `len` bytes. `fd` is borrowed, so it is open.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&mut val as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (r == 0).then_some(val)
-    };
-    get(libc::SO_DOMAIN) == Some(libc::AF_UNIX) && get(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }
 
 /// One message being forwarded, in a buffer allocated once per direction.
@@ -581,7 +560,7 @@ fn inspect_request(msg: &mut Message, ctx: &Ctx<'_>) -> io::Result<()> {
     })?;
     if msg.request() == SET_BACKEND_REQ_FD {
         match msg.fds.as_slice() {
-            [fd] if is_unix_stream(fd.as_fd()) => match fd.try_clone() {
+            [fd] if crate::admit::is_unix_stream(fd.as_fd()) => match fd.try_clone() {
                 Ok(dup) => {
                     ctx.channel.set(ctx.owner, dup);
                     bump(&ctx.counters.backend_channels, 1);
