@@ -251,8 +251,22 @@ fn check_mem_table(payload: &[u8], fds: &[OwnedFd]) -> Result<(), Refused> {
     Ok(())
 }
 
-/// Checks the descriptor of a `SET_VRING_KICK`, `_CALL` or `_ERR` and makes it non-blocking.
-fn check_vring_fd(what: &str, payload: &[u8], fds: &[OwnedFd]) -> Result<(), Refused> {
+/// Only eventfds: what a kick or an error descriptor must be.
+const EVENTFD: (&[FdKind], &str) = (&[FdKind::EventFd], "an eventfd");
+/// What a call descriptor may be.
+const CALL: (&[FdKind], &str) = (
+    &[FdKind::EventFd, FdKind::Pipe, FdKind::UnixSocket],
+    "an eventfd, a pipe or a Unix socket",
+);
+
+/// Checks the descriptor of a `SET_VRING_KICK`, `_CALL` or `_ERR` (`what`) against the
+/// kinds `allowed` (and their description) and makes it non-blocking.
+fn check_vring_fd(
+    what: &str,
+    (allowed, wanted): (&[FdKind], &str),
+    payload: &[u8],
+    fds: &[OwnedFd],
+) -> Result<(), Refused> {
     let Some(word) = payload.get(..8) else {
         return Ok(());
     };
@@ -269,16 +283,7 @@ fn check_vring_fd(what: &str, payload: &[u8], fds: &[OwnedFd]) -> Result<(), Ref
     }
     let kind = FdKind::of(fd.as_fd())
         .map_err(|e| Refused(format!("{what} of vring {index}: cannot stat it: {e}")))?;
-    let allowed = match what {
-        "call" => matches!(kind, FdKind::EventFd | FdKind::Pipe | FdKind::UnixSocket),
-        _ => kind == FdKind::EventFd,
-    };
-    if !allowed {
-        let wanted = if what == "call" {
-            "an eventfd, a pipe or a Unix socket"
-        } else {
-            "an eventfd"
-        };
+    if !allowed.contains(&kind) {
         return Err(Refused(format!(
             "{what} descriptor of vring {index} is {kind:?}, not {wanted}"
         )));
@@ -298,9 +303,9 @@ pub fn check_request(request: u32, payload: &[u8], fds: &[OwnedFd]) -> Result<()
     };
     match req {
         FrontendReq::SET_MEM_TABLE => check_mem_table(payload, fds),
-        FrontendReq::SET_VRING_KICK => check_vring_fd("kick", payload, fds),
-        FrontendReq::SET_VRING_CALL => check_vring_fd("call", payload, fds),
-        FrontendReq::SET_VRING_ERR => check_vring_fd("err", payload, fds),
+        FrontendReq::SET_VRING_KICK => check_vring_fd("kick", EVENTFD, payload, fds),
+        FrontendReq::SET_VRING_CALL => check_vring_fd("call", CALL, payload, fds),
+        FrontendReq::SET_VRING_ERR => check_vring_fd("err", EVENTFD, payload, fds),
         _ => Ok(()),
     }
 }
