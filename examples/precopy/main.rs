@@ -192,6 +192,26 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The writer's rate, or that there is none, for the run's description.
+    fn writer_text(&self) -> String {
+        if self.writer > 0 {
+            format!("{} MiB/s", self.writer)
+        } else {
+            "off (idle guest)".into()
+        }
+    }
+
+    /// The bandwidth limit, for the run's description.
+    fn bandwidth_text(&self) -> String {
+        if self.bandwidth > 0 {
+            format!("{} MiB/s", self.bandwidth)
+        } else {
+            "unlimited".into()
+        }
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('K') => (&s[..s.len() - 1], 1u64 << 10),
@@ -520,19 +540,11 @@ fn describe(o: &Options, log_line: &str) {
         o.mem / MIB,
         o.dirty / MIB,
         o.used / MIB,
-        if o.writer > 0 {
-            format!("{} MiB/s", o.writer)
-        } else {
-            "off (idle guest)".into()
-        },
+        o.writer_text(),
         o.pace,
         if o.wait { "on" } else { "off" },
         o.downtime,
-        if o.bandwidth > 0 {
-            format!("{} MiB/s", o.bandwidth)
-        } else {
-            "unlimited".into()
-        }
+        o.bandwidth_text()
     );
 }
 

@@ -110,22 +110,14 @@ pub(crate) fn describe(o: &Options, log_line: &str) {
             SnapshotMode::Live => format!(
                 "live (downtime limit {:?}, bandwidth {})",
                 o.downtime,
-                if o.bandwidth > 0 {
-                    format!("{} MiB/s", o.bandwidth)
-                } else {
-                    "unlimited".into()
-                }
+                o.bandwidth_text()
             ),
             _ => "stopped".into(),
         },
         o.mem / MIB,
         o.dirty / MIB,
         o.used / MIB,
-        if o.writer > 0 {
-            format!("{} MiB/s", o.writer)
-        } else {
-            "off (idle guest)".into()
-        },
+        o.writer_text(),
         o.pace,
         if o.wait { "on" } else { "off" },
         if o.wait {
